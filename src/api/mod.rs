@@ -1,0 +1,214 @@
+//! The tonic services over the store, and the one place that maps store
+//! errors to gRPC `Status`.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::proto::admin_server::Admin;
+use crate::proto::order_trail_server::OrderTrail;
+use crate::proto::{
+    self, EventKind, FindOrdersRequest, FindOrdersResponse, GetOrderRequest, ListEventsRequest, ListEventsResponse,
+    ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse, Order, OrderStatus,
+    SubscribeRequest, SubscribeResponse,
+};
+use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
+
+/// Page size when the request names none.
+const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page a request may ask for.
+const MAX_PAGE_SIZE: usize = 1000;
+
+/// `ordertrail.v1.OrderTrail`.
+#[derive(Clone)]
+pub struct OrderTrailService {
+    store: Store,
+}
+
+impl OrderTrailService {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+/// `ordertrail.v1.Admin`.
+#[derive(Clone)]
+pub struct AdminService {
+    store: Store,
+}
+
+impl AdminService {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+/// Maps a store error to a status: internals are logged, the client gets a
+/// clear, safe message.
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store error while serving gRPC");
+    match e {
+        StoreError::Unavailable(_) | StoreError::Closed => Status::unavailable("storage unavailable; retry later"),
+        StoreError::Corrupt(_) => Status::data_loss("stored data could not be read"),
+    }
+}
+
+/// Runs a store query off the async runtime.
+async fn blocking<T: Send + 'static>(
+    store: &Store,
+    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|_| Status::internal("query failed"))?
+        .map_err(store_status)
+}
+
+/// Converts one of the generated `reference` oneofs (same member names in
+/// every request) into a store lookup.
+macro_rules! lookup_from {
+    ($reference:expr, $module:ident) => {{
+        use proto::$module::Reference as R;
+        use proto::Provider as P;
+        match $reference {
+            None => None,
+            Some(R::ExternalOrderId(v)) => Some((RefKind::Merchant, v, Some(P::Ordermesh))),
+            Some(R::CustomerRef(v)) => Some((RefKind::Merchant, v, Some(P::Withings))),
+            Some(R::PoNumber(v)) => Some((RefKind::Merchant, v, Some(P::Winkelstraat))),
+            Some(R::MerchantReference(v)) => Some((RefKind::Merchant, v, None)),
+            Some(R::ProviderOrderId(v)) => Some((RefKind::ProviderOrder, v, None)),
+            Some(R::SafeId(v)) => Some((RefKind::Safe, v, Some(P::Ordermesh))),
+            Some(R::TrackingNumber(v)) => Some((RefKind::Tracking, v, None)),
+        }
+    }};
+}
+
+fn lookup(parts: Option<(RefKind, String, Option<proto::Provider>)>) -> Result<Lookup, Status> {
+    match parts {
+        Some((kind, value, provider)) if !value.is_empty() => Ok(Lookup { kind, value, provider }),
+        _ => Err(Status::invalid_argument(
+            "set exactly one reference: external_order_id, customer_ref, po_number, provider_order_id, safe_id, tracking_number or merchant_reference",
+        )),
+    }
+}
+
+fn source_filter(source: String) -> Option<String> {
+    (!source.is_empty()).then_some(source)
+}
+
+fn page_size(requested: u32) -> usize {
+    match requested as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    }
+}
+
+/// Page tokens are opaque to clients: a tag and a position.
+fn parse_token(token: &str, tag: &str) -> Result<Option<u64>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .strip_prefix(tag)
+        .and_then(|rest| rest.parse().ok())
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument("page_token is not one this server issued"))
+}
+
+fn next_token<T>(page: &Page<T>, tag: &str) -> String {
+    page.next_after.map(|after| format!("{tag}{after}")).unwrap_or_default()
+}
+
+// === impl OrderTrail ===
+
+#[tonic::async_trait]
+impl OrderTrail for OrderTrailService {
+    async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
+        let request = request.into_inner();
+        let lookup = lookup(lookup_from!(request.reference, get_order_request))?;
+        let source = source_filter(request.source);
+        let orders = blocking(&self.store, {
+            let lookup = lookup.clone();
+            move |s| s.find_orders(&lookup, source.as_deref())
+        })
+        .await?;
+        match orders.len() {
+            0 => Err(Status::not_found(format!("no order with that reference `{}`", lookup.value))),
+            1 => Ok(Response::new(orders.into_iter().next().unwrap_or_default())),
+            _ => {
+                let sources: Vec<String> = orders.iter().map(|o| format!("{} (order {})", o.source, o.id)).collect();
+                Err(Status::failed_precondition(format!(
+                    "{} orders match `{}`: {}; pass `source` to choose one",
+                    orders.len(),
+                    lookup.value,
+                    sources.join(", ")
+                )))
+            }
+        }
+    }
+
+    async fn find_orders(&self, request: Request<FindOrdersRequest>) -> Result<Response<FindOrdersResponse>, Status> {
+        let request = request.into_inner();
+        let lookup = lookup(lookup_from!(request.reference, find_orders_request))?;
+        let source = source_filter(request.source);
+        let orders = blocking(&self.store, move |s| s.find_orders(&lookup, source.as_deref())).await?;
+        Ok(Response::new(FindOrdersResponse { orders }))
+    }
+
+    async fn list_orders(&self, request: Request<ListOrdersRequest>) -> Result<Response<ListOrdersResponse>, Status> {
+        let request = request.into_inner();
+        let after = parse_token(&request.page_token, "o")?.unwrap_or(0);
+        let filter = OrderFilter {
+            source: source_filter(request.source.clone()),
+            provider: proto::Provider::try_from(request.provider)
+                .ok()
+                .filter(|p| *p != proto::Provider::Unspecified),
+            status: OrderStatus::try_from(request.status).ok().filter(|s| *s != OrderStatus::Unspecified),
+            updated_after: request.updated_after,
+        };
+        let limit = page_size(request.page_size);
+        let page = blocking(&self.store, move |s| s.list_orders(&filter, after, limit)).await?;
+        let next_page_token = next_token(&page, "o");
+        Ok(Response::new(ListOrdersResponse { orders: page.items, next_page_token }))
+    }
+
+    async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
+        let request = request.into_inner();
+        let after = parse_token(&request.page_token, "e")?.unwrap_or(request.after_sequence);
+        let filter = EventFilter {
+            order_id: (request.order_id != 0).then_some(request.order_id),
+            sources: request.sources,
+            kinds: request.kinds.into_iter().filter_map(|k| EventKind::try_from(k).ok()).collect(),
+        };
+        let limit = page_size(request.page_size);
+        let head_sequence = self.store.head_sequence();
+        let page = blocking(&self.store, move |s| s.list_events(&filter, after, limit)).await?;
+        let next_page_token = next_token(&page, "e");
+        Ok(Response::new(ListEventsResponse { events: page.items, next_page_token, head_sequence }))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+    async fn subscribe(&self, _request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented("Subscribe is not available in this version; poll ListEvents with after_sequence"))
+    }
+}
+
+// === impl Admin ===
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_quarantined(
+        &self,
+        request: Request<ListQuarantinedRequest>,
+    ) -> Result<Response<ListQuarantinedResponse>, Status> {
+        let request = request.into_inner();
+        let after = parse_token(&request.page_token, "q")?.unwrap_or(0);
+        let limit = page_size(request.page_size);
+        let page = blocking(&self.store, move |s| s.list_quarantine(after, limit)).await?;
+        let next_page_token = next_token(&page, "q");
+        Ok(Response::new(ListQuarantinedResponse { deliveries: page.items, next_page_token }))
+    }
+}

@@ -1,0 +1,447 @@
+//! Configuration: plain data read from a TOML file plus `ORDERTRAIL_*`
+//! overrides, validated completely before any port is bound.
+//!
+//! Environment variables are read through a lookup function so tests never
+//! touch the process environment.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ingest::Provider;
+
+/// Default webhook listener (`ORDERTRAIL_HTTP_ADDR`).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+/// Default gRPC listener (`ORDERTRAIL_GRPC_ADDR`).
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// Default admin listener (`ORDERTRAIL_ADMIN_ADDR`).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+/// Default data directory (`ORDERTRAIL_DATA_DIR`).
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default largest accepted webhook body (`ORDERTRAIL_BODY_LIMIT_BYTES`).
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
+/// Default time a client has to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default sled page cache size.
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
+/// Default time in-flight work gets to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// A configuration that cannot be used; the message is one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub sources: Vec<SourceConfig>,
+    /// How long in-flight requests get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// The public webhook listener.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// The internal gRPC listener.
+#[derive(Clone, Debug)]
+pub struct GrpcConfig {
+    pub addr: SocketAddr,
+    /// Allow a non-loopback gRPC address although gRPC has no authentication.
+    pub allow_unauthenticated_public: bool,
+}
+
+/// The internal admin listener (metrics).
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+/// When a write counts as durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// sled's flush plus an fsync of its files and directories: survives
+    /// power loss. The default.
+    Fsync,
+    /// sled's flush only: survives a crash of the process.
+    Flush,
+}
+
+impl Durability {
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "fsync" => Some(Self::Fsync),
+            "flush" => Some(Self::Flush),
+            _ => None,
+        }
+    }
+}
+
+/// The embedded database.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub cache_capacity_bytes: u64,
+}
+
+/// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub name: String,
+    pub provider: Provider,
+    pub auth: AuthConfig,
+}
+
+/// How a source proves a request is authentic.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "scheme", rename_all = "lowercase", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// No authentication. Only allowed while the webhook listener is on
+    /// loopback.
+    None,
+    /// A static shared secret in a request header, compared in constant time.
+    Header {
+        /// Header name, e.g. `x-webhook-secret`.
+        header: String,
+        /// Accepted secrets; more than one allows rotation.
+        secrets: Vec<Secret>,
+    },
+}
+
+impl AuthConfig {
+    /// True when the scheme lets anyone in.
+    pub fn is_open(&self) -> bool {
+        matches!(self, Self::None)
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Header { header, secrets } => f
+                .debug_struct("Header")
+                .field("header", header)
+                .field("secrets", &format_args!("[{} redacted]", secrets.len()))
+                .finish(),
+        }
+    }
+}
+
+/// A secret string: never printed.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+// === The file format ===
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
+    grpc: FileGrpc,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    store: FileStore,
+    sources: Option<Vec<FileSource>>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    addr: Option<String>,
+    body_limit_bytes: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGrpc {
+    addr: Option<String>,
+    #[serde(default)]
+    allow_unauthenticated_public: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    addr: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    data_dir: Option<PathBuf>,
+    durability: Option<Durability>,
+    cache_capacity_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSource {
+    name: String,
+    provider: Provider,
+    #[serde(default = "open_auth")]
+    auth: AuthConfig,
+}
+
+fn open_auth() -> AuthConfig {
+    AuthConfig::None
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads the file named by `path` or by `ORDERTRAIL_CONFIG` (none: all
+    /// defaults), applies `ORDERTRAIL_*` overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let path = path.map(Path::to_path_buf).or_else(|| env("ORDERTRAIL_CONFIG").map(PathBuf::from));
+        let text = match &path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    /// Parses TOML text (may be empty), applies overrides and validates.
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::new(format!("invalid config: {}", one_line(&e.to_string()))))?;
+        let config = Self::build(file, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn build(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let addr = |var: &str, key: &str, value: Option<String>, default: &str| {
+            let (origin, raw) = match env(var) {
+                Some(v) => (var.to_string(), v),
+                None => (key.to_string(), value.unwrap_or_else(|| default.to_string())),
+            };
+            raw.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::new(format!("{origin}: `{raw}` is not an address like 127.0.0.1:8080")))
+        };
+        let body_limit_bytes = match env("ORDERTRAIL_BODY_LIMIT_BYTES") {
+            Some(v) => v.parse().map_err(|_| {
+                ConfigError::new(format!("ORDERTRAIL_BODY_LIMIT_BYTES: `{v}` is not a number of bytes"))
+            })?,
+            None => file.http.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT_BYTES),
+        };
+        let durability = match env("ORDERTRAIL_DURABILITY") {
+            Some(v) => Durability::parse(&v).ok_or_else(|| {
+                ConfigError::new(format!("ORDERTRAIL_DURABILITY: `{v}` is not one of fsync, flush"))
+            })?,
+            None => file.store.durability.unwrap_or(Durability::Fsync),
+        };
+        let data_dir = env("ORDERTRAIL_DATA_DIR")
+            .map(PathBuf::from)
+            .or(file.store.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let sources = match file.sources {
+            Some(list) => list
+                .into_iter()
+                .map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth })
+                .collect(),
+            None => default_sources(),
+        };
+        Ok(Self {
+            http: HttpConfig {
+                addr: addr("ORDERTRAIL_HTTP_ADDR", "http.addr", file.http.addr, DEFAULT_HTTP_ADDR)?,
+                body_limit_bytes,
+                header_read_timeout: Duration::from_millis(
+                    file.http.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+                ),
+            },
+            grpc: GrpcConfig {
+                addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
+                allow_unauthenticated_public: file.grpc.allow_unauthenticated_public,
+            },
+            admin: AdminConfig {
+                addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
+            },
+            store: StoreConfig {
+                data_dir,
+                durability,
+                cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
+            },
+            sources,
+            shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.body_limit_bytes == 0 {
+            return Err(ConfigError::new("http.body_limit_bytes must be greater than 0"));
+        }
+        if self.http.header_read_timeout.is_zero() {
+            return Err(ConfigError::new("http.header_read_timeout_ms must be greater than 0"));
+        }
+        if self.store.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("store.data_dir must not be empty"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for source in &self.sources {
+            validate_source(source)?;
+            if !names.insert(source.name.as_str()) {
+                return Err(ConfigError::new(format!("sources: the name `{}` is used twice", source.name)));
+            }
+            if source.auth.is_open() && !self.http.addr.ip().is_loopback() {
+                return Err(ConfigError::new(format!(
+                    "sources: `{}` has no authentication, so http.addr {} must be a loopback address",
+                    source.name, self.http.addr
+                )));
+            }
+        }
+        if !self.grpc.addr.ip().is_loopback() && !self.grpc.allow_unauthenticated_public {
+            return Err(ConfigError::new(format!(
+                "grpc.addr {} is not loopback and gRPC has no authentication; set grpc.allow_unauthenticated_public = true to allow it",
+                self.grpc.addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// The configured source called `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> {
+    let name = &source.name;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(ConfigError::new(format!(
+            "sources: name `{name}` must be 1 to 64 characters of a-z, 0-9, `-` and `_`"
+        )));
+    }
+    if let AuthConfig::Header { header, secrets } = &source.auth {
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return Err(ConfigError::new(format!("sources.{name}.auth.header: `{header}` is not a header name")));
+        }
+        if secrets.is_empty() || secrets.iter().any(|s| s.expose().is_empty()) {
+            return Err(ConfigError::new(format!("sources.{name}.auth.secrets: must be non-empty secrets")));
+        }
+    }
+    Ok(())
+}
+
+/// One unauthenticated source per provider, named after it.
+fn default_sources() -> Vec<SourceConfig> {
+    Provider::ALL
+        .iter()
+        .map(|p| SourceConfig { name: p.name().to_string(), provider: *p, auth: AuthConfig::None })
+        .collect()
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn empty_config_gives_documented_defaults() {
+        let c = Config::from_toml("", &no_env).unwrap();
+        assert_eq!(c.http.addr.to_string(), DEFAULT_HTTP_ADDR);
+        assert_eq!(c.grpc.addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert_eq!(c.admin.addr.to_string(), DEFAULT_ADMIN_ADDR);
+        assert_eq!(c.store.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.store.durability, Durability::Fsync);
+        let names: Vec<_> = c.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["withings", "winkelstraat", "ordermesh"]);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let env = |k: &str| match k {
+            "ORDERTRAIL_HTTP_ADDR" => Some("127.0.0.1:1".to_string()),
+            "ORDERTRAIL_DATA_DIR" => Some("/tmp/x".to_string()),
+            "ORDERTRAIL_DURABILITY" => Some("flush".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml("[http]\naddr = \"127.0.0.1:2\"\n", &env).unwrap();
+        assert_eq!(c.http.addr.port(), 1);
+        assert_eq!(c.store.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.store.durability, Durability::Flush);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_one_line() {
+        let cases = [
+            ("[http]\naddr = \"nope\"", "http.addr"),
+            ("[htp]\naddr = \"127.0.0.1:1\"", "unknown field"),
+            ("[store]\ndurability = \"sometimes\"", "invalid config"),
+            ("[[sources]]\nname = \"A B\"\nprovider = \"ordermesh\"", "must be 1 to 64"),
+            ("[[sources]]\nname = \"a\"\nprovider = \"nobody\"", "invalid config"),
+            ("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\n[[sources]]\nname = \"a\"\nprovider = \"withings\"", "used twice"),
+            ("[http]\naddr = \"0.0.0.0:8080\"", "no authentication"),
+            ("[grpc]\naddr = \"0.0.0.0:50051\"", "allow_unauthenticated_public"),
+            ("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"\"] }", "non-empty"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::from_toml(text, &no_env).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?} gave {err:?}");
+            assert!(!err.contains('\n'), "{err:?} is more than one line");
+        }
+    }
+
+    #[test]
+    fn authenticated_source_may_listen_publicly() {
+        let text = "[http]\naddr = \"0.0.0.0:8080\"\n[[sources]]\nname = \"om\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"s3cret\"] }";
+        let c = Config::from_toml(text, &no_env).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"), "secrets must be redacted in Debug");
+    }
+}

@@ -1,0 +1,303 @@
+//! The public webhook front door (hyper 1.x): routing, limits,
+//! authentication, and the one place that maps ingest results and errors to
+//! HTTP status codes.
+//!
+//! Routes: `POST /webhooks/{source}[/{kind}]`, `GET /healthz`, `GET /readyz`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming as Body;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AuthConfig, Config, SourceConfig};
+use crate::ingest::{self, DeliveryMeta, Unrecognized, auth};
+use crate::proto::RawDelivery;
+use crate::store::{IngestOutcome, Incoming, Store, StoreError};
+
+/// The response header that carries the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Request headers never stored, whatever the source's settings.
+const UNSTORED_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie", "x-api-key"];
+
+/// Everything a request handler needs.
+pub struct FrontDoor {
+    config: Arc<Config>,
+    store: Store,
+    shutdown: CancellationToken,
+}
+
+/// Why a request was not stored. Mapped to a status code in one place.
+#[derive(Debug)]
+enum Refusal {
+    NotFound,
+    MethodNotAllowed(&'static str),
+    TooLarge(usize),
+    BadRequest(&'static str),
+    Auth(auth::AuthError),
+    Unavailable(StoreError),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Auth(auth::AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
+            Self::Auth(auth::AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A clear, safe message; internals are logged, never sent.
+    fn message(&self) -> String {
+        match self {
+            Self::NotFound => "no such source or path".into(),
+            Self::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            Self::TooLarge(limit) => format!("body larger than {limit} bytes"),
+            Self::BadRequest(why) => (*why).into(),
+            Self::Auth(e) => e.to_string(),
+            Self::Unavailable(_) => "storage unavailable; nothing was stored, retry later".into(),
+        }
+    }
+
+    fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        match &self {
+            Self::Unavailable(e) => tracing::error!(request_id, error = %e, "webhook not stored"),
+            other => tracing::debug!(request_id, status = %other.status(), "webhook refused"),
+        }
+        let mut response = json_response(self.status(), json!({"request_id": request_id, "error": self.message()}));
+        if let Self::MethodNotAllowed(allow) = self {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        response
+    }
+}
+
+// === impl FrontDoor ===
+
+impl FrontDoor {
+    pub fn new(config: Arc<Config>, store: Store, shutdown: CancellationToken) -> Self {
+        Self { config, store, shutdown }
+    }
+
+    async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let mut response = match self.route(req, peer, &request_id).await {
+            Ok(response) => response,
+            Err(refusal) => refusal.into_response(&request_id),
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+
+    async fn route(&self, req: Request<Body>, peer: SocketAddr, request_id: &str) -> Result<Response<Full<Bytes>>, Refusal> {
+        let path = req.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match segments.as_slice() {
+            ["healthz"] => {
+                probe_method(req.method())?;
+                Ok(json_response(StatusCode::OK, json!({"status": "ok"})))
+            }
+            ["readyz"] => {
+                probe_method(req.method())?;
+                Ok(self.readiness())
+            }
+            ["webhooks", source, rest @ ..] if rest.len() <= 1 => {
+                let kind = rest.first().copied();
+                let source = self.config.source(source).ok_or(Refusal::NotFound)?;
+                if !source.provider.accepts_kind(kind) || kind == Some("") {
+                    return Err(Refusal::NotFound);
+                }
+                if req.method() != Method::POST {
+                    return Err(Refusal::MethodNotAllowed("POST"));
+                }
+                self.webhook(req, source, kind, peer, request_id).await
+            }
+            _ => Err(Refusal::NotFound),
+        }
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        if self.shutdown.is_cancelled() {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "shutting down"}))
+        } else if !self.store.is_healthy() {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "storage unavailable"}))
+        } else {
+            json_response(StatusCode::OK, json!({"status": "ready"}))
+        }
+    }
+
+    async fn webhook(
+        &self,
+        req: Request<Body>,
+        source: &SourceConfig,
+        kind: Option<&str>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let limit = self.config.http.body_limit_bytes;
+        let (parts, body) = req.into_parts();
+        if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+            return Err(Refusal::TooLarge(limit));
+        }
+        let body = read_body(body, limit).await?;
+        let verified = auth::verify(&source.auth, &parts.headers, &body).map_err(Refusal::Auth)?;
+        if body.is_empty() {
+            return Err(Refusal::BadRequest("empty body: not a webhook"));
+        }
+        let content_type = header_text(&parts.headers, header::CONTENT_TYPE);
+        let meta = DeliveryMeta { provider: source.provider, kind, content_type: &content_type };
+        let mapped = std::panic::catch_unwind(AssertUnwindSafe(|| ingest::normalize(meta, &body)))
+            .unwrap_or_else(|_| Err(Unrecognized("the mapper failed on this delivery".into())));
+        let raw = RawDelivery {
+            request_id: request_id.to_string(),
+            received_at: Some(now()),
+            source: source.name.clone(),
+            provider: source.provider.to_proto() as i32,
+            kind: kind.unwrap_or_default().to_string(),
+            content_type: content_type.clone(),
+            headers: stored_headers(&parts.headers, &source.auth),
+            peer_addr: peer.to_string(),
+            auth_method: verified.method().to_string(),
+            body_sha256: ingest::sha256_hex(&body),
+            body: body.to_vec(),
+            ..RawDelivery::default()
+        };
+        let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
+        tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
+        Ok(outcome_response(&outcome, request_id))
+    }
+}
+
+fn probe_method(method: &Method) -> Result<(), Refusal> {
+    match *method {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(Refusal::MethodNotAllowed("GET, HEAD")),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Refusal::TooLarge(limit)),
+        Err(_) => Err(Refusal::BadRequest("the request body could not be read")),
+    }
+}
+
+fn outcome_response(outcome: &IngestOutcome, request_id: &str) -> Response<Full<Bytes>> {
+    match outcome {
+        IngestOutcome::Applied { raw_id, sequences } => json_response(
+            StatusCode::OK,
+            json!({"request_id": request_id, "outcome": "applied", "raw_id": raw_id, "sequences": sequences}),
+        ),
+        IngestOutcome::Quarantined { raw_id, reason } => json_response(
+            StatusCode::ACCEPTED,
+            json!({"request_id": request_id, "outcome": "quarantined", "raw_id": raw_id, "reason": reason}),
+        ),
+        IngestOutcome::Duplicate { raw_id, quarantined } => {
+            let status = if *quarantined { StatusCode::ACCEPTED } else { StatusCode::OK };
+            json_response(status, json!({"request_id": request_id, "outcome": "duplicate", "raw_id": raw_id}))
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default()
+}
+
+/// The request headers kept as provenance: all but credentials.
+fn stored_headers(headers: &HeaderMap, auth: &AuthConfig) -> HashMap<String, String> {
+    let secret_header = match auth {
+        AuthConfig::Header { header, .. } => Some(header.to_ascii_lowercase()),
+        AuthConfig::None => None,
+    };
+    let mut out: HashMap<String, String> = HashMap::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if UNSTORED_HEADERS.contains(&name) || secret_header.as_deref() == Some(name) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value.as_bytes());
+        out.entry(name.to_string())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    out
+}
+
+fn now() -> prost_types::Timestamp {
+    let now = chrono::Utc::now();
+    prost_types::Timestamp { seconds: now.timestamp(), nanos: now.timestamp_subsec_nanos() as i32 }
+}
+
+// === Serving ===
+
+/// Accepts connections until `shutdown`, then gives in-flight requests
+/// `grace` to finish.
+pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: CancellationToken, grace: Duration) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(front.config.http.header_read_timeout);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let front = front.clone();
+        let service = service_fn(move |req| {
+            let front = front.clone();
+            async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "webhook connections still open after the grace period");
+    }
+}

@@ -1,0 +1,93 @@
+//! `run(config, listeners, shutdown)`: the one place that knows every part.
+//! It never binds ports or reads signals itself; the caller does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::{AdminService, OrderTrailService};
+use crate::config::Config;
+use crate::http::{self, FrontDoor};
+use crate::proto::admin_server::AdminServer;
+use crate::proto::order_trail_server::OrderTrailServer;
+use crate::store::{Store, StoreError};
+
+/// The bound sockets the server serves on.
+pub struct Listeners {
+    /// Public webhooks.
+    pub http: TcpListener,
+    /// Internal gRPC.
+    pub grpc: TcpListener,
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Opens the store and serves until `shutdown` is cancelled; then stops
+/// accepting, lets in-flight work finish within the grace period, and
+/// closes the store (which flushes it).
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let store = {
+        let store_config = config.store.clone();
+        tokio::task::spawn_blocking(move || Store::open(&store_config))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))??
+    };
+    tracing::info!(
+        http = %local(&listeners.http),
+        grpc = %local(&listeners.grpc),
+        data_dir = %config.store.data_dir.display(),
+        durability = ?config.store.durability,
+        head_sequence = store.head_sequence(),
+        "ordertrail serving"
+    );
+    let grace = config.shutdown_grace;
+    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
+    let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(OrderTrailServer::new(OrderTrailService::new(store.clone())))
+        .add_service(AdminServer::new(AdminService::new(store.clone())))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), shutdown.clone().cancelled_owned());
+    let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
+    shutdown.cancel();
+    let _ = webhooks.await;
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")))??;
+    tracing::info!("ordertrail stopped");
+    grpc_result
+}
+
+/// Runs the gRPC server; once shutdown starts, gives it `grace` to drain.
+async fn serve_grpc(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<(), ServerError> {
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(ServerError::from),
+        () = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result.map_err(ServerError::from),
+        Err(_) => {
+            tracing::warn!(?grace, "gRPC connections still open after the grace period");
+            Ok(())
+        }
+    }
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
+}

@@ -1,0 +1,455 @@
+//! The canonical state rules: how one observation changes an order.
+//!
+//! Pure: the order, the observation and the event's context go in; the new
+//! order and the event come out. The rank tables below are the only place
+//! that knows which status may follow which.
+
+use prost_types::Timestamp;
+
+use crate::ingest::Observation;
+use crate::proto::{Event, EventKind, Order, OrderStatus, Shipment, ShipmentStatus};
+
+/// Everything about the event that does not come from the observation.
+#[derive(Clone, Debug)]
+pub struct Context<'a> {
+    pub sequence: u64,
+    pub received_at: Timestamp,
+    pub order_id: u64,
+    pub source: &'a str,
+    pub provider: crate::proto::Provider,
+}
+
+// === The rank tables ===
+
+/// Where an order status stands in the lifecycle; `None` for terminal ones.
+fn order_rank(status: OrderStatus) -> Option<u8> {
+    use OrderStatus::*;
+    match status {
+        Unspecified => Some(0),
+        Pending => Some(1),
+        Accepted => Some(2),
+        Processing | OnHold => Some(3),
+        PartiallyShipped => Some(4),
+        Shipped => Some(5),
+        Delivered => Some(6),
+        Completed => Some(7),
+        Rejected | Cancelled | Failed => None,
+    }
+}
+
+/// Whether an order may move from `current` to `new`.
+///
+/// Never backwards; terminal states are sticky, except that a successful
+/// (re-)creation replaces a rejection; cancellation and failure may end any
+/// non-terminal order; a rejection only applies before acceptance.
+pub fn order_transition_allowed(current: OrderStatus, new: OrderStatus, kind: EventKind) -> bool {
+    use OrderStatus::*;
+    if current == new {
+        return true;
+    }
+    let Some(current_rank) = order_rank(current) else {
+        return current == Rejected && new == Accepted && kind == EventKind::OrderCreated;
+    };
+    match new {
+        Cancelled | Failed => true,
+        Rejected => current_rank <= 1,
+        _ => order_rank(new).is_some_and(|rank| rank >= current_rank),
+    }
+}
+
+/// Where a shipment status stands; `None` for terminal ones.
+fn shipment_rank(status: ShipmentStatus) -> Option<u8> {
+    use ShipmentStatus::*;
+    match status {
+        Unspecified | Unknown => Some(0),
+        LabelCreated => Some(1),
+        ReadyForPickup => Some(2),
+        InTransit | Delayed => Some(3),
+        OutForDelivery | DeliveryAttemptFailed | AvailableForPickup | Exception => Some(4),
+        ReturningToSender | Expired => Some(5),
+        Delivered | Cancelled => None,
+    }
+}
+
+/// Whether a shipment may move from `current` to `new`: never backwards,
+/// delivered and cancelled are sticky, delivery and cancellation may end any
+/// other state.
+pub fn shipment_transition_allowed(current: ShipmentStatus, new: ShipmentStatus) -> bool {
+    use ShipmentStatus::*;
+    if current == new || new == Unspecified {
+        return true;
+    }
+    let Some(current_rank) = shipment_rank(current) else { return false };
+    match new {
+        Delivered | Cancelled => true,
+        _ => shipment_rank(new).is_some_and(|rank| rank >= current_rank),
+    }
+}
+
+/// The order status its shipments imply: SHIPPED once one is in transit or
+/// later, DELIVERED once every (not cancelled) shipment is delivered.
+fn derived_status(shipments: &[Shipment]) -> Option<OrderStatus> {
+    let live: Vec<ShipmentStatus> = shipments
+        .iter()
+        .map(Shipment::status)
+        .filter(|s| *s != ShipmentStatus::Cancelled)
+        .collect();
+    if !live.is_empty() && live.iter().all(|s| *s == ShipmentStatus::Delivered) {
+        return Some(OrderStatus::Delivered);
+    }
+    let in_transit = shipment_rank(ShipmentStatus::InTransit);
+    let shipped = live.iter().any(|s| *s == ShipmentStatus::Delivered || shipment_rank(*s) >= in_transit);
+    shipped.then_some(OrderStatus::Shipped)
+}
+
+// === Applying an observation ===
+
+/// Applies `obs` to `current` (or to a new order when there is none yet).
+/// Returns the order as it now is and the event that records the change; a
+/// stale observation leaves the order as it was and is recorded with
+/// `applied = false`.
+pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (Order, Event) {
+    let mut order = current.unwrap_or_else(|| new_order(ctx));
+    let previous_status = order.status();
+    let mut event = event_for(obs, ctx, previous_status);
+    if let Some(reason) = staleness(&order, obs) {
+        event.applied = false;
+        event.note = reason;
+        event.references = order.references.clone();
+        return (order, event);
+    }
+    merge_order(&mut order, obs);
+    let mut note = String::new();
+    if let Some(reported) = &obs.status {
+        if !reported.verbatim.is_empty() {
+            order.provider_status = reported.verbatim.clone();
+        }
+        match reported.canonical {
+            Some(status) => order.status = status as i32,
+            None => note = format!("unmapped status `{}`", reported.verbatim),
+        }
+    }
+    if let Some(report) = &obs.shipment {
+        event.shipment = Some(merge_shipment(&mut order.shipments, report, ctx.sequence));
+    }
+    if let Some(derived) = derived_status(&order.shipments)
+        && order_rank(order.status()).is_some_and(|rank| Some(rank) < order_rank(derived))
+    {
+        order.status = derived as i32;
+    }
+    order.updated_at = Some(ctx.received_at);
+    order.last_sequence = ctx.sequence;
+    event.applied = true;
+    event.note = note;
+    event.status = order.status;
+    event.references = order.references.clone();
+    (order, event)
+}
+
+fn new_order(ctx: &Context<'_>) -> Order {
+    Order {
+        id: ctx.order_id,
+        source: ctx.source.to_string(),
+        provider: ctx.provider as i32,
+        created_at: Some(ctx.received_at),
+        ..Order::default()
+    }
+}
+
+fn event_for(obs: &Observation, ctx: &Context<'_>, previous: OrderStatus) -> Event {
+    let reported = obs.status.as_ref();
+    Event {
+        sequence: ctx.sequence,
+        received_at: Some(ctx.received_at),
+        source: ctx.source.to_string(),
+        provider: ctx.provider as i32,
+        kind: obs.kind as i32,
+        order_id: ctx.order_id,
+        status: reported.and_then(|r| r.canonical).unwrap_or_default() as i32,
+        provider_status: reported.map(|r| r.verbatim.clone()).unwrap_or_default(),
+        previous_status: previous as i32,
+        provider_previous_status: obs.provider_previous_status.clone().unwrap_or_default(),
+        shipment: obs.shipment.clone(),
+        description: obs.description.clone(),
+        ..Event::default()
+    }
+}
+
+/// Why `obs` must not be applied to `order`, if it must not.
+fn staleness(order: &Order, obs: &Observation) -> Option<String> {
+    if let (Some(theirs), Some(ours)) = (&obs.provider_time, &order.provider_updated_at)
+        && obs.shipment.is_none()
+        && is_before(theirs, ours)
+    {
+        return Some("stale: older than the order's last provider update".into());
+    }
+    if let Some(new) = obs.status.as_ref().and_then(|r| r.canonical)
+        && !order_transition_allowed(order.status(), new, obs.kind)
+    {
+        return Some(format!("stale: order is {:?}, not moved to {new:?}", order.status()));
+    }
+    let report = obs.shipment.as_ref()?;
+    let existing = order.shipments.iter().find(|s| s.id == report.id)?;
+    if let (Some(theirs), Some(ours)) = (&report.provider_updated_at, &existing.provider_updated_at)
+        && is_before(theirs, ours)
+    {
+        return Some("stale: older than the shipment's last provider update".into());
+    }
+    (!shipment_transition_allowed(existing.status(), report.status()))
+        .then(|| format!("stale: shipment is {:?}, not moved to {:?}", existing.status(), report.status()))
+}
+
+fn is_before(a: &Timestamp, b: &Timestamp) -> bool {
+    (a.seconds, a.nanos) < (b.seconds, b.nanos)
+}
+
+/// Copies every non-empty field the observation carries onto the order.
+fn merge_order(order: &mut Order, obs: &Observation) {
+    let refs = order.references.get_or_insert_with(Default::default);
+    set_if(&mut refs.merchant_reference, &obs.references.merchant_reference);
+    set_if(&mut refs.provider_order_id, &obs.references.provider_order_id);
+    set_if(&mut refs.safe_id, &obs.references.safe_id);
+    let patch = &obs.order;
+    set_if(&mut order.description, &patch.description);
+    set_if(&mut order.customer_id, &patch.customer_id);
+    set_if(&mut order.original_merchant_reference, &patch.original_merchant_reference);
+    set_if(&mut order.original_serial_number, &patch.original_serial_number);
+    order.is_replacement |= patch.is_replacement;
+    if !patch.items.is_empty() {
+        order.items = patch.items.clone();
+    }
+    for (target, value) in [
+        (&mut order.shipping_address, &patch.shipping_address),
+        (&mut order.billing_address, &patch.billing_address),
+    ] {
+        if value.is_some() {
+            *target = value.clone();
+        }
+    }
+    for (target, value) in [
+        (&mut order.grand_total, &patch.grand_total),
+        (&mut order.subtotal, &patch.subtotal),
+        (&mut order.shipping, &patch.shipping),
+    ] {
+        if value.is_some() {
+            *target = value.clone();
+        }
+    }
+    if patch.provider_created_at.is_some() {
+        order.provider_created_at = patch.provider_created_at;
+    }
+    if let Some(t) = obs.provider_time {
+        order.provider_updated_at = Some(t);
+    }
+}
+
+/// Inserts or updates the shipment `report` describes; returns it as stored.
+fn merge_shipment(shipments: &mut Vec<Shipment>, report: &Shipment, sequence: u64) -> Shipment {
+    let index = match shipments.iter().position(|s| s.id == report.id) {
+        Some(i) => i,
+        None => {
+            shipments.push(Shipment { id: report.id.clone(), ..Shipment::default() });
+            shipments.len() - 1
+        }
+    };
+    let s = &mut shipments[index];
+    if report.status() != ShipmentStatus::Unspecified {
+        s.status = report.status;
+    }
+    set_if(&mut s.provider_status, &report.provider_status);
+    set_if(&mut s.carrier, &report.carrier);
+    set_if(&mut s.carrier_service, &report.carrier_service);
+    set_if(&mut s.tracking_number, &report.tracking_number);
+    set_if(&mut s.tracking_url, &report.tracking_url);
+    set_if(&mut s.package_id, &report.package_id);
+    for (target, value) in [
+        (&mut s.shipped_at, report.shipped_at),
+        (&mut s.collected_at, report.collected_at),
+        (&mut s.delivered_at, report.delivered_at),
+        (&mut s.fulfilled_at, report.fulfilled_at),
+        (&mut s.provider_updated_at, report.provider_updated_at),
+    ] {
+        if value.is_some() {
+            *target = value;
+        }
+    }
+    if !report.items.is_empty() {
+        s.items = report.items.clone();
+    }
+    if !report.order_item_ids.is_empty() {
+        s.order_item_ids = report.order_item_ids.clone();
+    }
+    s.last_sequence = sequence;
+    s.clone()
+}
+
+fn set_if(target: &mut String, value: &str) {
+    if !value.is_empty() {
+        *target = value.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::ReportedStatus;
+    use crate::proto::Provider;
+
+    fn ctx(sequence: u64) -> Context<'static> {
+        Context {
+            sequence,
+            received_at: Timestamp { seconds: sequence as i64, nanos: 0 },
+            order_id: 1,
+            source: "s",
+            provider: Provider::Ordermesh,
+        }
+    }
+
+    fn status(kind: EventKind, s: OrderStatus) -> Observation {
+        Observation {
+            kind,
+            status: Some(ReportedStatus { verbatim: format!("{s:?}"), canonical: Some(s) }),
+            ..Observation::default()
+        }
+    }
+
+    fn shipment(id: &str, s: ShipmentStatus) -> Observation {
+        Observation {
+            kind: EventKind::ShipmentUpdated,
+            shipment: Some(Shipment { id: id.into(), status: s as i32, ..Shipment::default() }),
+            ..Observation::default()
+        }
+    }
+
+    /// Applies the observations in order; returns the order and the events.
+    fn run(observations: &[Observation]) -> (Order, Vec<Event>) {
+        let mut order = None;
+        let mut events = Vec::new();
+        for (i, obs) in observations.iter().enumerate() {
+            let (o, e) = apply(order.take(), obs, &ctx(i as u64 + 1));
+            order = Some(o);
+            events.push(e);
+        }
+        (order.unwrap(), events)
+    }
+
+    #[test]
+    fn no_regression_is_recorded_as_stale() {
+        use OrderStatus::*;
+        let (order, events) = run(&[
+            status(EventKind::OrderStatusChanged, Processing),
+            status(EventKind::OrderStatusChanged, Accepted),
+        ]);
+        assert_eq!(order.status(), Processing);
+        assert!(!events[1].applied);
+        assert!(events[1].note.starts_with("stale"));
+        assert_eq!(events[1].previous_status(), Processing);
+    }
+
+    #[test]
+    fn terminal_states_are_sticky() {
+        use OrderStatus::*;
+        for terminal in [Cancelled, Failed, Rejected] {
+            let (order, events) = run(&[
+                status(EventKind::OrderStatusChanged, terminal),
+                status(EventKind::OrderStatusChanged, Processing),
+            ]);
+            assert_eq!(order.status(), terminal);
+            assert!(!events[1].applied);
+        }
+    }
+
+    #[test]
+    fn successful_recreation_replaces_a_rejection() {
+        use OrderStatus::*;
+        let (order, events) =
+            run(&[status(EventKind::OrderRejected, Rejected), status(EventKind::OrderCreated, Accepted)]);
+        assert_eq!(order.status(), Accepted);
+        assert!(events[1].applied);
+        assert_eq!(events[1].previous_status(), Rejected);
+    }
+
+    #[test]
+    fn late_rejection_does_not_undo_acceptance() {
+        use OrderStatus::*;
+        let (order, _) = run(&[status(EventKind::OrderCreated, Accepted), status(EventKind::OrderRejected, Rejected)]);
+        assert_eq!(order.status(), Accepted);
+    }
+
+    #[test]
+    fn cancellation_ends_any_live_order() {
+        use OrderStatus::*;
+        let (order, _) = run(&[status(EventKind::OrderStatusChanged, Shipped), status(EventKind::OrderStatusChanged, Cancelled)]);
+        assert_eq!(order.status(), Cancelled);
+    }
+
+    #[test]
+    fn shipment_never_moves_back_and_delivered_is_sticky() {
+        use ShipmentStatus::*;
+        let (order, events) = run(&[shipment("a", Delivered), shipment("a", InTransit)]);
+        assert_eq!(order.shipments[0].status(), Delivered);
+        assert!(!events[1].applied);
+    }
+
+    #[test]
+    fn order_status_is_derived_from_shipments() {
+        use ShipmentStatus::*;
+        let (order, _) = run(&[status(EventKind::OrderCreated, OrderStatus::Accepted), shipment("a", InTransit), shipment("b", LabelCreated)]);
+        assert_eq!(order.status(), OrderStatus::Shipped);
+        let (order, _) = run(&[shipment("a", Delivered), shipment("b", InTransit)]);
+        assert_eq!(order.status(), OrderStatus::Shipped, "not all delivered");
+        let (order, events) = run(&[shipment("a", Delivered), shipment("b", InTransit), shipment("b", Delivered)]);
+        assert_eq!(order.status(), OrderStatus::Delivered);
+        assert_eq!(events[2].status(), OrderStatus::Delivered);
+    }
+
+    #[test]
+    fn derived_status_never_overrides_a_later_or_terminal_one() {
+        let (order, _) = run(&[
+            status(EventKind::OrderStatusChanged, OrderStatus::Completed),
+            shipment("a", ShipmentStatus::Delivered),
+        ]);
+        assert_eq!(order.status(), OrderStatus::Completed);
+        let (order, _) = run(&[
+            status(EventKind::OrderStatusChanged, OrderStatus::Cancelled),
+            shipment("a", ShipmentStatus::InTransit),
+        ]);
+        assert_eq!(order.status(), OrderStatus::Cancelled);
+    }
+
+    #[test]
+    fn unmapped_status_is_kept_verbatim_and_leaves_canonical_unchanged() {
+        let unmapped = Observation {
+            kind: EventKind::OrderStatusChanged,
+            status: Some(ReportedStatus { verbatim: "Teleported".into(), canonical: None }),
+            ..Observation::default()
+        };
+        let (order, events) = run(&[status(EventKind::OrderCreated, OrderStatus::Accepted), unmapped]);
+        assert_eq!(order.status(), OrderStatus::Accepted);
+        assert_eq!(order.provider_status, "Teleported");
+        assert!(events[1].applied);
+        assert!(events[1].note.contains("unmapped"));
+    }
+
+    #[test]
+    fn older_provider_time_is_stale() {
+        let at = |s| Observation {
+            kind: EventKind::OrderUpdated,
+            provider_time: Some(Timestamp { seconds: s, nanos: 0 }),
+            order: Order { description: format!("at {s}"), ..Order::default() },
+            ..Observation::default()
+        };
+        let (order, events) = run(&[at(20), at(10)]);
+        assert_eq!(order.description, "at 20");
+        assert!(!events[1].applied);
+    }
+
+    #[test]
+    fn missing_fields_never_clear_stored_data() {
+        let mut first = shipment("a", ShipmentStatus::InTransit);
+        first.shipment.as_mut().unwrap().tracking_number = "1Z".into();
+        let (order, _) = run(&[first, shipment("a", ShipmentStatus::Delivered)]);
+        assert_eq!(order.shipments[0].tracking_number, "1Z");
+        assert_eq!(order.shipments[0].status(), ShipmentStatus::Delivered);
+    }
+}

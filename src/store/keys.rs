@@ -1,0 +1,130 @@
+//! The key layout of the one sled tree. Every key starts with a one-byte
+//! keyspace tag; numbers are big-endian so byte order is numeric order;
+//! strings inside composite keys are length-prefixed so no value can forge a
+//! boundary.
+
+/// Raw deliveries: `r` + raw id -> `RawDelivery`.
+pub const RAW: u8 = b'r';
+/// Events: `e` + sequence -> `Event`.
+pub const EVENT: u8 = b'e';
+/// Orders: `o` + order id -> `Order`.
+pub const ORDER: u8 = b'o';
+/// One order's history: `h` + order id + sequence -> ().
+pub const HISTORY: u8 = b'h';
+/// Reference indexes: `i` + ref kind + ref + source + order id -> ().
+pub const INDEX: u8 = b'i';
+/// Permanent dedup: `d` + source + dedup key -> raw id + outcome.
+pub const DEDUP: u8 = b'd';
+/// Quarantine: `q` + raw id -> ().
+pub const QUARANTINE: u8 = b'q';
+/// Counters: `m` + name -> u64.
+pub const META: u8 = b'm';
+
+/// The reference kinds that have an index. All are scoped by source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefKind {
+    /// ExternalOrderId / customer_ref / po_number.
+    Merchant,
+    /// The provider's order id.
+    ProviderOrder,
+    /// OrderMesh SafeId.
+    Safe,
+    /// Carrier tracking number.
+    Tracking,
+}
+
+impl RefKind {
+    fn tag(self) -> u8 {
+        match self {
+            Self::Merchant => b'm',
+            Self::ProviderOrder => b'p',
+            Self::Safe => b's',
+            Self::Tracking => b't',
+        }
+    }
+}
+
+pub fn numbered(space: u8, n: u64) -> [u8; 9] {
+    let mut key = [space; 9];
+    key[1..].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+pub fn history(order_id: u64, sequence: u64) -> [u8; 17] {
+    let mut key = [HISTORY; 17];
+    key[1..9].copy_from_slice(&order_id.to_be_bytes());
+    key[9..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn history_prefix(order_id: u64) -> [u8; 9] {
+    numbered(HISTORY, order_id)
+}
+
+/// The number at the end of a key.
+pub fn trailing_u64(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    if key.len() >= 8 {
+        bytes.copy_from_slice(&key[key.len() - 8..]);
+    }
+    u64::from_be_bytes(bytes)
+}
+
+fn push_str(key: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(s.as_bytes());
+}
+
+/// Every index entry of `reference`, in any source.
+pub fn index_prefix(kind: RefKind, reference: &str) -> Vec<u8> {
+    let mut key = vec![INDEX, kind.tag()];
+    push_str(&mut key, reference);
+    key
+}
+
+/// Every index entry of `reference` in `source`.
+pub fn index_source_prefix(kind: RefKind, reference: &str, source: &str) -> Vec<u8> {
+    let mut key = index_prefix(kind, reference);
+    push_str(&mut key, source);
+    key
+}
+
+pub fn index(kind: RefKind, reference: &str, source: &str, order_id: u64) -> Vec<u8> {
+    let mut key = index_source_prefix(kind, reference, source);
+    key.extend_from_slice(&order_id.to_be_bytes());
+    key
+}
+
+pub fn dedup(source: &str, dedup_key: &str) -> Vec<u8> {
+    let mut key = vec![DEDUP];
+    push_str(&mut key, source);
+    key.extend_from_slice(dedup_key.as_bytes());
+    key
+}
+
+pub fn meta(name: &str) -> Vec<u8> {
+    let mut key = vec![META];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_keys_sort_numerically() {
+        assert!(numbered(EVENT, 255) < numbered(EVENT, 256));
+        assert_eq!(trailing_u64(&numbered(EVENT, 42)), 42);
+    }
+
+    #[test]
+    fn a_reference_cannot_reach_into_another() {
+        // "ab" in source "c" must not share a prefix with "a" in source "bc".
+        let a = index(RefKind::Merchant, "ab", "c", 1);
+        let b = index_source_prefix(RefKind::Merchant, "a", "bc");
+        assert!(!a.starts_with(&b));
+        assert!(!a.starts_with(&index_prefix(RefKind::Merchant, "a")));
+    }
+}

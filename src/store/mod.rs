@@ -1,0 +1,362 @@
+//! The store: the only module that imports sled.
+//!
+//! One sled tree holds everything under one-byte keyspaces (see [`keys`]):
+//! raw deliveries, events, orders, reference indexes, dedup entries,
+//! quarantine and counters. Each delivery is one atomic batch; a single
+//! writer thread assigns ids in commit order; a flusher thread makes batches
+//! durable in groups before any reply is sent.
+
+mod keys;
+mod writer;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+pub use keys::RefKind;
+
+use crate::config::StoreConfig;
+use crate::ingest::{Normalized, Unrecognized};
+use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
+use writer::{Command, Counters, Flusher, Shared, Writer};
+
+/// How many deliveries may wait for the writer before senders wait too.
+const WRITER_QUEUE: usize = 4096;
+
+/// A storage problem. Ingest answers 503; queries answer UNAVAILABLE.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("store is shutting down")]
+    Closed,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => Self::Corrupt(e.to_string()),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<prost::DecodeError> for StoreError {
+    fn from(e: prost::DecodeError) -> Self {
+        Self::Corrupt(e.to_string())
+    }
+}
+
+/// An authenticated delivery with its mapping result, ready to store.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Everything about the request; ids and outcome are filled in by the
+    /// store.
+    pub raw: RawDelivery,
+    /// What the mapper made of it.
+    pub mapped: Result<Normalized, Unrecognized>,
+}
+
+/// What became of a delivery once it is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Stored and normalized into these events.
+    Applied { raw_id: u64, sequences: Vec<u64> },
+    /// Stored in quarantine.
+    Quarantined { raw_id: u64, reason: String },
+    /// Identical to an earlier delivery; nothing new stored.
+    Duplicate { raw_id: u64, quarantined: bool },
+}
+
+/// A reference to look orders up by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub kind: RefKind,
+    pub value: String,
+    /// Only orders of this provider (for provider-specific reference names).
+    pub provider: Option<crate::proto::Provider>,
+}
+
+/// Filters for [`Store::list_orders`].
+#[derive(Clone, Debug, Default)]
+pub struct OrderFilter {
+    pub source: Option<String>,
+    pub provider: Option<crate::proto::Provider>,
+    pub status: Option<OrderStatus>,
+    pub updated_after: Option<prost_types::Timestamp>,
+}
+
+/// Filters for [`Store::list_events`].
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub order_id: Option<u64>,
+    pub sources: Vec<String>,
+    pub kinds: Vec<EventKind>,
+}
+
+/// A page of results and where the next page starts.
+#[derive(Clone, Debug, Default)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The position to continue after; `None` when there is nothing more.
+    pub next_after: Option<u64>,
+}
+
+/// Most entries one page may scan while filtering; a page can then come
+/// back short (even empty) with a position to continue from.
+const SCAN_BUDGET: usize = 10_000;
+
+/// A handle on the open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    shared: Arc<Shared>,
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) the store under `config.data_dir` and starts the
+    /// writer and flusher threads.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let dir = config.data_dir.join("sled");
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(config.cache_capacity_bytes)
+            .open()
+            .map_err(|e| open_error(&dir, e))?;
+        let tree: sled::Tree = (*db).clone();
+        let counters = Counters::load(&tree)?;
+        let shared = Arc::new(Shared::new(counters.last_sequence));
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = Writer { tree: tree.clone(), counters, shared: shared.clone() };
+        let flusher = Flusher {
+            db: db.clone(),
+            durability: config.durability,
+            dir,
+            shared: shared.clone(),
+            synced_blobs: Default::default(),
+        };
+        let threads = vec![
+            spawn_thread("ordertrail-writer", move || writer.run(rx))?,
+            spawn_thread("ordertrail-flusher", move || flusher.run())?,
+        ];
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                tree,
+                shared,
+                commands: Mutex::new(Some(tx)),
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    /// Stores a delivery and waits until it is durable.
+    pub async fn ingest(&self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+        let sender = self.sender().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        sender.send(Command { incoming, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<Command>> {
+        self.inner.commands.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// False after a storage failure until a flush succeeds again.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// The newest durable sequence.
+    pub fn head_sequence(&self) -> u64 {
+        self.inner.shared.durable_head.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking deliveries, lets queued ones finish durable, and flushes.
+    /// Blocking; call from a blocking context.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.inner.commands.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let threads = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    // === queries ===
+
+    pub fn order(&self, id: u64) -> Result<Option<Order>, StoreError> {
+        load_order(&self.inner.tree, id)
+    }
+
+    /// Every order `lookup` matches, optionally in one source, in id order.
+    pub fn find_orders(&self, lookup: &Lookup, source: Option<&str>) -> Result<Vec<Order>, StoreError> {
+        let mut ids = index_lookup(&self.inner.tree, lookup.kind, &lookup.value, source)?;
+        ids.sort_unstable();
+        ids.dedup();
+        let mut orders = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(order) = self.order(id)?
+                && lookup.provider.is_none_or(|p| order.provider() == p)
+            {
+                orders.push(order);
+            }
+        }
+        Ok(orders)
+    }
+
+    /// Orders with an id greater than `after` that pass `filter`.
+    pub fn list_orders(&self, filter: &OrderFilter, after: u64, limit: usize) -> Result<Page<Order>, StoreError> {
+        let start = keys::numbered(keys::ORDER, after.saturating_add(1));
+        let end = keys::numbered(keys::ORDER, u64::MAX);
+        let entries = self.inner.tree.range(start..=end).map(|entry| -> Result<Order, StoreError> {
+            let (_, value) = entry?;
+            Ok(Order::decode(&*value)?)
+        });
+        page(entries, limit, |o: &Order| o.id, |o| order_matches(o, filter))
+    }
+
+    /// Durable events after `after` that pass `filter`, in sequence order.
+    pub fn list_events(&self, filter: &EventFilter, after: u64, limit: usize) -> Result<Page<Event>, StoreError> {
+        let head = self.head_sequence();
+        let tree = &self.inner.tree;
+        let matches = |e: &Event| {
+            (filter.sources.is_empty() || filter.sources.contains(&e.source))
+                && (filter.kinds.is_empty() || filter.kinds.contains(&e.kind()))
+        };
+        match filter.order_id {
+            Some(order_id) => {
+                let prefix = keys::history_prefix(order_id);
+                let start = keys::history(order_id, after.saturating_add(1));
+                let sequences = tree
+                    .range(start..)
+                    .keys()
+                    .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
+                    .map(|k| k.map(|k| keys::trailing_u64(&k)))
+                    .take_while(|s| s.as_ref().map_or(true, |s| *s <= head));
+                let events = sequences.filter_map(|s| match s {
+                    Ok(seq) => self.event(seq).transpose(),
+                    Err(e) => Some(Err(e.into())),
+                });
+                page(events, limit, |e: &Event| e.sequence, matches)
+            }
+            None if after >= head => Ok(Page::default()),
+            None => {
+                let start = keys::numbered(keys::EVENT, after.saturating_add(1));
+                let end = keys::numbered(keys::EVENT, head);
+                let events = tree.range(start..=end).map(|entry| -> Result<Event, StoreError> {
+                    let (_, value) = entry?;
+                    Ok(Event::decode(&*value)?)
+                });
+                page(events, limit, |e: &Event| e.sequence, matches)
+            }
+        }
+    }
+
+    pub fn event(&self, sequence: u64) -> Result<Option<Event>, StoreError> {
+        let value = self.inner.tree.get(keys::numbered(keys::EVENT, sequence))?;
+        Ok(value.map(|v| Event::decode(&*v)).transpose()?)
+    }
+
+    pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
+        let value = self.inner.tree.get(keys::numbered(keys::RAW, id))?;
+        Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
+    }
+
+    /// Quarantined deliveries with a raw id greater than `after`.
+    pub fn list_quarantine(&self, after: u64, limit: usize) -> Result<Page<RawDelivery>, StoreError> {
+        let start = keys::numbered(keys::QUARANTINE, after.saturating_add(1));
+        let end = keys::numbered(keys::QUARANTINE, u64::MAX);
+        let entries = self.inner.tree.range(start..=end).keys().filter_map(|key| match key {
+            Ok(key) => self.raw(keys::trailing_u64(&key)).transpose(),
+            Err(e) => Some(Err(e.into())),
+        });
+        page(entries, limit, |r: &RawDelivery| r.id, |_| true)
+    }
+}
+
+fn order_matches(order: &Order, filter: &OrderFilter) -> bool {
+    let after = |t: &prost_types::Timestamp| {
+        order.updated_at.is_some_and(|u| (u.seconds, u.nanos) > (t.seconds, t.nanos))
+    };
+    filter.source.as_ref().is_none_or(|s| *s == order.source)
+        && filter.provider.is_none_or(|p| order.provider() == p)
+        && filter.status.is_none_or(|s| order.status() == s)
+        && filter.updated_after.as_ref().is_none_or(after)
+}
+
+/// Takes up to `limit` matching items, scanning at most [`SCAN_BUDGET`].
+fn page<T>(
+    entries: impl Iterator<Item = Result<T, StoreError>>,
+    limit: usize,
+    position: impl Fn(&T) -> u64,
+    matches: impl Fn(&T) -> bool,
+) -> Result<Page<T>, StoreError> {
+    let mut items = Vec::new();
+    let mut last = None;
+    for (scanned, entry) in entries.enumerate() {
+        let item = entry?;
+        if items.len() == limit || scanned == SCAN_BUDGET {
+            return Ok(Page { items, next_after: last });
+        }
+        last = Some(position(&item));
+        if matches(&item) {
+            items.push(item);
+        }
+    }
+    Ok(Page { items, next_after: None })
+}
+
+pub(crate) fn load_order(tree: &sled::Tree, id: u64) -> Result<Option<Order>, StoreError> {
+    let value = tree.get(keys::numbered(keys::ORDER, id))?;
+    Ok(value.map(|v| Order::decode(&*v)).transpose()?)
+}
+
+/// Ids of the orders indexed under `value`, in `source` or in any source.
+pub(crate) fn index_lookup(
+    tree: &sled::Tree,
+    kind: RefKind,
+    value: &str,
+    source: Option<&str>,
+) -> Result<Vec<u64>, StoreError> {
+    let prefix = match source {
+        Some(source) => keys::index_source_prefix(kind, value, source),
+        None => keys::index_prefix(kind, value),
+    };
+    tree.scan_prefix(prefix)
+        .keys()
+        .map(|key| Ok(keys::trailing_u64(&key?)))
+        .collect()
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
+}
+
+fn open_error(dir: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => {
+            StoreError::Corrupt(format!("the database in {} is corrupt ({e}); refusing to start", dir.display()))
+        }
+        other => StoreError::Unavailable(format!("cannot open the database in {}: {other}", dir.display())),
+    }
+}

@@ -1,0 +1,389 @@
+//! The single writer and the group-commit flusher.
+//!
+//! The writer thread takes deliveries one at a time, turns each into one
+//! atomic sled batch (raw record, events, orders, indexes, dedup entry,
+//! counters) and queues its reply. The flusher thread takes everything
+//! queued so far, makes it durable with one flush (plus fsync), and only
+//! then answers all of it. While it flushes, the writer keeps applying the
+//! next deliveries, so many requests share one flush.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys::{self, RefKind};
+use super::{IngestOutcome, Incoming, StoreError};
+use crate::config::Durability;
+use crate::ingest::{MAPPER_VERSION, Normalized};
+use crate::proto::{DeliveryOutcome, Order, OrderReferences, Provenance, RawDelivery};
+use crate::state;
+
+pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
+
+/// A delivery handed to the writer.
+pub(super) struct Command {
+    pub incoming: Incoming,
+    pub reply: Reply,
+}
+
+/// The last ids handed out; persisted in every batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Counters {
+    pub last_sequence: u64,
+    pub last_raw: u64,
+    pub last_order: u64,
+}
+
+impl Counters {
+    const NAMES: [&'static str; 3] = ["last_sequence", "last_raw", "last_order"];
+
+    pub fn load(tree: &sled::Tree) -> sled::Result<Self> {
+        let read = |name: &str| -> sled::Result<u64> {
+            Ok(tree.get(keys::meta(name))?.map(|v| keys::trailing_u64(&v)).unwrap_or(0))
+        };
+        Ok(Self {
+            last_sequence: read(Self::NAMES[0])?,
+            last_raw: read(Self::NAMES[1])?,
+            last_order: read(Self::NAMES[2])?,
+        })
+    }
+
+    fn write(&self, batch: &mut sled::Batch) {
+        let values = [self.last_sequence, self.last_raw, self.last_order];
+        for (name, value) in Self::NAMES.iter().zip(values) {
+            batch.insert(keys::meta(name), &value.to_be_bytes());
+        }
+    }
+}
+
+/// State shared by the writer, the flusher and readers.
+pub(super) struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// The newest sequence known to be durable.
+    pub durable_head: AtomicU64,
+    /// False after a storage failure, until a flush succeeds again.
+    pub healthy: AtomicBool,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(Reply, IngestOutcome)>,
+    last_sequence: u64,
+    closed: bool,
+}
+
+impl Shared {
+    pub fn new(durable_head: u64) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            durable_head: AtomicU64::new(durable_head),
+            healthy: AtomicBool::new(true),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A poisoned lock only means a thread panicked while holding it; the
+        // queue itself is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enqueue(&self, reply: Reply, outcome: IngestOutcome, last_sequence: u64) {
+        let mut queue = self.lock();
+        queue.waiting.push((reply, outcome));
+        queue.last_sequence = last_sequence;
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits for queued replies; `None` once closed and drained.
+    fn take(&self) -> Option<(Vec<(Reply, IngestOutcome)>, u64)> {
+        let mut queue = self.lock();
+        while queue.waiting.is_empty() && !queue.closed {
+            queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        if queue.waiting.is_empty() {
+            return None;
+        }
+        Some((std::mem::take(&mut queue.waiting), queue.last_sequence))
+    }
+}
+
+// === impl Writer ===
+
+pub(super) struct Writer {
+    pub tree: sled::Tree,
+    pub counters: Counters,
+    pub shared: Arc<Shared>,
+}
+
+impl Writer {
+    /// Runs until every sender is gone, then lets the flusher drain.
+    pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(Command { incoming, reply }) = commands.blocking_recv() {
+            match self.process(incoming) {
+                Ok(outcome) => self.shared.enqueue(reply, outcome, self.counters.last_sequence),
+                Err(e) => {
+                    tracing::error!(error = %e, "storage write failed");
+                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        self.shared.close();
+    }
+
+    fn process(&mut self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+        let Incoming { mut raw, mapped } = incoming;
+        let dedup_key = match &mapped {
+            Ok(n) => n.dedup_key.clone(),
+            Err(_) => format!("raw:{}", raw.body_sha256),
+        };
+        let dedup = keys::dedup(&raw.source, &dedup_key);
+        if let Some(value) = self.tree.get(&dedup)? {
+            return Ok(IngestOutcome::Duplicate {
+                raw_id: keys::trailing_u64(&value[..8.min(value.len())]),
+                quarantined: value.get(8) == Some(&(DeliveryOutcome::Quarantined as u8)),
+            });
+        }
+        let mut counters = self.counters;
+        counters.last_raw += 1;
+        raw.id = counters.last_raw;
+        raw.dedup_key = dedup_key;
+        raw.mapper_version = MAPPER_VERSION;
+        let mut batch = sled::Batch::default();
+        let outcome = match mapped {
+            Ok(normalized) => {
+                let sequences = self.plan_events(&mut batch, &mut counters, &raw, &normalized)?;
+                raw.outcome = DeliveryOutcome::Applied as i32;
+                raw.event_sequences = sequences.clone();
+                IngestOutcome::Applied { raw_id: raw.id, sequences }
+            }
+            Err(reason) => {
+                raw.outcome = DeliveryOutcome::Quarantined as i32;
+                raw.quarantine_reason = reason.0.clone();
+                batch.insert(&keys::numbered(keys::QUARANTINE, raw.id), &[]);
+                IngestOutcome::Quarantined { raw_id: raw.id, reason: reason.0 }
+            }
+        };
+        let mut dedup_value = raw.id.to_be_bytes().to_vec();
+        dedup_value.push(raw.outcome as u8);
+        batch.insert(dedup, dedup_value);
+        batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
+        counters.write(&mut batch);
+        self.tree.apply_batch(batch)?;
+        self.counters = counters;
+        Ok(outcome)
+    }
+
+    /// Applies every observation to its order and puts events, history,
+    /// orders and new index entries into `batch`. Returns the sequences.
+    fn plan_events(
+        &self,
+        batch: &mut sled::Batch,
+        counters: &mut Counters,
+        raw: &RawDelivery,
+        normalized: &Normalized,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut touched: HashMap<u64, Order> = HashMap::new();
+        let mut sequences = Vec::with_capacity(normalized.observations.len());
+        let provenance = provenance(raw);
+        for obs in &normalized.observations {
+            let found = self.resolve(&obs.references, &raw.source, &touched)?;
+            let current = match found {
+                Some(id) => match touched.remove(&id) {
+                    Some(order) => Some(order),
+                    None => super::load_order(&self.tree, id)?,
+                },
+                None => None,
+            };
+            let order_id = match (&current, found) {
+                (Some(order), _) => order.id,
+                _ => {
+                    counters.last_order += 1;
+                    counters.last_order
+                }
+            };
+            counters.last_sequence += 1;
+            let before = index_keys(current.as_ref());
+            let ctx = state::Context {
+                sequence: counters.last_sequence,
+                received_at: raw.received_at.unwrap_or_default(),
+                order_id,
+                source: &raw.source,
+                provider: raw.provider(),
+            };
+            let (order, mut event) = state::apply(current, obs, &ctx);
+            event.provenance = Some(provenance.clone());
+            for key in index_keys(Some(&order)).difference(&before) {
+                batch.insert(key.as_slice(), &[]);
+            }
+            batch.insert(&keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
+            batch.insert(&keys::history(order_id, event.sequence), &[]);
+            sequences.push(event.sequence);
+            touched.insert(order_id, order);
+        }
+        for (id, order) in touched {
+            batch.insert(&keys::numbered(keys::ORDER, id), order.encode_to_vec());
+        }
+        Ok(sequences)
+    }
+
+    /// Finds the order an observation belongs to: by provider order id, then
+    /// safe id, then merchant reference, within the source. A match on the
+    /// latter two is rejected when it already has another provider order id.
+    fn resolve(
+        &self,
+        refs: &OrderReferences,
+        source: &str,
+        touched: &HashMap<u64, Order>,
+    ) -> Result<Option<u64>, StoreError> {
+        let candidates = [
+            (RefKind::ProviderOrder, &refs.provider_order_id),
+            (RefKind::Safe, &refs.safe_id),
+            (RefKind::Merchant, &refs.merchant_reference),
+        ];
+        for (kind, value) in candidates.into_iter().filter(|(_, v)| !v.is_empty()) {
+            if let Some(order) = touched.values().find(|o| reference_of(o, kind) == Some(value.as_str())) {
+                if compatible(order, refs) {
+                    return Ok(Some(order.id));
+                }
+            }
+            for id in super::index_lookup(&self.tree, kind, value, Some(source))? {
+                let matches = super::load_order(&self.tree, id)?.is_some_and(|o| compatible(&o, refs));
+                if matches {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn reference_of(order: &Order, kind: RefKind) -> Option<&str> {
+    let refs = order.references.as_ref()?;
+    let value = match kind {
+        RefKind::Merchant => &refs.merchant_reference,
+        RefKind::ProviderOrder => &refs.provider_order_id,
+        RefKind::Safe => &refs.safe_id,
+        RefKind::Tracking => return None,
+    };
+    Some(value.as_str())
+}
+
+/// Two provider order ids that differ mean two different orders.
+fn compatible(order: &Order, refs: &OrderReferences) -> bool {
+    let ours = order.references.as_ref().map(|r| r.provider_order_id.as_str()).unwrap_or("");
+    ours.is_empty() || refs.provider_order_id.is_empty() || ours == refs.provider_order_id
+}
+
+/// Every index key an order should be findable by.
+fn index_keys(order: Option<&Order>) -> HashSet<Vec<u8>> {
+    let Some(order) = order else { return HashSet::new() };
+    let mut out = HashSet::new();
+    for kind in [RefKind::Merchant, RefKind::ProviderOrder, RefKind::Safe] {
+        if let Some(value) = reference_of(order, kind).filter(|v| !v.is_empty()) {
+            out.insert(keys::index(kind, value, &order.source, order.id));
+        }
+    }
+    for shipment in order.shipments.iter().filter(|s| !s.tracking_number.is_empty()) {
+        out.insert(keys::index(RefKind::Tracking, &shipment.tracking_number, &order.source, order.id));
+    }
+    out
+}
+
+fn provenance(raw: &RawDelivery) -> Provenance {
+    Provenance {
+        raw_id: raw.id,
+        body_sha256: raw.body_sha256.clone(),
+        content_type: raw.content_type.clone(),
+        auth_method: raw.auth_method.clone(),
+        peer_addr: raw.peer_addr.clone(),
+        mapper_version: MAPPER_VERSION,
+        dedup_key: raw.dedup_key.clone(),
+        request_id: raw.request_id.clone(),
+    }
+}
+
+// === impl Flusher ===
+
+/// Makes everything written so far durable, then answers the waiting
+/// requests.
+pub(super) struct Flusher {
+    pub db: sled::Db,
+    pub durability: Durability,
+    pub dir: PathBuf,
+    pub shared: Arc<Shared>,
+    pub synced_blobs: HashSet<OsString>,
+}
+
+impl Flusher {
+    pub fn run(mut self) {
+        while let Some((waiting, last_sequence)) = self.shared.take() {
+            match self.make_durable() {
+                Ok(()) => {
+                    self.shared.healthy.store(true, Ordering::SeqCst);
+                    self.shared.durable_head.fetch_max(last_sequence, Ordering::SeqCst);
+                    for (reply, outcome) in waiting {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storage flush failed; answering 503");
+                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    for (reply, _) in waiting {
+                        let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// sled's flush writes its log and waits for it (sync_file_range); in
+    /// `fsync` mode the files, blobs and directories are then fsynced too,
+    /// so metadata and the disk cache are covered as well.
+    pub fn make_durable(&mut self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        if self.durability == Durability::Flush {
+            return Ok(());
+        }
+        File::open(self.dir.join("db"))?.sync_all()?;
+        self.sync_blobs()?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// sled writes large values as files under `blobs/` without fsync.
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let blobs = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else { return Ok(()) };
+        let mut present = HashSet::new();
+        let mut new_files = false;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                // A blob can be removed by sled between listing and opening.
+                if let Ok(file) = File::open(blobs.join(&name)) {
+                    file.sync_all()?;
+                }
+                new_files = true;
+            }
+            present.insert(name);
+        }
+        self.synced_blobs = present;
+        if new_files {
+            File::open(&blobs)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
