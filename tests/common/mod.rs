@@ -1,0 +1,149 @@
+//! Test harness: starts the real server on ephemeral loopback ports with a
+//! temporary data dir, and talks to it with a real HTTP client and a real
+//! gRPC client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ordertrail::config::Config;
+use ordertrail::proto::admin_client::AdminClient;
+use ordertrail::proto::order_trail_client::OrderTrailClient;
+use ordertrail::proto::{Event, ListEventsRequest, ListQuarantinedRequest, RawDelivery};
+use ordertrail::server::{self, Listeners};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A documented example payload from `tests/fixtures/`.
+pub fn fixture(path: &str) -> Vec<u8> {
+    let full = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path);
+    std::fs::read(&full).unwrap_or_else(|e| panic!("fixture {}: {e}", full.display()))
+}
+
+/// A running server.
+pub struct TestServer {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub dir: TempDir,
+    extra_toml: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), server::ServerError>>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A webhook answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: serde_json::Value,
+}
+
+impl TestServer {
+    /// Default config: one open source per provider.
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// `extra_toml` is added to a config whose data dir is a new temp dir.
+    pub async fn start_with(extra_toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, extra_toml).await
+    }
+
+    async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
+        let toml = format!("[store]\ndata_dir = {:?}\n{extra_toml}", dir.path().display().to_string());
+        let config = Config::from_toml(&toml, &|_| None).expect("test config is valid");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http_addr = http.local_addr().unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(config, Listeners { http, grpc }, shutdown.clone()));
+        Self {
+            http_addr,
+            grpc_addr,
+            dir,
+            extra_toml: extra_toml.to_string(),
+            shutdown,
+            task,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Stops the server and waits until it has released the data dir.
+    pub async fn stop(self) -> TempDir {
+        self.shutdown.cancel();
+        self.task.await.expect("server task").expect("server stopped cleanly");
+        self.dir
+    }
+
+    /// Stops and starts again on the same data dir.
+    pub async fn restart(self) -> Self {
+        let extra = self.extra_toml.clone();
+        let dir = self.stop().await;
+        Self::start_in(dir, &extra).await
+    }
+
+    pub async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Answer {
+        self.request("POST", path, &[("content-type", content_type)], body.into()).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: impl Into<Bytes>) -> Answer {
+        self.post(path, "application/json", body).await
+    }
+
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Answer {
+        let mut builder = Request::builder().method(method).uri(format!("http://{}{path}", self.http_addr));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let response = self.http.request(builder.body(Full::new(body)).unwrap()).await.expect("HTTP request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.expect("HTTP body").to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Answer { status, headers, json }
+    }
+
+    pub async fn grpc(&self) -> OrderTrailClient<Channel> {
+        OrderTrailClient::connect(format!("http://{}", self.grpc_addr)).await.expect("gRPC connect")
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(format!("http://{}", self.grpc_addr)).await.expect("gRPC connect")
+    }
+
+    /// The whole global event log, through the paged API.
+    pub async fn all_events(&self) -> Vec<Event> {
+        let mut client = self.grpc().await;
+        let mut events = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = client
+                .list_events(ListEventsRequest { page_size: 7, page_token: token.clone(), ..Default::default() })
+                .await
+                .expect("ListEvents")
+                .into_inner();
+            events.extend(page.events);
+            if page.next_page_token.is_empty() {
+                return events;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// Every quarantined delivery.
+    pub async fn quarantine(&self) -> Vec<RawDelivery> {
+        let request = ListQuarantinedRequest { page_size: 1000, ..Default::default() };
+        self.admin().await.list_quarantined(request).await.expect("ListQuarantined").into_inner().deliveries
+    }
+}
