@@ -234,10 +234,7 @@ fn open_auth() -> AuthConfig {
 impl Config {
     /// Reads the file named by `path` or by `ORDERTRAIL_CONFIG` (none: all
     /// defaults), applies `ORDERTRAIL_*` overrides from `env`, and validates.
-    pub fn load(
-        path: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let path = path.map(Path::to_path_buf).or_else(|| env("ORDERTRAIL_CONFIG").map(PathBuf::from));
         let text = match &path {
             Some(p) => std::fs::read_to_string(p)
@@ -272,9 +269,8 @@ impl Config {
             None => file.http.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT_BYTES),
         };
         let durability = match env("ORDERTRAIL_DURABILITY") {
-            Some(v) => Durability::parse(&v).ok_or_else(|| {
-                ConfigError::new(format!("ORDERTRAIL_DURABILITY: `{v}` is not one of fsync, flush"))
-            })?,
+            Some(v) => Durability::parse(&v)
+                .ok_or_else(|| ConfigError::new(format!("ORDERTRAIL_DURABILITY: `{v}` is not one of fsync, flush")))?,
             None => file.store.durability.unwrap_or(Durability::Fsync),
         };
         let data_dir = env("ORDERTRAIL_DATA_DIR")
@@ -282,10 +278,9 @@ impl Config {
             .or(file.store.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let sources = match file.sources {
-            Some(list) => list
-                .into_iter()
-                .map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth })
-                .collect(),
+            Some(list) => {
+                list.into_iter().map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth }).collect()
+            }
             None => default_sources(),
         };
         Ok(Self {
@@ -426,10 +421,16 @@ mod tests {
             ("[store]\ndurability = \"sometimes\"", "invalid config"),
             ("[[sources]]\nname = \"A B\"\nprovider = \"ordermesh\"", "must be 1 to 64"),
             ("[[sources]]\nname = \"a\"\nprovider = \"nobody\"", "invalid config"),
-            ("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\n[[sources]]\nname = \"a\"\nprovider = \"withings\"", "used twice"),
+            (
+                "[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\n[[sources]]\nname = \"a\"\nprovider = \"withings\"",
+                "used twice",
+            ),
             ("[http]\naddr = \"0.0.0.0:8080\"", "no authentication"),
             ("[grpc]\naddr = \"0.0.0.0:50051\"", "allow_unauthenticated_public"),
-            ("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"\"] }", "non-empty"),
+            (
+                "[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"\"] }",
+                "non-empty",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::from_toml(text, &no_env).unwrap_err().to_string();

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthConfig, Config, SourceConfig};
 use crate::ingest::{self, DeliveryMeta, Unrecognized, auth};
 use crate::proto::RawDelivery;
-use crate::store::{IngestOutcome, Incoming, Store, StoreError};
+use crate::store::{Incoming, IngestOutcome, Store, StoreError};
 
 /// The response header that carries the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -109,7 +109,12 @@ impl FrontDoor {
         response
     }
 
-    async fn route(&self, req: Request<Body>, peer: SocketAddr, request_id: &str) -> Result<Response<Full<Bytes>>, Refusal> {
+    async fn route(
+        &self,
+        req: Request<Body>,
+        peer: SocketAddr,
+        request_id: &str,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
         let path = req.uri().path().to_string();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match segments.as_slice() {

@@ -51,6 +51,5 @@ pub mod proto {
     tonic::include_proto!("ordertrail.v1");
 
     /// The encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("ordertrail_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordertrail_descriptor");
 }

@@ -89,11 +89,8 @@ pub fn shipment_transition_allowed(current: ShipmentStatus, new: ShipmentStatus)
 /// The order status its shipments imply: SHIPPED once one is in transit or
 /// later, DELIVERED once every (not cancelled) shipment is delivered.
 fn derived_status(shipments: &[Shipment]) -> Option<OrderStatus> {
-    let live: Vec<ShipmentStatus> = shipments
-        .iter()
-        .map(Shipment::status)
-        .filter(|s| *s != ShipmentStatus::Cancelled)
-        .collect();
+    let live: Vec<ShipmentStatus> =
+        shipments.iter().map(Shipment::status).filter(|s| *s != ShipmentStatus::Cancelled).collect();
     if !live.is_empty() && live.iter().all(|s| *s == ShipmentStatus::Delivered) {
         return Some(OrderStatus::Delivered);
     }
@@ -218,10 +215,9 @@ fn merge_order(order: &mut Order, obs: &Observation) {
     if !patch.items.is_empty() {
         order.items = patch.items.clone();
     }
-    for (target, value) in [
-        (&mut order.shipping_address, &patch.shipping_address),
-        (&mut order.billing_address, &patch.billing_address),
-    ] {
+    for (target, value) in
+        [(&mut order.shipping_address, &patch.shipping_address), (&mut order.billing_address, &patch.billing_address)]
+    {
         if value.is_some() {
             *target = value.clone();
         }
@@ -336,10 +332,8 @@ mod tests {
     #[test]
     fn no_regression_is_recorded_as_stale() {
         use OrderStatus::*;
-        let (order, events) = run(&[
-            status(EventKind::OrderStatusChanged, Processing),
-            status(EventKind::OrderStatusChanged, Accepted),
-        ]);
+        let (order, events) =
+            run(&[status(EventKind::OrderStatusChanged, Processing), status(EventKind::OrderStatusChanged, Accepted)]);
         assert_eq!(order.status(), Processing);
         assert!(!events[1].applied);
         assert!(events[1].note.starts_with("stale"));
@@ -379,7 +373,8 @@ mod tests {
     #[test]
     fn cancellation_ends_any_live_order() {
         use OrderStatus::*;
-        let (order, _) = run(&[status(EventKind::OrderStatusChanged, Shipped), status(EventKind::OrderStatusChanged, Cancelled)]);
+        let (order, _) =
+            run(&[status(EventKind::OrderStatusChanged, Shipped), status(EventKind::OrderStatusChanged, Cancelled)]);
         assert_eq!(order.status(), Cancelled);
     }
 
@@ -394,12 +389,20 @@ mod tests {
     #[test]
     fn order_status_is_derived_from_shipments() {
         use ShipmentStatus::*;
-        let (order, _) = run(&[status(EventKind::OrderCreated, OrderStatus::Accepted), shipment("a", InTransit), shipment("b", LabelCreated)]);
+        let (order, _) = run(&[
+            status(EventKind::OrderCreated, OrderStatus::Accepted),
+            shipment("a", InTransit),
+            shipment("b", LabelCreated),
+        ]);
         assert_eq!(order.status(), OrderStatus::Shipped);
         let (order, _) = run(&[shipment("a", InTransit), shipment("b", LabelCreated), shipment("a", Delivered)]);
         assert_eq!(order.status(), OrderStatus::Shipped, "not all delivered");
-        let (order, events) =
-            run(&[shipment("a", InTransit), shipment("b", LabelCreated), shipment("a", Delivered), shipment("b", Delivered)]);
+        let (order, events) = run(&[
+            shipment("a", InTransit),
+            shipment("b", LabelCreated),
+            shipment("a", Delivered),
+            shipment("b", Delivered),
+        ]);
         assert_eq!(order.status(), OrderStatus::Delivered);
         assert_eq!(events[3].status(), OrderStatus::Delivered);
     }

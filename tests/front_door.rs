@@ -28,7 +28,8 @@ async fn raw_status_line(server: &TestServer, request: &[u8]) -> String {
 #[tokio::test]
 async fn unknown_source_and_path_are_404() {
     let server = TestServer::start().await;
-    for path in ["/webhooks/nobody", "/webhooks/ordermesh/order", "/webhooks", "/elsewhere", "/webhooks/ordermesh/a/b"] {
+    for path in ["/webhooks/nobody", "/webhooks/ordermesh/order", "/webhooks", "/elsewhere", "/webhooks/ordermesh/a/b"]
+    {
         let answer = server.post_json(path, fixture("ordermesh/order-creation.json")).await;
         assert_eq!(answer.status, 404, "{path}");
     }

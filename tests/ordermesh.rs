@@ -6,7 +6,8 @@ mod common;
 use common::{TestServer, fixture};
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::{
-    EventKind, FindOrdersRequest, GetOrderRequest, ListEventsRequest, Order, OrderStatus, ShipmentStatus, find_orders_request,
+    EventKind, FindOrdersRequest, GetOrderRequest, ListEventsRequest, Order, OrderStatus, ShipmentStatus,
+    find_orders_request,
 };
 use tonic::Code;
 
@@ -107,7 +108,10 @@ async fn shipment_update_carries_tracking_and_finds_the_order() {
     assert_eq!(shipment.status(), ShipmentStatus::InTransit);
     assert_eq!(shipment.carrier, "USPS");
     assert_eq!(shipment.carrier_service, "USPS Ground Advantage");
-    assert_eq!(shipment.tracking_url, "https://tools.usps.com/go/TrackConfirmAction.action?tLabels=9400136208551280752547");
+    assert_eq!(
+        shipment.tracking_url,
+        "https://tools.usps.com/go/TrackConfirmAction.action?tLabels=9400136208551280752547"
+    );
     assert_eq!(shipment.shipped_at.unwrap().seconds, 1_649_604_000, "2022-04-10T15:20:00 taken as UTC");
     assert_eq!(shipment.order_item_ids, ["670e58fe7741035996cf7d21"]);
     assert_eq!(order.status(), OrderStatus::Shipped, "a shipment in transit ships the order");

@@ -70,8 +70,8 @@ async fn blocking<T: Send + 'static>(
 /// every request) into a store lookup.
 macro_rules! lookup_from {
     ($reference:expr, $module:ident) => {{
-        use proto::$module::Reference as R;
         use proto::Provider as P;
+        use proto::$module::Reference as R;
         match $reference {
             None => None,
             Some(R::ExternalOrderId(v)) => Some((RefKind::Merchant, v, Some(P::Ordermesh))),
@@ -162,9 +162,7 @@ impl OrderTrail for OrderTrailService {
         let after = parse_token(&request.page_token, "o")?.unwrap_or(0);
         let filter = OrderFilter {
             source: source_filter(request.source.clone()),
-            provider: proto::Provider::try_from(request.provider)
-                .ok()
-                .filter(|p| *p != proto::Provider::Unspecified),
+            provider: proto::Provider::try_from(request.provider).ok().filter(|p| *p != proto::Provider::Unspecified),
             status: OrderStatus::try_from(request.status).ok().filter(|s| *s != OrderStatus::Unspecified),
             updated_after: request.updated_after,
         };

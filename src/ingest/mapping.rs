@@ -6,11 +6,7 @@ use chrono::{DateTime, NaiveDateTime};
 /// The matching form of a status value: lowercase, without spaces, `_` and
 /// `-` (`ADDRESS ERROR` = `address_error`).
 pub fn match_key(value: &str) -> String {
-    value
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '_' | '-'))
-        .flat_map(char::to_lowercase)
-        .collect()
+    value.chars().filter(|c| !matches!(c, ' ' | '_' | '-')).flat_map(char::to_lowercase).collect()
 }
 
 /// Looks `value` up in a table of (provider value, canonical) pairs.

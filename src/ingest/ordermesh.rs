@@ -58,7 +58,10 @@ struct Package {
 
 pub(super) fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unrecognized> {
     if !is_json(meta.content_type) {
-        return Err(Unrecognized(format!("unexpected content type `{}`; expected application/json", meta.content_type)));
+        return Err(Unrecognized(format!(
+            "unexpected content type `{}`; expected application/json",
+            meta.content_type
+        )));
     }
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| Unrecognized(format!("invalid JSON: {e}")))?;

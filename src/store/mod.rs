@@ -155,13 +155,7 @@ impl Store {
             spawn_thread("ordertrail-flusher", move || flusher.run())?,
         ];
         Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                tree,
-                shared,
-                commands: Mutex::new(Some(tx)),
-                threads: Mutex::new(threads),
-            }),
+            inner: Arc::new(Inner { db, tree, shared, commands: Mutex::new(Some(tx)), threads: Mutex::new(threads) }),
         })
     }
 
@@ -185,6 +179,18 @@ impl Store {
     /// The newest durable sequence.
     pub fn head_sequence(&self) -> u64 {
         self.inner.shared.durable_head.load(Ordering::SeqCst)
+    }
+
+    /// Group-commit statistics: (flushes, replies they answered).
+    pub fn commit_stats(&self) -> (u64, u64) {
+        let shared = &self.inner.shared;
+        (shared.flushes.load(Ordering::Relaxed), shared.flushed_replies.load(Ordering::Relaxed))
+    }
+
+    /// Holds (or releases) group commits, so tests can see what waits for one.
+    #[cfg(test)]
+    fn hold_commits(&self, held: bool) {
+        self.inner.shared.hold(held);
     }
 
     /// Stops taking deliveries, lets queued ones finish durable, and flushes.
@@ -292,9 +298,8 @@ impl Store {
 }
 
 fn order_matches(order: &Order, filter: &OrderFilter) -> bool {
-    let after = |t: &prost_types::Timestamp| {
-        order.updated_at.is_some_and(|u| (u.seconds, u.nanos) > (t.seconds, t.nanos))
-    };
+    let after =
+        |t: &prost_types::Timestamp| order.updated_at.is_some_and(|u| (u.seconds, u.nanos) > (t.seconds, t.nanos));
     filter.source.as_ref().is_none_or(|s| *s == order.source)
         && filter.provider.is_none_or(|p| order.provider() == p)
         && filter.status.is_none_or(|s| order.status() == s)
@@ -339,10 +344,7 @@ pub(crate) fn index_lookup(
         Some(source) => keys::index_source_prefix(kind, value, source),
         None => keys::index_prefix(kind, value),
     };
-    tree.scan_prefix(prefix)
-        .keys()
-        .map(|key| Ok(keys::trailing_u64(&key?)))
-        .collect()
+    tree.scan_prefix(prefix).keys().map(|key| Ok(keys::trailing_u64(&key?))).collect()
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
@@ -358,5 +360,93 @@ fn open_error(dir: &Path, e: sled::Error) -> StoreError {
             StoreError::Corrupt(format!("the database in {} is corrupt ({e}); refusing to start", dir.display()))
         }
         other => StoreError::Unavailable(format!("cannot open the database in {}: {other}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+    use crate::ingest::{self, DeliveryMeta, Provider};
+
+    fn open(dir: &Path) -> Store {
+        let config = StoreConfig {
+            data_dir: dir.to_path_buf(),
+            durability: Durability::Fsync,
+            cache_capacity_bytes: 16 * 1024 * 1024,
+        };
+        Store::open(&config).unwrap()
+    }
+
+    fn delivery(n: usize) -> Incoming {
+        let body =
+            format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#);
+        let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
+        let raw = RawDelivery {
+            source: "ordermesh".into(),
+            provider: Provider::OrderMesh.to_proto() as i32,
+            body_sha256: ingest::sha256_hex(body.as_bytes()),
+            body: body.clone().into_bytes(),
+            ..RawDelivery::default()
+        };
+        Incoming { raw, mapped: ingest::normalize(meta, body.as_bytes()) }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_wait_for_a_shared_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.hold_commits(true);
+        let tasks: Vec<_> = (0..64)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.ingest(delivery(n)).await })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.inner.shared.queued() < 64 {
+            assert!(std::time::Instant::now() < deadline, "writer never queued the deliveries");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(tasks.iter().all(|t| !t.is_finished()), "a reply was sent before its flush");
+        assert_eq!(store.commit_stats(), (0, 0));
+        store.hold_commits(false);
+        let mut sequences = Vec::new();
+        for task in tasks {
+            match task.await.unwrap().unwrap() {
+                IngestOutcome::Applied { sequences: s, .. } => sequences.extend(s),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        sequences.sort_unstable();
+        assert_eq!(sequences, (1..=64).collect::<Vec<u64>>(), "gap-free, each once");
+        assert_eq!(store.commit_stats(), (1, 64), "one flush answered all 64");
+        assert_eq!(store.head_sequence(), 64);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_is_answered_before_it_is_durable_and_reopen_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let outcome = store.ingest(delivery(1)).await.unwrap();
+        assert!(matches!(outcome, IngestOutcome::Applied { raw_id: 1, .. }));
+        assert_eq!(store.commit_stats(), (1, 1), "the reply came from a flush");
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.head_sequence(), 1);
+        assert_eq!(store.raw(1).unwrap().unwrap().body, delivery(1).raw.body);
+        assert!(matches!(store.ingest(delivery(1)).await.unwrap(), IngestOutcome::Duplicate { raw_id: 1, .. }));
+        assert!(matches!(store.ingest(delivery(2)).await.unwrap(), IngestOutcome::Applied { raw_id: 2, .. }));
+        assert_eq!(store.head_sequence(), 2);
+    }
+
+    #[tokio::test]
+    async fn closed_store_refuses_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.close().unwrap();
+        assert!(matches!(store.ingest(delivery(1)).await, Err(StoreError::Closed)));
     }
 }

@@ -18,7 +18,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{self, RefKind};
-use super::{IngestOutcome, Incoming, StoreError};
+use super::{Incoming, IngestOutcome, StoreError};
 use crate::config::Durability;
 use crate::ingest::{MAPPER_VERSION, Normalized};
 use crate::proto::{DeliveryOutcome, Order, OrderReferences, Provenance, RawDelivery};
@@ -70,6 +70,10 @@ pub(super) struct Shared {
     pub durable_head: AtomicU64,
     /// False after a storage failure, until a flush succeeds again.
     pub healthy: AtomicBool,
+    /// Successful group commits so far.
+    pub flushes: AtomicU64,
+    /// Replies answered by those commits.
+    pub flushed_replies: AtomicU64,
 }
 
 #[derive(Default)]
@@ -77,6 +81,8 @@ struct Queue {
     waiting: Vec<(Reply, IngestOutcome)>,
     last_sequence: u64,
     closed: bool,
+    /// Commits are held (tests only).
+    held: bool,
 }
 
 impl Shared {
@@ -86,6 +92,8 @@ impl Shared {
             wake: Condvar::new(),
             durable_head: AtomicU64::new(durable_head),
             healthy: AtomicBool::new(true),
+            flushes: AtomicU64::new(0),
+            flushed_replies: AtomicU64::new(0),
         }
     }
 
@@ -107,10 +115,23 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// Holds or releases commits: while held, replies queue up unanswered.
+    #[cfg(test)]
+    pub fn hold(&self, held: bool) {
+        self.lock().held = held;
+        self.wake.notify_one();
+    }
+
+    /// Replies waiting for a flush.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
     /// Waits for queued replies; `None` once closed and drained.
     fn take(&self) -> Option<(Vec<(Reply, IngestOutcome)>, u64)> {
         let mut queue = self.lock();
-        while queue.waiting.is_empty() && !queue.closed {
+        while (queue.waiting.is_empty() || queue.held) && !queue.closed {
             queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
         }
         if queue.waiting.is_empty() {
@@ -255,10 +276,10 @@ impl Writer {
             (RefKind::Merchant, &refs.merchant_reference),
         ];
         for (kind, value) in candidates.into_iter().filter(|(_, v)| !v.is_empty()) {
-            if let Some(order) = touched.values().find(|o| reference_of(o, kind) == Some(value.as_str())) {
-                if compatible(order, refs) {
-                    return Ok(Some(order.id));
-                }
+            if let Some(order) = touched.values().find(|o| reference_of(o, kind) == Some(value.as_str()))
+                && compatible(order, refs)
+            {
+                return Ok(Some(order.id));
             }
             for id in super::index_lookup(&self.tree, kind, value, Some(source))? {
                 let matches = super::load_order(&self.tree, id)?.is_some_and(|o| compatible(&o, refs));
@@ -335,6 +356,8 @@ impl Flusher {
                 Ok(()) => {
                     self.shared.healthy.store(true, Ordering::SeqCst);
                     self.shared.durable_head.fetch_max(last_sequence, Ordering::SeqCst);
+                    self.shared.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
                     for (reply, outcome) in waiting {
                         let _ = reply.send(Ok(outcome));
                     }
