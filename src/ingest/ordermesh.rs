@@ -174,3 +174,89 @@ fn package_shipment(id: String, package: Option<Package>) -> Shipment {
     shipment.order_item_ids = p.order_item_ids.unwrap_or_default();
     shipment
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::Provider;
+
+    fn map(body: &[u8], content_type: &str) -> Result<Normalized, Unrecognized> {
+        normalize(DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type }, body)
+    }
+
+    /// Maps a fixture and checks the one observation's kind and statuses.
+    fn check(name: &str, kind: EventKind, order: Option<OrderStatus>, shipment: Option<ShipmentStatus>) -> Observation {
+        let path = format!("{}/tests/fixtures/ordermesh/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        let body = std::fs::read(&path).unwrap();
+        let mut normalized = map(&body, "application/json; charset=utf-8").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(normalized.observations.len(), 1, "{name}");
+        let obs = normalized.observations.remove(0);
+        assert_eq!(obs.kind, kind, "{name}");
+        assert_eq!(obs.status.as_ref().and_then(|s| s.canonical), order, "{name}");
+        assert_eq!(obs.shipment.as_ref().map(|s| s.status()), shipment, "{name}");
+        obs
+    }
+
+    #[test]
+    fn documented_examples() {
+        let created = check("order-creation", EventKind::OrderCreated, Some(OrderStatus::Accepted), None);
+        assert_eq!(created.references.provider_order_id, "670e58fe7741035996cf7d20");
+        let failed = check("order-creation-failed", EventKind::OrderRejected, Some(OrderStatus::Rejected), None);
+        assert!(failed.references.provider_order_id.is_empty());
+        assert_eq!(failed.description, "Order could not be created (ResponseCode 400)");
+        let update = check("order-update", EventKind::OrderStatusChanged, Some(OrderStatus::Processing), None);
+        assert_eq!(update.provider_previous_status.as_deref(), Some("Open"));
+        check("shipment-created", EventKind::ShipmentCreated, None, Some(ShipmentStatus::LabelCreated));
+        let shipped = check("shipment-update", EventKind::ShipmentUpdated, None, Some(ShipmentStatus::InTransit));
+        assert_eq!(shipped.shipment.unwrap().tracking_number, "9400136208551280752547");
+    }
+
+    #[test]
+    fn package_dates_decide_the_shipment_status() {
+        let body = |package: &str| {
+            format!(r#"{{"EventType":"ShipmentUpdate","OrderId":"o","ShipmentId":"s","Package":{package}}}"#)
+        };
+        let status = |package: &str| map(body(package).as_bytes(), "application/json").unwrap().observations[0]
+            .shipment
+            .as_ref()
+            .unwrap()
+            .status();
+        assert_eq!(status(r#"{"FulfilledDate":"2022-04-10T13:05:00"}"#), ShipmentStatus::ReadyForPickup);
+        assert_eq!(status(r#"{"ShippedDate":null,"FulfilledDate":null}"#), ShipmentStatus::LabelCreated);
+        assert_eq!(status(r#"{"ShippedDate":"2022-04-10T15:20:00"}"#), ShipmentStatus::InTransit);
+    }
+
+    #[test]
+    fn statuses_match_leniently_and_unknown_ones_stay_verbatim() {
+        let update = |status: &str| {
+            let body = format!(r#"{{"EventType":"OrderUpdate","OrderId":"o","NewStatus":"{status}"}}"#);
+            map(body.as_bytes(), "application/json").unwrap().observations.remove(0).status.unwrap()
+        };
+        assert_eq!(update("ready_for_fulfillment").canonical, Some(OrderStatus::Processing));
+        assert_eq!(update("Customer Care Hold").canonical, Some(OrderStatus::OnHold));
+        let unknown = update("Teleported");
+        assert_eq!((unknown.verbatim.as_str(), unknown.canonical), ("Teleported", None));
+    }
+
+    #[test]
+    fn what_cannot_be_mapped_says_why() {
+        let cases: [(&[u8], &str, &str); 6] = [
+            (b"{", "application/json", "invalid JSON"),
+            (b"[1,2]", "application/json", "unexpected JSON shape"),
+            (br#"{"EventType":"Refund","OrderId":"o"}"#, "application/json", "unknown EventType `Refund`"),
+            (br#"{"OrderId":"o"}"#, "application/json", "no EventType"),
+            (br#"{"EventType":"ShipmentCreated","OrderId":"o"}"#, "application/json", "without ShipmentId"),
+            (br#"{"EventType":"OrderUpdate","OrderId":"o"}"#, "text/plain", "unexpected content type"),
+        ];
+        for (body, content_type, reason) in cases {
+            let err = map(body, content_type).unwrap_err();
+            assert!(err.0.contains(reason), "{:?}: {err}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_refused_without_overflow() {
+        let body = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(map(body.as_bytes(), "application/json").unwrap_err().0.contains("invalid JSON"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The `ordertrail` binary itself: config errors, start-up from the
+//! environment, and graceful exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
+
+fn run_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("ORDERTRAIL_CONFIG").env("RUST_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run ordertrail")
+}
+
+#[test]
+fn bad_config_exits_64_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[http]\naddr = \"not an address\"\n").unwrap();
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (vec!["--config", file.to_str().unwrap()], vec![], "http.addr"),
+        (vec!["--config", "/nonexistent/ordertrail.toml"], vec![], "cannot read config file"),
+        (vec![], vec![("ORDERTRAIL_DURABILITY", "sometimes")], "ORDERTRAIL_DURABILITY"),
+        (vec![], vec![("ORDERTRAIL_HTTP_ADDR", "0.0.0.0:8080")], "no authentication"),
+        (vec![], vec![("ORDERTRAIL_CONFIG", file.to_str().unwrap())], "http.addr"),
+    ];
+    for (args, env, expected) in cases {
+        let output = run_with(&args, &env);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
+
+#[test]
+fn starts_from_the_environment_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .env_remove("ORDERTRAIL_CONFIG")
+        .env("RUST_LOG", "info")
+        .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
+        .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
+        .env("ORDERTRAIL_DATA_DIR", dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ordertrail");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("ordertrail serving"))
+        .expect("a start-up line");
+    let http = serving.split("http=").nth(1).and_then(|s| s.split_whitespace().next()).expect("http address");
+    let body = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ordermesh/order-creation.json")).unwrap();
+    let answer = post(http, "/webhooks/ordermesh", &body);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(dir.path().join("sled").exists(), "data lives in the configured data dir");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("ordertrail stopped")), "{rest:?}");
+}
+
+/// A minimal HTTP/1.1 POST over a std socket; returns the whole answer.
+fn post(addr: &str, path: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
