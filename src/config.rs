@@ -440,6 +440,23 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid_and_shows_the_defaults() {
+        let example = include_str!("../ordertrail.example.toml");
+        let c = Config::from_toml(example, &no_env).unwrap();
+        let defaults = Config::from_toml("", &no_env).unwrap();
+        assert_eq!(c.http.addr, defaults.http.addr);
+        assert_eq!(c.http.body_limit_bytes, defaults.http.body_limit_bytes);
+        assert_eq!(c.http.header_read_timeout, defaults.http.header_read_timeout);
+        assert_eq!(c.grpc.addr, defaults.grpc.addr);
+        assert_eq!(c.admin.addr, defaults.admin.addr);
+        assert_eq!(c.store.data_dir, defaults.store.data_dir);
+        assert_eq!(c.store.durability, defaults.store.durability);
+        assert_eq!(c.store.cache_capacity_bytes, defaults.store.cache_capacity_bytes);
+        assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
+        assert_eq!(c.sources.len(), 3);
+    }
+
+    #[test]
     fn authenticated_source_may_listen_publicly() {
         let text = "[http]\naddr = \"0.0.0.0:8080\"\n[[sources]]\nname = \"om\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"s3cret\"] }";
         let c = Config::from_toml(text, &no_env).unwrap();

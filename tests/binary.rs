@@ -50,13 +50,11 @@ fn starts_from_the_environment_and_exits_cleanly_on_sigterm() {
         .spawn()
         .expect("start ordertrail");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let serving = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|line| line.contains("ordertrail serving"))
-        .expect("a start-up line");
+    let serving =
+        lines.by_ref().map_while(Result::ok).find(|line| line.contains("ordertrail serving")).expect("a start-up line");
     let http = serving.split("http=").nth(1).and_then(|s| s.split_whitespace().next()).expect("http address");
-    let body = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ordermesh/order-creation.json")).unwrap();
+    let body =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ordermesh/order-creation.json")).unwrap();
     let answer = post(http, "/webhooks/ordermesh", &body);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(dir.path().join("sled").exists(), "data lives in the configured data dir");

@@ -216,11 +216,13 @@ mod tests {
         let body = |package: &str| {
             format!(r#"{{"EventType":"ShipmentUpdate","OrderId":"o","ShipmentId":"s","Package":{package}}}"#)
         };
-        let status = |package: &str| map(body(package).as_bytes(), "application/json").unwrap().observations[0]
-            .shipment
-            .as_ref()
-            .unwrap()
-            .status();
+        let status = |package: &str| {
+            map(body(package).as_bytes(), "application/json").unwrap().observations[0]
+                .shipment
+                .as_ref()
+                .unwrap()
+                .status()
+        };
         assert_eq!(status(r#"{"FulfilledDate":"2022-04-10T13:05:00"}"#), ShipmentStatus::ReadyForPickup);
         assert_eq!(status(r#"{"ShippedDate":null,"FulfilledDate":null}"#), ShipmentStatus::LabelCreated);
         assert_eq!(status(r#"{"ShippedDate":"2022-04-10T15:20:00"}"#), ShipmentStatus::InTransit);
