@@ -21,7 +21,8 @@ fn bad_config_exits_64_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[http]\naddr = \"not an address\"\n").unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--config", file.to_str().unwrap()], vec![], "http.addr"),
         (vec!["--config", "/nonexistent/ordertrail.toml"], vec![], "cannot read config file"),
         (vec![], vec![("ORDERTRAIL_DURABILITY", "sometimes")], "ORDERTRAIL_DURABILITY"),
