@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=build.rs");
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -18,6 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // Kept for gRPC server reflection.
     std::fs::write(out_dir.join("ordertrail_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Raw bodies are shared, not copied, between the front door and the store.
+        .bytes(".ordertrail.v1.RawDelivery.body")
+        // Deterministic encoding of the stored headers.
+        .btree_map(".ordertrail.v1.RawDelivery.headers")
+        .compile_fds(fds)?;
     Ok(())
 }

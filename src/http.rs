@@ -4,7 +4,7 @@
 //!
 //! Routes: `POST /webhooks/{source}[/{kind}]`, `GET /healthz`, `GET /readyz`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -184,7 +184,7 @@ impl FrontDoor {
             peer_addr: peer.to_string(),
             auth_method: verified.method().to_string(),
             body_sha256: ingest::sha256_hex(&body),
-            body: body.to_vec(),
+            body,
             ..RawDelivery::default()
         };
         let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
@@ -241,12 +241,12 @@ fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
 }
 
 /// The request headers kept as provenance: all but credentials.
-fn stored_headers(headers: &HeaderMap, auth: &AuthConfig) -> HashMap<String, String> {
+fn stored_headers(headers: &HeaderMap, auth: &AuthConfig) -> BTreeMap<String, String> {
     let secret_header = match auth {
         AuthConfig::Header { header, .. } => Some(header.to_ascii_lowercase()),
         AuthConfig::None => None,
     };
-    let mut out: HashMap<String, String> = HashMap::new();
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         let name = name.as_str();
         if UNSTORED_HEADERS.contains(&name) || secret_header.as_deref() == Some(name) {

@@ -386,7 +386,7 @@ mod tests {
             source: "ordermesh".into(),
             provider: Provider::OrderMesh.to_proto() as i32,
             body_sha256: ingest::sha256_hex(body.as_bytes()),
-            body: body.clone().into_bytes(),
+            body: body.clone().into_bytes().into(),
             ..RawDelivery::default()
         };
         Incoming { raw, mapped: ingest::normalize(meta, body.as_bytes()) }

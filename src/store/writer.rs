@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::keys::{self, RefKind};
 use super::{Incoming, IngestOutcome, StoreError};
 use crate::config::Durability;
-use crate::ingest::{MAPPER_VERSION, Normalized};
+use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
 use crate::proto::{DeliveryOutcome, Order, OrderReferences, Provenance, RawDelivery};
 use crate::state;
 
@@ -153,7 +154,7 @@ impl Writer {
     /// Runs until every sender is gone, then lets the flusher drain.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         while let Some(Command { incoming, reply }) = commands.blocking_recv() {
-            match self.process(incoming) {
+            match self.process_or_quarantine(incoming) {
                 Ok(outcome) => self.shared.enqueue(reply, outcome, self.counters.last_sequence),
                 Err(e) => {
                     tracing::error!(error = %e, "storage write failed");
@@ -163,6 +164,21 @@ impl Writer {
             }
         }
         self.shared.close();
+    }
+
+    /// Processes a delivery; should applying it panic (a bug), the delivery
+    /// is still kept, in quarantine, rather than lost. `process` changes
+    /// nothing before its batch is applied, so the retry starts clean.
+    fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+        let raw = incoming.raw.clone();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.process(incoming))) {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(request_id = %raw.request_id, "applying a delivery failed; keeping it in quarantine");
+                let reason = Unrecognized("internal error while applying; kept for re-drive".into());
+                self.process(Incoming { raw, mapped: Err(reason) })
+            }
+        }
     }
 
     fn process(&mut self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
