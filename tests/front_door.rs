@@ -200,3 +200,27 @@ async fn list_orders_pages_and_filters() {
     let bad_token = ListOrdersRequest { page_token: "garbage".into(), ..Default::default() };
     assert_eq!(client.list_orders(bad_token).await.unwrap_err().code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let server = TestServer::start_with("[http]\nheader_read_timeout_ms = 200\n").await;
+    let mut stream = TcpStream::connect(server.http_addr).await.unwrap();
+    stream.write_all(b"POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    // Generous bound so the test cannot hang; the server closes after 200 ms.
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buf[total..]).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("the server must close a connection whose headers never complete");
+    let answer = String::from_utf8_lossy(&buf[..read]);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Other clients are served meanwhile and afterwards.
+    assert_eq!(server.request("GET", "/healthz", &[], Bytes::new()).await.status, 200);
+}
