@@ -59,6 +59,8 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     pub body_limit_bytes: usize,
     pub header_read_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Network>,
 }
 
 /// The internal gRPC listener.
@@ -113,37 +115,121 @@ pub struct SourceConfig {
 }
 
 /// How a source proves a request is authentic.
-#[derive(Clone, Deserialize)]
-#[serde(tag = "scheme", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "scheme", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthConfig {
     /// No authentication. Only allowed while the webhook listener is on
     /// loopback.
     None,
-    /// A static shared secret in a request header, compared in constant time.
+    /// A static shared secret in a request header (e.g. Winkelstraat's
+    /// `x-api-key`), compared in constant time.
     Header {
-        /// Header name, e.g. `x-webhook-secret`.
+        /// Header name, e.g. `x-api-key`.
         header: String,
         /// Accepted secrets; more than one allows rotation.
         secrets: Vec<Secret>,
     },
+    /// HTTP Basic authentication.
+    Basic {
+        /// Accepted username/password pairs.
+        credentials: Vec<BasicCredential>,
+    },
+    /// HMAC-SHA256 of the raw body, sent in a header.
+    Hmac {
+        /// Header carrying the signature, e.g. `x-signature`.
+        header: String,
+        /// Accepted keys (at least 24 bytes each); more than one allows
+        /// rotation.
+        secrets: Vec<Secret>,
+        /// How the signature is written.
+        #[serde(default)]
+        encoding: SignatureEncoding,
+        /// Text before the signature in the header, e.g. `sha256=`.
+        #[serde(default)]
+        prefix: String,
+    },
+    /// The sender's IP address must be in one of these networks (Withings
+    /// publishes its range). `X-Forwarded-For` counts only from
+    /// `http.trusted_proxies`.
+    IpAllowlist {
+        /// Allowed networks, IPv4 or IPv6 CIDRs (a bare address is a /32 or /128).
+        allow: Vec<Network>,
+        /// An optional shared secret as a second factor.
+        #[serde(default)]
+        second_factor: Option<SecondFactor>,
+    },
+}
+
+/// One username/password pair for HTTP Basic.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicCredential {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// How an HMAC signature is written in its header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    /// Lowercase or uppercase hex (the default).
+    #[default]
+    Hex,
+    /// Standard or URL-safe base64, padded or not.
+    Base64,
+}
+
+/// A shared secret in the URL query or in a header, checked after the IP.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondFactor {
+    /// Name of the query parameter carrying the secret (`?token=...`).
+    pub query: Option<String>,
+    /// Name of the header carrying the secret.
+    pub header: Option<String>,
+    /// Accepted secrets.
+    pub secrets: Vec<Secret>,
+}
+
+/// An IP network, written as a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a
+/// bare address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network(pub ipnet::IpNet);
+
+impl Network {
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(Self)
+            .map_err(|_| format!("`{s}` is not an IP network like 10.0.0.0/8 or 2001:db8::/32"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl AuthConfig {
     /// True when the scheme lets anyone in.
     pub fn is_open(&self) -> bool {
-        matches!(self, Self::None)
-    }
-}
-
-impl fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::None => f.write_str("None"),
-            Self::Header { header, secrets } => f
-                .debug_struct("Header")
-                .field("header", header)
-                .field("secrets", &format_args!("[{} redacted]", secrets.len()))
-                .finish(),
+            Self::None => true,
+            Self::IpAllowlist { allow, second_factor } => {
+                second_factor.is_none() && allow.iter().any(|n| n.0.prefix_len() == 0)
+            }
+            _ => false,
         }
     }
 }
@@ -192,6 +278,8 @@ struct FileHttp {
     addr: Option<String>,
     body_limit_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    #[serde(default)]
+    trusted_proxies: Vec<Network>,
 }
 
 #[derive(Default, Deserialize)]
@@ -290,6 +378,7 @@ impl Config {
                 header_read_timeout: Duration::from_millis(
                     file.http.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
                 ),
+                trusted_proxies: file.http.trusted_proxies,
             },
             grpc: GrpcConfig {
                 addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
@@ -346,6 +435,9 @@ impl Config {
     }
 }
 
+/// Shortest HMAC key accepted.
+pub const MIN_HMAC_SECRET_BYTES: usize = 24;
+
 fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> {
     let name = &source.name;
     let valid = !name.is_empty()
@@ -356,15 +448,67 @@ fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> {
             "sources: name `{name}` must be 1 to 64 characters of a-z, 0-9, `-` and `_`"
         )));
     }
-    if let AuthConfig::Header { header, secrets } = &source.auth {
-        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-            return Err(ConfigError::new(format!("sources.{name}.auth.header: `{header}` is not a header name")));
+    let fail = |key: &str, why: &str| Err(ConfigError::new(format!("sources.{name}.auth.{key}: {why}")));
+    let header_ok = |h: &str| http::HeaderName::from_bytes(h.as_bytes()).is_ok();
+    let secrets_ok =
+        |secrets: &[Secret], min: usize| !secrets.is_empty() && secrets.iter().all(|s| s.expose().len() >= min.max(1));
+    match &source.auth {
+        AuthConfig::None => Ok(()),
+        AuthConfig::Header { header, secrets } => {
+            if !header_ok(header) {
+                return fail("header", &format!("`{header}` is not a header name"));
+            }
+            if !secrets_ok(secrets, 1) {
+                return fail("secrets", "must be one or more non-empty secrets");
+            }
+            Ok(())
         }
-        if secrets.is_empty() || secrets.iter().any(|s| s.expose().is_empty()) {
-            return Err(ConfigError::new(format!("sources.{name}.auth.secrets: must be non-empty secrets")));
+        AuthConfig::Basic { credentials } => {
+            let valid = !credentials.is_empty()
+                && credentials
+                    .iter()
+                    .all(|c| !c.username.is_empty() && !c.username.contains(':') && !c.password.expose().is_empty());
+            if !valid {
+                return fail(
+                    "credentials",
+                    "must be one or more pairs of a username (without `:`) and a non-empty password",
+                );
+            }
+            Ok(())
+        }
+        AuthConfig::Hmac { header, secrets, .. } => {
+            if !header_ok(header) {
+                return fail("header", &format!("`{header}` is not a header name"));
+            }
+            if !secrets_ok(secrets, MIN_HMAC_SECRET_BYTES) {
+                return fail(
+                    "secrets",
+                    &format!("must be one or more secrets of at least {MIN_HMAC_SECRET_BYTES} bytes"),
+                );
+            }
+            Ok(())
+        }
+        AuthConfig::IpAllowlist { allow, second_factor } => {
+            if allow.is_empty() {
+                return fail("allow", "must list at least one network");
+            }
+            let Some(factor) = second_factor else { return Ok(()) };
+            match (&factor.query, &factor.header) {
+                (Some(q), None) if !q.is_empty() => {}
+                (None, Some(h)) if header_ok(h) => {}
+                _ => {
+                    return fail(
+                        "second_factor",
+                        "set exactly one of `query` (a parameter name) or `header` (a header name)",
+                    );
+                }
+            }
+            if !secrets_ok(&factor.secrets, 1) {
+                return fail("second_factor.secrets", "must be one or more non-empty secrets");
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// One unauthenticated source per provider, named after it.
@@ -385,6 +529,10 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    fn source(auth: &str) -> String {
+        format!("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = {{ {auth} }}")
     }
 
     #[test]
@@ -454,6 +602,33 @@ mod tests {
         assert_eq!(c.store.cache_capacity_bytes, defaults.store.cache_capacity_bytes);
         assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
         assert_eq!(c.sources.len(), 3);
+    }
+
+    #[test]
+    fn every_auth_scheme_parses() {
+        let text = format!(
+            "[http]\naddr = \"0.0.0.0:8080\"\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n{}\n{}\n{}\n{}",
+            source("scheme = \"hmac\", header = \"x-sig\", secrets = [\"a-key-of-at-least-24-bytes\"], encoding = \"base64\", prefix = \"sha256=\"").replace("\"a\"", "\"h\""),
+            source("scheme = \"basic\", credentials = [{ username = \"u\", password = \"p\" }]").replace("\"a\"", "\"b\""),
+            source("scheme = \"ip_allowlist\", allow = [\"203.0.113.0/24\", \"2001:db8::1\"], second_factor = { query = \"token\", secrets = [\"t\"] }").replace("\"a\"", "\"w\""),
+            source("scheme = \"header\", header = \"x-api-key\", secrets = [\"k1\", \"k2\"]").replace("\"a\"", "\"k\""),
+        );
+        let c = Config::from_toml(&text, &no_env).unwrap();
+        assert_eq!(c.sources.len(), 4);
+        assert_eq!(c.http.trusted_proxies.len(), 2);
+        let debug = format!("{c:?}");
+        for secret in ["a-key-of-at-least-24-bytes", "\"p\"", "k1", "k2"] {
+            assert!(!debug.contains(secret), "{secret} leaked into Debug");
+        }
+    }
+
+    #[test]
+    fn an_allowlist_of_everyone_counts_as_open() {
+        let text = format!(
+            "[http]\naddr = \"0.0.0.0:8080\"\n{}",
+            source("scheme = \"ip_allowlist\", allow = [\"0.0.0.0/0\"]")
+        );
+        assert!(Config::from_toml(&text, &no_env).unwrap_err().to_string().contains("no authentication"));
     }
 
     #[test]

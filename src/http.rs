@@ -165,7 +165,14 @@ impl FrontDoor {
             return Err(Refusal::TooLarge(limit));
         }
         let body = read_body(body, limit).await?;
-        let verified = auth::verify(&source.auth, &parts.headers, &body).map_err(Refusal::Auth)?;
+        let facts = auth::RequestFacts {
+            headers: &parts.headers,
+            peer,
+            query: parts.uri.query(),
+            body: &body,
+            trusted_proxies: &self.config.http.trusted_proxies,
+        };
+        let verified = auth::verify(&source.auth, &facts).map_err(Refusal::Auth)?;
         if body.is_empty() {
             return Err(Refusal::BadRequest("empty body: not a webhook"));
         }
@@ -244,7 +251,10 @@ fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
 fn stored_headers(headers: &HeaderMap, auth: &AuthConfig) -> BTreeMap<String, String> {
     let secret_header = match auth {
         AuthConfig::Header { header, .. } => Some(header.to_ascii_lowercase()),
-        AuthConfig::None => None,
+        AuthConfig::IpAllowlist { second_factor: Some(factor), .. } => {
+            factor.header.as_ref().map(|h| h.to_ascii_lowercase())
+        }
+        _ => None,
     };
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {

@@ -262,7 +262,8 @@ async fn list_events_pages_filters_and_shows_one_orders_history() {
     }
     assert_eq!(pages, [vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
     let after = ListEventsRequest { after_sequence: 5, ..Default::default() };
-    let tail: Vec<u64> = client.list_events(after).await.unwrap().into_inner().events.iter().map(|e| e.sequence).collect();
+    let tail: Vec<u64> =
+        client.list_events(after).await.unwrap().into_inner().events.iter().map(|e| e.sequence).collect();
     assert_eq!(tail, [6, 7]);
     let kinds = ListEventsRequest { kinds: vec![EventKind::ShipmentCreated as i32], ..Default::default() };
     let shipments = client.list_events(kinds).await.unwrap().into_inner().events;
@@ -283,7 +284,8 @@ async fn list_events_pages_filters_and_shows_one_orders_history() {
 async fn large_and_non_utf8_deliveries_are_kept_byte_for_byte_across_restart() {
     let server = TestServer::start().await;
     // Close to the 1 MiB limit: stored by sled as a separate blob file.
-    let mut large = Vec::from(&b"{\"EventType\":\"OrderUpdate\",\"OrderId\":\"big\",\"NewStatus\":\"Open\",\"Description\":\""[..]);
+    let mut large =
+        Vec::from(&b"{\"EventType\":\"OrderUpdate\",\"OrderId\":\"big\",\"NewStatus\":\"Open\",\"Description\":\""[..]);
     large.extend((0..1_000_000).map(|i| b'a' + (i % 26) as u8));
     large.extend_from_slice(b"\"}");
     let not_utf8: Vec<u8> = vec![0xff, 0xfe, b'{', 0x80, 0x00, b'}'];

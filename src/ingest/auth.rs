@@ -1,10 +1,15 @@
 //! Per-source authentication of a webhook request, before anything is
-//! stored. Secrets are compared in constant time.
+//! stored. Secrets and signatures are compared in constant time, against
+//! every configured secret (no early exit), so timing tells nothing.
 
-use http::HeaderMap;
-use subtle::ConstantTimeEq;
+use std::net::{IpAddr, SocketAddr};
 
-use crate::config::{AuthConfig, Secret};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, header};
+use subtle::{Choice, ConstantTimeEq};
+
+use crate::config::{AuthConfig, BasicCredential, Network, SecondFactor, Secret, SignatureEncoding};
 
 /// Why a request was refused. Nothing of it is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,54 +36,183 @@ impl Verified {
     }
 }
 
+/// What authentication may look at.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    pub headers: &'a HeaderMap,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The URL query string, if any.
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: &'a [Network],
+}
+
 /// Checks a request against its source's authentication settings.
-pub fn verify(auth: &AuthConfig, headers: &HeaderMap, _body: &[u8]) -> Result<Verified, AuthError> {
+pub fn verify(auth: &AuthConfig, facts: &RequestFacts<'_>) -> Result<Verified, AuthError> {
+    let ok = |method| Ok(Verified { method });
     match auth {
-        AuthConfig::None => Ok(Verified { method: "none" }),
+        AuthConfig::None => ok("none"),
         AuthConfig::Header { header, secrets } => {
-            let mut values = headers.get_all(header.as_str()).iter();
-            let (Some(value), None) = (values.next(), values.next()) else {
-                return Err(AuthError::Unauthorized);
-            };
-            if matches_any(value.as_bytes(), secrets) {
-                Ok(Verified { method: "header" })
+            let value = single_header(facts.headers, header).ok_or(AuthError::Unauthorized)?;
+            if matches_any(value, secrets) { ok("header") } else { Err(AuthError::Unauthorized) }
+        }
+        AuthConfig::Basic { credentials } => {
+            if basic_matches(facts.headers, credentials) {
+                ok("basic")
             } else {
                 Err(AuthError::Unauthorized)
+            }
+        }
+        AuthConfig::Hmac { header, secrets, encoding, prefix } => {
+            let value = single_header(facts.headers, header).ok_or(AuthError::Unauthorized)?;
+            let signature = decode_signature(value, prefix, *encoding).ok_or(AuthError::Unauthorized)?;
+            if hmac_matches(&signature, facts.body, secrets) { ok("hmac") } else { Err(AuthError::Unauthorized) }
+        }
+        AuthConfig::IpAllowlist { allow, second_factor } => {
+            let ip = client_ip(facts.headers, facts.peer, facts.trusted_proxies).ok_or(AuthError::Forbidden)?;
+            if !allow.iter().any(|net| net.contains(&ip)) {
+                return Err(AuthError::Forbidden);
+            }
+            match second_factor {
+                None => ok("ip_allowlist"),
+                Some(factor) if second_factor_matches(factor, facts) => ok("ip_allowlist+secret"),
+                Some(_) => Err(AuthError::Unauthorized),
             }
         }
     }
 }
 
-/// Constant-time comparison against every configured secret (no early exit,
-/// so timing does not tell which one matched).
+/// The value of a header sent exactly once.
+fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Constant-time comparison against every configured secret.
 fn matches_any(presented: &[u8], secrets: &[Secret]) -> bool {
-    let mut matched = subtle::Choice::from(0u8);
+    let mut matched = Choice::from(0u8);
     for secret in secrets {
         matched |= presented.ct_eq(secret.expose());
     }
     !presented.is_empty() && bool::from(matched)
 }
 
+fn basic_matches(headers: &HeaderMap, credentials: &[BasicCredential]) -> bool {
+    let Some(value) = single_header(headers, header::AUTHORIZATION.as_str()) else { return false };
+    let Some(encoded) = value.get(..6).filter(|p| p.eq_ignore_ascii_case(b"basic ")).map(|_| &value[6..]) else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim_ascii()) else { return false };
+    let mut matched = Choice::from(0u8);
+    for credential in credentials {
+        let mut expected = credential.username.as_bytes().to_vec();
+        expected.push(b':');
+        expected.extend_from_slice(credential.password.expose());
+        matched |= decoded.as_slice().ct_eq(&expected);
+    }
+    bool::from(matched)
+}
+
+fn decode_signature(value: &[u8], prefix: &str, encoding: SignatureEncoding) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let text = text.strip_prefix(prefix)?;
+    match encoding {
+        SignatureEncoding::Hex => hex::decode(text).ok(),
+        SignatureEncoding::Base64 => {
+            // Standard or URL-safe alphabet, padded or not.
+            let standard: String = text.trim_end_matches('=').replace('-', "+").replace('_', "/");
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(standard).ok()
+        }
+    }
+}
+
+fn hmac_matches(signature: &[u8], body: &[u8], secrets: &[Secret]) -> bool {
+    let mut matched = Choice::from(0u8);
+    for secret in secrets {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.expose()) else { continue };
+        mac.update(body);
+        matched |= mac.finalize().into_bytes().as_slice().ct_eq(signature);
+    }
+    bool::from(matched)
+}
+
+fn second_factor_matches(factor: &SecondFactor, facts: &RequestFacts<'_>) -> bool {
+    if let Some(name) = &factor.header {
+        return single_header(facts.headers, name).is_some_and(|v| matches_any(v, &factor.secrets));
+    }
+    let Some(name) = &factor.query else { return false };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(facts.query.unwrap_or("")).unwrap_or_default();
+    let mut values = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+    match (values.next(), values.next()) {
+        (Some(value), None) => matches_any(value.as_bytes(), &factor.secrets),
+        _ => false,
+    }
+}
+
+/// The sender's address: the TCP peer, unless the peer is a trusted proxy;
+/// then the rightmost `X-Forwarded-For` hop that is not a trusted proxy.
+/// `None` when a hop that must be believed cannot be parsed.
+pub fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[Network]) -> Option<IpAddr> {
+    let peer_ip = peer.ip().to_canonical();
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer_ip) {
+        return Some(peer_ip);
+    }
+    let mut hops = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let text = value.to_str().ok()?;
+        hops.extend(text.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from));
+    }
+    let mut client = peer_ip;
+    for hop in hops.iter().rev() {
+        client = parse_hop(hop)?;
+        if !is_trusted(&client) {
+            return Some(client);
+        }
+    }
+    Some(client)
+}
+
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>().or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip())).ok().map(|ip| ip.to_canonical())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn header_auth() -> AuthConfig {
-        AuthConfig::Header { header: "x-secret".into(), secrets: vec![Secret::new("old-key"), Secret::new("new-key")] }
+    fn facts<'a>(headers: &'a HeaderMap, body: &'a [u8], query: Option<&'a str>) -> RequestFacts<'a> {
+        RequestFacts { headers, peer: "127.0.0.1:5000".parse().unwrap(), query, body, trusted_proxies: &[] }
     }
 
-    fn headers(values: &[&str]) -> HeaderMap {
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
-        for v in values {
-            map.append("x-secret", v.parse().unwrap());
+        for (name, value) in pairs {
+            map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
         }
         map
     }
 
+    fn nets(list: &[&str]) -> Vec<Network> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
     #[test]
     fn header_secret_matrix() {
-        let auth = header_auth();
-        let check = |values: &[&str]| verify(&auth, &headers(values), b"");
+        let auth = AuthConfig::Header {
+            header: "x-secret".into(),
+            secrets: vec![Secret::new("old-key"), Secret::new("new-key")],
+        };
+        let check = |values: &[&str]| {
+            let h = headers(&values.iter().map(|v| ("x-secret", *v)).collect::<Vec<_>>());
+            verify(&auth, &facts(&h, b"", None))
+        };
         assert_eq!(check(&["new-key"]).unwrap().method(), "header");
         assert!(check(&["old-key"]).is_ok(), "rotated keys are all accepted");
         for bad in [&[][..], &[""], &["new-ke"], &["new-keyX"], &["wrong"], &["new-key", "new-key"]] {
@@ -87,7 +221,137 @@ mod tests {
     }
 
     #[test]
+    fn basic_matrix() {
+        let auth = AuthConfig::Basic {
+            credentials: vec![BasicCredential { username: "shop".into(), password: Secret::new("pa:ss") }],
+        };
+        let encode = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        let check = |values: &[String]| {
+            let h = headers(&values.iter().map(|v| ("authorization", v.as_str())).collect::<Vec<_>>());
+            verify(&auth, &facts(&h, b"", None))
+        };
+        assert_eq!(check(&[encode("shop:pa:ss")]).unwrap().method(), "basic");
+        assert!(check(&[encode("shop:pa:ss").replace("Basic", "basic")]).is_ok());
+        for bad in [
+            vec![],
+            vec![encode("shop:pa:s")],
+            vec![encode("shop:pa:ssX")],
+            vec![encode("shop")],
+            vec![encode("")],
+            vec!["Basic !!!".into()],
+            vec!["Bearer x".into()],
+            vec![encode("shop:pa:ss"), encode("shop:pa:ss")],
+        ] {
+            assert_eq!(check(&bad), Err(AuthError::Unauthorized), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hmac_hex_and_base64() {
+        let key = "0123456789abcdef01234567";
+        let body = b"{\"EventType\":\"OrderUpdate\"}";
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+        mac.update(body);
+        let raw = mac.finalize().into_bytes().to_vec();
+        let hex_auth = AuthConfig::Hmac {
+            header: "x-signature".into(),
+            secrets: vec![Secret::new(key)],
+            encoding: SignatureEncoding::Hex,
+            prefix: "sha256=".into(),
+        };
+        let b64_auth = AuthConfig::Hmac {
+            header: "x-signature".into(),
+            secrets: vec![Secret::new(key)],
+            encoding: SignatureEncoding::Base64,
+            prefix: String::new(),
+        };
+        let check = |auth: &AuthConfig, sig: &str, body: &[u8]| {
+            let h = headers(&[("x-signature", sig)]);
+            verify(auth, &facts(&h, body, None))
+        };
+        let hex_sig = format!("sha256={}", hex::encode(&raw));
+        assert_eq!(check(&hex_auth, &hex_sig, body).unwrap().method(), "hmac");
+        assert!(check(&hex_auth, &hex_sig.to_uppercase().replace("SHA256=", "sha256="), body).is_ok());
+        assert!(check(&hex_auth, &hex::encode(&raw), body).is_err(), "prefix required");
+        assert!(check(&hex_auth, &hex_sig, b"{\"EventType\":\"OrderUpdatf\"}").is_err(), "body changed");
+        assert!(check(&hex_auth, &hex_sig[..hex_sig.len() - 2], body).is_err(), "truncated");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&raw);
+        assert!(check(&b64_auth, &b64, body).is_ok());
+        assert!(check(&b64_auth, b64.trim_end_matches('='), body).is_ok());
+        assert!(check(&b64_auth, &format!("{b64}x"), body).is_err());
+    }
+
+    #[test]
+    fn ip_allowlist_uses_the_peer_unless_it_is_a_trusted_proxy() {
+        let allow = nets(&["203.0.113.0/24", "2001:db8::/32"]);
+        let auth = AuthConfig::IpAllowlist { allow, second_factor: None };
+        let trusted = nets(&["127.0.0.1"]);
+        let check = |peer: &str, xff: &[&str], trusted: &[Network]| {
+            let h = headers(&xff.iter().map(|v| ("x-forwarded-for", *v)).collect::<Vec<_>>());
+            let f = RequestFacts {
+                headers: &h,
+                peer: peer.parse().unwrap(),
+                query: None,
+                body: b"",
+                trusted_proxies: trusted,
+            };
+            verify(&auth, &f)
+        };
+        assert!(check("203.0.113.7:1", &[], &[]).is_ok());
+        assert!(check("[2001:db8::1]:1", &[], &[]).is_ok());
+        assert!(check("[::ffff:203.0.113.7]:1", &[], &[]).is_ok(), "IPv4-mapped IPv6");
+        assert_eq!(check("198.51.100.1:1", &[], &[]), Err(AuthError::Forbidden));
+        // A forged header from an untrusted peer is ignored.
+        assert_eq!(check("127.0.0.1:1", &["203.0.113.7"], &[]), Err(AuthError::Forbidden));
+        // Through a trusted proxy, the rightmost untrusted hop counts.
+        assert!(check("127.0.0.1:1", &["203.0.113.7"], &trusted).is_ok());
+        assert!(check("127.0.0.1:1", &["198.51.100.9, 203.0.113.7, 127.0.0.1"], &trusted).is_ok());
+        assert_eq!(check("127.0.0.1:1", &["203.0.113.7, 198.51.100.9"], &trusted), Err(AuthError::Forbidden));
+        assert_eq!(check("127.0.0.1:1", &["203.0.113.7", "198.51.100.9"], &trusted), Err(AuthError::Forbidden));
+        assert_eq!(check("127.0.0.1:1", &["garbage"], &trusted), Err(AuthError::Forbidden));
+        assert!(check("127.0.0.1:1", &["203.0.113.7:4711"], &trusted).is_ok());
+    }
+
+    #[test]
+    fn second_factor_in_query_or_header() {
+        let allow = nets(&["127.0.0.0/8"]);
+        let by_query = AuthConfig::IpAllowlist {
+            allow: allow.clone(),
+            second_factor: Some(SecondFactor {
+                query: Some("token".into()),
+                header: None,
+                secrets: vec![Secret::new("s3cret")],
+            }),
+        };
+        let none = HeaderMap::new();
+        let check = |query: Option<&str>| verify(&by_query, &facts(&none, b"", query));
+        assert_eq!(check(Some("token=s3cret")).unwrap().method(), "ip_allowlist+secret");
+        assert!(check(Some("a=1&token=s3cret")).is_ok());
+        for bad in [
+            None,
+            Some(""),
+            Some("token="),
+            Some("token=s3cre"),
+            Some("token=s3cret&token=s3cret"),
+            Some("tokens=s3cret"),
+        ] {
+            assert_eq!(check(bad), Err(AuthError::Unauthorized), "{bad:?}");
+        }
+        let by_header = AuthConfig::IpAllowlist {
+            allow,
+            second_factor: Some(SecondFactor {
+                query: None,
+                header: Some("x-token".into()),
+                secrets: vec![Secret::new("s3cret")],
+            }),
+        };
+        let good = headers(&[("x-token", "s3cret")]);
+        assert!(verify(&by_header, &facts(&good, b"", None)).is_ok());
+        assert_eq!(verify(&by_header, &facts(&none, b"", Some("x-token=s3cret"))), Err(AuthError::Unauthorized));
+    }
+
+    #[test]
     fn open_source_passes() {
-        assert_eq!(verify(&AuthConfig::None, &HeaderMap::new(), b"").unwrap().method(), "none");
+        assert_eq!(verify(&AuthConfig::None, &facts(&HeaderMap::new(), b"", None)).unwrap().method(), "none");
     }
 }
