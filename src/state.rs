@@ -7,7 +7,7 @@
 use prost_types::Timestamp;
 
 use crate::ingest::Observation;
-use crate::proto::{Event, EventKind, Order, OrderStatus, Shipment, ShipmentStatus};
+use crate::proto::{Event, EventKind, Order, OrderStatus, Return, Shipment, ShipmentStatus};
 
 /// Everything about the event that does not come from the observation.
 #[derive(Clone, Debug)]
@@ -127,7 +127,16 @@ pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (O
         }
     }
     if let Some(report) = &obs.shipment {
+        if report.status() == ShipmentStatus::Unspecified && !report.provider_status.is_empty() {
+            note = format!("unmapped shipment status `{}`", report.provider_status);
+        }
         event.shipment = Some(merge_shipment(&mut order.shipments, report, ctx.sequence));
+    }
+    if let Some(report) = &obs.return_ {
+        event.r#return = Some(upsert_return(&mut order.returns, report, ctx.sequence));
+    }
+    if let Some(refund) = &obs.refund {
+        upsert_by_id(&mut order.refunds, refund.clone(), |r| &r.id);
     }
     if let Some(derived) = derived_status(&order.shipments)
         && order_rank(order.status()).is_some_and(|rank| Some(rank) < order_rank(derived))
@@ -167,6 +176,10 @@ fn event_for(obs: &Observation, ctx: &Context<'_>, previous: OrderStatus) -> Eve
         previous_status: previous as i32,
         provider_previous_status: obs.provider_previous_status.clone().unwrap_or_default(),
         shipment: obs.shipment.clone(),
+        r#return: obs.return_.clone(),
+        refund: obs.refund.clone(),
+        invoice: obs.invoice.clone(),
+        payment_request: obs.payment_request.clone(),
         description: obs.description.clone(),
         ..Event::default()
     }
@@ -175,7 +188,6 @@ fn event_for(obs: &Observation, ctx: &Context<'_>, previous: OrderStatus) -> Eve
 /// Why `obs` must not be applied to `order`, if it must not.
 fn staleness(order: &Order, obs: &Observation) -> Option<String> {
     if let (Some(theirs), Some(ours)) = (&obs.provider_time, &order.provider_updated_at)
-        && obs.shipment.is_none()
         && is_before(theirs, ours)
     {
         return Some("stale: older than the order's last provider update".into());
@@ -237,6 +249,40 @@ fn merge_order(order: &mut Order, obs: &Observation) {
     if let Some(t) = obs.provider_time {
         order.provider_updated_at = Some(t);
     }
+}
+
+/// Inserts `item`, or replaces the one with the same id.
+fn upsert_by_id<T>(list: &mut Vec<T>, item: T, id: impl Fn(&T) -> &String) {
+    match list.iter().position(|existing| id(existing) == id(&item)) {
+        Some(i) => list[i] = item,
+        None => list.push(item),
+    }
+}
+
+/// Returns carry no provider time; the latest delivery wins, but fields it
+/// does not send are kept.
+fn upsert_return(returns: &mut Vec<Return>, report: &Return, sequence: u64) -> Return {
+    let mut merged = returns.iter().find(|r| r.id == report.id).cloned().unwrap_or_default();
+    merged.id = report.id.clone();
+    set_if(&mut merged.provider_status, &report.provider_status);
+    set_if(&mut merged.carrier, &report.carrier);
+    set_if(&mut merged.tracking_number, &report.tracking_number);
+    set_if(&mut merged.tracking_url, &report.tracking_url);
+    for (target, value) in [
+        (&mut merged.requested_at, report.requested_at),
+        (&mut merged.received_at, report.received_at),
+        (&mut merged.processed_at, report.processed_at),
+    ] {
+        if value.is_some() {
+            *target = value;
+        }
+    }
+    if !report.items.is_empty() {
+        merged.items = report.items.clone();
+    }
+    merged.last_sequence = sequence;
+    upsert_by_id(returns, merged.clone(), |r| &r.id);
+    merged
 }
 
 /// Inserts or updates the shipment `report` describes; returns it as stored.

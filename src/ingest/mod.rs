@@ -8,16 +8,20 @@
 pub mod auth;
 mod mapping;
 mod ordermesh;
+mod winkelstraat;
+mod withings;
 
 use serde::Deserialize;
 
 use crate::proto;
 
 pub use mapping::match_key;
+pub use winkelstraat::KINDS as WINKELSTRAAT_KINDS;
+pub use withings::PARCEL_ID as WITHINGS_PARCEL_ID;
 
 /// Version of the mappers. Recorded on every event; bump it whenever a mapper
 /// changes what it produces.
-pub const MAPPER_VERSION: u32 = 1;
+pub const MAPPER_VERSION: u32 = 2;
 
 /// The providers ordertrail understands: a closed set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -115,10 +119,19 @@ pub struct Observation {
     pub provider_previous_status: Option<String>,
     /// Shipment data; `status`/`provider_status` inside are the report.
     pub shipment: Option<proto::Shipment>,
+    /// A return (RMA) to insert or update on the order, by id.
+    pub return_: Option<proto::Return>,
+    /// A refund (credit memo) to insert or update on the order, by id.
+    pub refund: Option<proto::Refund>,
+    /// An invoice, recorded on the event.
+    pub invoice: Option<proto::Invoice>,
+    /// A payment request, recorded on the event.
+    pub payment_request: Option<proto::PaymentRequest>,
     /// Order data to merge (items, addresses, totals, description, ...).
     /// Only non-empty fields are merged.
     pub order: proto::Order,
-    /// The provider's own time of this state, for ordering, when it sends one.
+    /// The provider's own update time of the order, for ordering, when it
+    /// sends one. (A shipment's own time is in `shipment.provider_updated_at`.)
     pub provider_time: Option<prost_types::Timestamp>,
     /// The provider's message, if any.
     pub description: String,
@@ -128,10 +141,8 @@ pub struct Observation {
 pub fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unrecognized> {
     match meta.provider {
         Provider::OrderMesh => ordermesh::normalize(meta, body),
-        Provider::Withings | Provider::Winkelstraat => Err(Unrecognized(format!(
-            "no mapper for {} deliveries in mapper version {MAPPER_VERSION}; kept for re-drive",
-            meta.provider.name()
-        ))),
+        Provider::Withings => withings::normalize(meta, body),
+        Provider::Winkelstraat => winkelstraat::normalize(meta, body),
     }
 }
 

@@ -261,7 +261,10 @@ impl Writer {
                 source: &raw.source,
                 provider: raw.provider(),
             };
-            let (order, mut event) = state::apply(current, obs, &ctx);
+            let (mut order, mut event) = state::apply(current, obs, &ctx);
+            if order.original_order_id == 0 && !order.original_merchant_reference.is_empty() {
+                order.original_order_id = self.original_of(&order)?;
+            }
             event.provenance = Some(provenance.clone());
             for key in index_keys(Some(&order)).difference(&before) {
                 batch.insert(key.as_slice(), &[]);
@@ -305,6 +308,20 @@ impl Writer {
             }
         }
         Ok(None)
+    }
+}
+
+impl Writer {
+    /// The order a replacement replaces: same source, its merchant
+    /// reference is the replacement's original reference. 0 if not known.
+    fn original_of(&self, order: &Order) -> Result<u64, StoreError> {
+        let ids = super::index_lookup(
+            &self.tree,
+            RefKind::Merchant,
+            &order.original_merchant_reference,
+            Some(&order.source),
+        )?;
+        Ok(ids.into_iter().find(|id| *id != order.id).unwrap_or(0))
     }
 }
 
