@@ -75,7 +75,7 @@ fn parse(content_type: &str, body: &[u8]) -> Result<Fields, Unrecognized> {
 fn parse_form(body: &[u8]) -> Result<Fields, Unrecognized> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_bytes(body).map_err(|e| Unrecognized(format!("invalid form body: {e}")))?;
-    Ok(non_empty(pairs))
+    non_empty(pairs)
 }
 
 fn parse_json(body: &[u8]) -> Result<Fields, Unrecognized> {
@@ -91,7 +91,7 @@ fn parse_json(body: &[u8]) -> Result<Fields, Unrecognized> {
         };
         Some((key.clone(), text))
     });
-    Ok(non_empty(pairs))
+    non_empty(pairs)
 }
 
 /// Parses a multipart body that is already entirely in memory.
@@ -112,7 +112,7 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Result<Fields, Unrecogniz
         Ok::<_, multer::Error>(pairs)
     };
     match poll_in_memory(collect) {
-        Some(Ok(pairs)) => Ok(non_empty(pairs)),
+        Some(Ok(pairs)) => non_empty(pairs),
         Some(Err(e)) => Err(Unrecognized(format!("invalid multipart body: {e}"))),
         None => Err(Unrecognized("invalid multipart body: incomplete".into())),
     }
@@ -128,9 +128,21 @@ fn poll_in_memory<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
-/// A missing or empty field means "not sent".
-fn non_empty(pairs: impl IntoIterator<Item = (String, String)>) -> Fields {
-    pairs.into_iter().map(|(k, v)| (k, v.trim().to_string())).filter(|(k, v)| !k.is_empty() && !v.is_empty()).collect()
+/// A missing or empty field means "not sent". Form decoders replace bytes
+/// that are not UTF-8 with U+FFFD; such a value is not stored as if it were
+/// what was sent: the delivery is quarantined instead.
+fn non_empty(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Fields, Unrecognized> {
+    let mut fields = Fields::new();
+    for (key, value) in pairs {
+        if key.contains('\u{FFFD}') || value.contains('\u{FFFD}') {
+            return Err(Unrecognized(format!("field `{key}` is not valid UTF-8")));
+        }
+        let value = value.trim();
+        if !key.is_empty() && !value.is_empty() {
+            fields.insert(key, value.to_string());
+        }
+    }
+    Ok(fields)
 }
 
 /// `true`/`false`/`1`/`0` (any case); anything else is "not sent".
@@ -201,4 +213,49 @@ fn parcel(fields: &Fields) -> Option<Shipment> {
         tracking_number: get("tracking_number"),
         ..Shipment::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::Provider;
+
+    fn dedup_key(content_type: &str, body: &str) -> String {
+        let meta = DeliveryMeta { provider: Provider::Withings, kind: None, content_type };
+        normalize(meta, body.as_bytes()).unwrap().dedup_key
+    }
+
+    #[test]
+    fn the_same_notification_in_any_encoding_has_one_dedup_key() {
+        let form = dedup_key("application/x-www-form-urlencoded", "customer_ref=M-1&status=OPEN&is_replacement=0");
+        let json = dedup_key("application/json", r#"{"status":"OPEN","customer_ref":"M-1","is_replacement":"0"}"#);
+        let multipart = dedup_key(
+            "multipart/form-data; boundary=b",
+            "--b\r\nContent-Disposition: form-data; name=\"customer_ref\"\r\n\r\nM-1\r\n\
+             --b\r\nContent-Disposition: form-data; name=\"status\"\r\n\r\nOPEN\r\n\
+             --b\r\nContent-Disposition: form-data; name=\"is_replacement\"\r\n\r\n0\r\n--b--\r\n",
+        );
+        assert_eq!(form, json);
+        assert_eq!(form, multipart);
+        assert_ne!(form, dedup_key("application/json", r#"{"status":"SHIPPED","customer_ref":"M-1"}"#));
+    }
+
+    #[test]
+    fn booleans_as_strings_or_json() {
+        for (value, expected) in
+            [("true", Some(true)), ("1", Some(true)), ("FALSE", Some(false)), ("0", Some(false)), ("maybe", None)]
+        {
+            assert_eq!(boolean(Some(&value.to_string())), expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn oversized_multipart_field_is_refused() {
+        let big = "x".repeat(MAX_FIELD_BYTES as usize + 1);
+        let body = format!("--b\r\nContent-Disposition: form-data; name=\"customer_ref\"\r\n\r\n{big}\r\n--b--\r\n");
+        let meta =
+            DeliveryMeta { provider: Provider::Withings, kind: None, content_type: "multipart/form-data; boundary=b" };
+        let err = normalize(meta, body.as_bytes()).unwrap_err();
+        assert!(err.0.contains("invalid multipart body"), "{err}");
+    }
 }
