@@ -110,12 +110,9 @@ pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (O
     let previous_status = order.status();
     let mut event = event_for(obs, ctx, previous_status);
     if let Some(reason) = staleness(&order, obs) {
-        event.applied = false;
-        event.note = reason;
-        event.references = order.references.clone();
-        return (order, event);
+        return stale(order, event, obs, reason, ctx);
     }
-    merge_order(&mut order, obs);
+    merge_order(&mut order, obs, Merge::Overwrite);
     let mut note = String::new();
     if let Some(reported) = &obs.status {
         if !reported.verbatim.is_empty() {
@@ -130,7 +127,7 @@ pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (O
         if report.status() == ShipmentStatus::Unspecified && !report.provider_status.is_empty() {
             note = format!("unmapped shipment status `{}`", report.provider_status);
         }
-        event.shipment = Some(merge_shipment(&mut order.shipments, report, ctx.sequence));
+        event.shipment = Some(merge_shipment(&mut order.shipments, report, Merge::Overwrite, ctx.sequence));
     }
     if let Some(report) = &obs.return_ {
         event.r#return = Some(upsert_return(&mut order.returns, report, ctx.sequence));
@@ -148,6 +145,26 @@ pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (O
     event.applied = true;
     event.note = note;
     event.status = order.status;
+    event.references = order.references.clone();
+    (order, event)
+}
+
+/// A stale observation moves nothing back; it only fills in what is still
+/// missing, and is recorded with `applied = false`.
+fn stale(mut order: Order, mut event: Event, obs: &Observation, reason: String, ctx: &Context<'_>) -> (Order, Event) {
+    let before = order.clone();
+    merge_order(&mut order, obs, Merge::FillIn);
+    if let Some(report) = &obs.shipment
+        && order.shipments.iter().any(|s| s.id == report.id)
+    {
+        merge_shipment(&mut order.shipments, report, Merge::FillIn, ctx.sequence);
+    }
+    event.applied = false;
+    event.note = reason;
+    if order != before {
+        event.note.push_str("; filled in missing fields");
+        order.updated_at = Some(ctx.received_at);
+    }
     event.references = order.references.clone();
     (order, event)
 }
@@ -212,43 +229,58 @@ fn is_before(a: &Timestamp, b: &Timestamp) -> bool {
     (a.seconds, a.nanos) < (b.seconds, b.nanos)
 }
 
-/// Copies every non-empty field the observation carries onto the order.
-fn merge_order(order: &mut Order, obs: &Observation) {
+/// How sent fields are merged into stored ones. Either way, a field that was
+/// not sent (empty) never clears stored data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Merge {
+    /// What was sent replaces what is stored (a current observation).
+    Overwrite,
+    /// What was sent only fills fields still empty (a stale observation:
+    /// it may complete the record, never move it back).
+    FillIn,
+}
+
+impl Merge {
+    fn text(self, target: &mut String, value: &str) {
+        if !value.is_empty() && (self == Self::Overwrite || target.is_empty()) {
+            *target = value.to_string();
+        }
+    }
+
+    fn option<T: Clone>(self, target: &mut Option<T>, value: &Option<T>) {
+        if value.is_some() && (self == Self::Overwrite || target.is_none()) {
+            target.clone_from(value);
+        }
+    }
+
+    fn list<T: Clone>(self, target: &mut Vec<T>, value: &[T]) {
+        if !value.is_empty() && (self == Self::Overwrite || target.is_empty()) {
+            *target = value.to_vec();
+        }
+    }
+}
+
+/// Merges the order data the observation carries.
+fn merge_order(order: &mut Order, obs: &Observation, merge: Merge) {
     let refs = order.references.get_or_insert_with(Default::default);
-    set_if(&mut refs.merchant_reference, &obs.references.merchant_reference);
-    set_if(&mut refs.provider_order_id, &obs.references.provider_order_id);
-    set_if(&mut refs.safe_id, &obs.references.safe_id);
+    // References are only ever added: an order keeps every name it had.
+    Merge::FillIn.text(&mut refs.merchant_reference, &obs.references.merchant_reference);
+    Merge::FillIn.text(&mut refs.provider_order_id, &obs.references.provider_order_id);
+    Merge::FillIn.text(&mut refs.safe_id, &obs.references.safe_id);
     let patch = &obs.order;
-    set_if(&mut order.description, &patch.description);
-    set_if(&mut order.customer_id, &patch.customer_id);
-    set_if(&mut order.original_merchant_reference, &patch.original_merchant_reference);
-    set_if(&mut order.original_serial_number, &patch.original_serial_number);
+    merge.text(&mut order.description, &patch.description);
+    merge.text(&mut order.customer_id, &patch.customer_id);
+    merge.text(&mut order.original_merchant_reference, &patch.original_merchant_reference);
+    merge.text(&mut order.original_serial_number, &patch.original_serial_number);
     order.is_replacement |= patch.is_replacement;
-    if !patch.items.is_empty() {
-        order.items = patch.items.clone();
-    }
-    for (target, value) in
-        [(&mut order.shipping_address, &patch.shipping_address), (&mut order.billing_address, &patch.billing_address)]
-    {
-        if value.is_some() {
-            *target = value.clone();
-        }
-    }
-    for (target, value) in [
-        (&mut order.grand_total, &patch.grand_total),
-        (&mut order.subtotal, &patch.subtotal),
-        (&mut order.shipping, &patch.shipping),
-    ] {
-        if value.is_some() {
-            *target = value.clone();
-        }
-    }
-    if patch.provider_created_at.is_some() {
-        order.provider_created_at = patch.provider_created_at;
-    }
-    if let Some(t) = obs.provider_time {
-        order.provider_updated_at = Some(t);
-    }
+    merge.list(&mut order.items, &patch.items);
+    merge.option(&mut order.shipping_address, &patch.shipping_address);
+    merge.option(&mut order.billing_address, &patch.billing_address);
+    merge.option(&mut order.grand_total, &patch.grand_total);
+    merge.option(&mut order.subtotal, &patch.subtotal);
+    merge.option(&mut order.shipping, &patch.shipping);
+    merge.option(&mut order.provider_created_at, &patch.provider_created_at);
+    merge.option(&mut order.provider_updated_at, &obs.provider_time);
 }
 
 /// Inserts `item`, or replaces the one with the same id.
@@ -263,30 +295,24 @@ fn upsert_by_id<T>(list: &mut Vec<T>, item: T, id: impl Fn(&T) -> &String) {
 /// does not send are kept.
 fn upsert_return(returns: &mut Vec<Return>, report: &Return, sequence: u64) -> Return {
     let mut merged = returns.iter().find(|r| r.id == report.id).cloned().unwrap_or_default();
-    merged.id = report.id.clone();
-    set_if(&mut merged.provider_status, &report.provider_status);
-    set_if(&mut merged.carrier, &report.carrier);
-    set_if(&mut merged.tracking_number, &report.tracking_number);
-    set_if(&mut merged.tracking_url, &report.tracking_url);
-    for (target, value) in [
-        (&mut merged.requested_at, report.requested_at),
-        (&mut merged.received_at, report.received_at),
-        (&mut merged.processed_at, report.processed_at),
-    ] {
-        if value.is_some() {
-            *target = value;
-        }
-    }
-    if !report.items.is_empty() {
-        merged.items = report.items.clone();
-    }
+    let merge = Merge::Overwrite;
+    merged.id.clone_from(&report.id);
+    merge.text(&mut merged.provider_status, &report.provider_status);
+    merge.text(&mut merged.carrier, &report.carrier);
+    merge.text(&mut merged.tracking_number, &report.tracking_number);
+    merge.text(&mut merged.tracking_url, &report.tracking_url);
+    merge.option(&mut merged.requested_at, &report.requested_at);
+    merge.option(&mut merged.received_at, &report.received_at);
+    merge.option(&mut merged.processed_at, &report.processed_at);
+    merge.list(&mut merged.items, &report.items);
     merged.last_sequence = sequence;
     upsert_by_id(returns, merged.clone(), |r| &r.id);
     merged
 }
 
 /// Inserts or updates the shipment `report` describes; returns it as stored.
-fn merge_shipment(shipments: &mut Vec<Shipment>, report: &Shipment, sequence: u64) -> Shipment {
+/// Its status changes only when overwriting.
+fn merge_shipment(shipments: &mut Vec<Shipment>, report: &Shipment, merge: Merge, sequence: u64) -> Shipment {
     let index = match shipments.iter().position(|s| s.id == report.id) {
         Some(i) => i,
         None => {
@@ -295,40 +321,26 @@ fn merge_shipment(shipments: &mut Vec<Shipment>, report: &Shipment, sequence: u6
         }
     };
     let s = &mut shipments[index];
-    if report.status() != ShipmentStatus::Unspecified {
-        s.status = report.status;
-    }
-    set_if(&mut s.provider_status, &report.provider_status);
-    set_if(&mut s.carrier, &report.carrier);
-    set_if(&mut s.carrier_service, &report.carrier_service);
-    set_if(&mut s.tracking_number, &report.tracking_number);
-    set_if(&mut s.tracking_url, &report.tracking_url);
-    set_if(&mut s.package_id, &report.package_id);
-    for (target, value) in [
-        (&mut s.shipped_at, report.shipped_at),
-        (&mut s.collected_at, report.collected_at),
-        (&mut s.delivered_at, report.delivered_at),
-        (&mut s.fulfilled_at, report.fulfilled_at),
-        (&mut s.provider_updated_at, report.provider_updated_at),
-    ] {
-        if value.is_some() {
-            *target = value;
+    if merge == Merge::Overwrite {
+        if report.status() != ShipmentStatus::Unspecified {
+            s.status = report.status;
         }
+        merge.text(&mut s.provider_status, &report.provider_status);
+        merge.option(&mut s.provider_updated_at, &report.provider_updated_at);
+        s.last_sequence = sequence;
     }
-    if !report.items.is_empty() {
-        s.items = report.items.clone();
-    }
-    if !report.order_item_ids.is_empty() {
-        s.order_item_ids = report.order_item_ids.clone();
-    }
-    s.last_sequence = sequence;
+    merge.text(&mut s.carrier, &report.carrier);
+    merge.text(&mut s.carrier_service, &report.carrier_service);
+    merge.text(&mut s.tracking_number, &report.tracking_number);
+    merge.text(&mut s.tracking_url, &report.tracking_url);
+    merge.text(&mut s.package_id, &report.package_id);
+    merge.option(&mut s.shipped_at, &report.shipped_at);
+    merge.option(&mut s.collected_at, &report.collected_at);
+    merge.option(&mut s.delivered_at, &report.delivered_at);
+    merge.option(&mut s.fulfilled_at, &report.fulfilled_at);
+    merge.list(&mut s.items, &report.items);
+    merge.list(&mut s.order_item_ids, &report.order_item_ids);
     s.clone()
-}
-
-fn set_if(target: &mut String, value: &str) {
-    if !value.is_empty() {
-        *target = value.to_string();
-    }
 }
 
 #[cfg(test)]
@@ -492,6 +504,17 @@ mod tests {
         let (order, events) = run(&[at(20), at(10)]);
         assert_eq!(order.description, "at 20");
         assert!(!events[1].applied);
+    }
+
+    #[test]
+    fn a_stale_observation_fills_in_missing_data_but_moves_nothing_back() {
+        let mut late_order = status(EventKind::OrderStatusChanged, OrderStatus::Processing);
+        late_order.order.items = vec![crate::proto::Item { sku: "sku-1".into(), ..Default::default() }];
+        let (order, events) = run(&[shipment("a", ShipmentStatus::InTransit), late_order]);
+        assert_eq!(order.status(), OrderStatus::Shipped, "derived status kept");
+        assert_eq!(order.items.len(), 1, "items filled in");
+        assert!(!events[1].applied);
+        assert!(events[1].note.contains("filled in"), "{}", events[1].note);
     }
 
     #[test]
