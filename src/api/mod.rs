@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 use crate::proto::admin_server::Admin;
 use crate::proto::order_trail_server::OrderTrail;
 use crate::proto::{
-    self, EventKind, FindOrdersRequest, FindOrdersResponse, GetOrderRequest, ListEventsRequest, ListEventsResponse,
-    ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse, Order, OrderStatus,
-    SubscribeRequest, SubscribeResponse,
+    self, EventKind, FindOrdersRequest, FindOrdersResponse, GetDeliveryRequest, GetOrderRequest, ListEventsRequest,
+    ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse, Order,
+    OrderStatus, RawDelivery, SubscribeRequest, SubscribeResponse,
 };
 use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
@@ -208,5 +208,13 @@ impl Admin for AdminService {
         let page = blocking(&self.store, move |s| s.list_quarantine(after, limit)).await?;
         let next_page_token = next_token(&page, "q");
         Ok(Response::new(ListQuarantinedResponse { deliveries: page.items, next_page_token }))
+    }
+
+    async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {
+        let raw_id = request.into_inner().raw_id;
+        match blocking(&self.store, move |s| s.raw(raw_id)).await? {
+            Some(raw) => Ok(Response::new(raw)),
+            None => Err(Status::not_found(format!("no stored delivery {raw_id}"))),
+        }
     }
 }

@@ -141,6 +141,16 @@ impl TestServer {
         }
     }
 
+    /// One stored delivery, if there is one with that id.
+    pub async fn delivery(&self, raw_id: u64) -> Option<RawDelivery> {
+        let request = ordertrail::proto::GetDeliveryRequest { raw_id };
+        match self.admin().await.get_delivery(request).await {
+            Ok(raw) => Some(raw.into_inner()),
+            Err(status) if status.code() == tonic::Code::NotFound => None,
+            Err(status) => panic!("GetDelivery: {status}"),
+        }
+    }
+
     /// Every quarantined delivery.
     pub async fn quarantine(&self) -> Vec<RawDelivery> {
         let request = ListQuarantinedRequest { page_size: 1000, ..Default::default() };
