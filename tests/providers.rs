@@ -231,3 +231,23 @@ async fn winkelstraat_unknown_kind_and_version_are_kept() {
     assert_eq!(raw.kind, "invoice");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn unknown_status_values_are_kept_verbatim_and_counted() {
+    let server = TestServer::start().await;
+    let body = r#"{"customer_ref":"MREF-1001","status":"TELEPORTED","parcel_status":"on_the_moon"}"#;
+    assert_eq!(server.post_json("/webhooks/withings", body).await.status, 200);
+    let again = body.replace("MREF-1001", "MREF-1002");
+    assert_eq!(server.post_json("/webhooks/withings", again).await.status, 200);
+    post_form(&server, "customer_ref=MREF-1003&status=OPEN").await;
+    let order = get(&server, Reference::CustomerRef("MREF-1001".into())).await;
+    assert_eq!(order.status(), OrderStatus::Unspecified, "canonical state unchanged");
+    assert_eq!(order.provider_status, "TELEPORTED");
+    assert_eq!(order.shipments[0].provider_status, "on_the_moon");
+    let request = ordertrail::proto::ListUnmappedStatusesRequest {};
+    let mut statuses = server.admin().await.list_unmapped_statuses(request).await.unwrap().into_inner().statuses;
+    statuses.sort_by(|a, b| a.applies_to.cmp(&b.applies_to));
+    let rows: Vec<(&str, &str, &str, u64)> =
+        statuses.iter().map(|s| (s.provider.as_str(), s.applies_to.as_str(), s.value.as_str(), s.count)).collect();
+    assert_eq!(rows, [("withings", "order", "TELEPORTED", 2), ("withings", "shipment", "on_the_moon", 2)]);
+}

@@ -10,8 +10,9 @@ use crate::proto::admin_server::Admin;
 use crate::proto::order_trail_server::OrderTrail;
 use crate::proto::{
     self, EventKind, FindOrdersRequest, FindOrdersResponse, GetDeliveryRequest, GetOrderRequest, ListEventsRequest,
-    ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse, Order,
-    OrderStatus, RawDelivery, SubscribeRequest, SubscribeResponse,
+    ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse,
+    ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus, RawDelivery, SubscribeRequest,
+    SubscribeResponse, UnmappedStatus,
 };
 use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
@@ -208,6 +209,18 @@ impl Admin for AdminService {
         let page = blocking(&self.store, move |s| s.list_quarantine(after, limit)).await?;
         let next_page_token = next_token(&page, "q");
         Ok(Response::new(ListQuarantinedResponse { deliveries: page.items, next_page_token }))
+    }
+
+    async fn list_unmapped_statuses(
+        &self,
+        _request: Request<ListUnmappedStatusesRequest>,
+    ) -> Result<Response<ListUnmappedStatusesResponse>, Status> {
+        let rows = blocking(&self.store, |s| s.unmapped_statuses()).await?;
+        let statuses = rows
+            .into_iter()
+            .map(|(provider, applies_to, value, count)| UnmappedStatus { provider, applies_to, value, count })
+            .collect();
+        Ok(Response::new(ListUnmappedStatusesResponse { statuses }))
     }
 
     async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {

@@ -137,6 +137,25 @@ pub struct Observation {
     pub description: String,
 }
 
+impl Observation {
+    /// The provider status values this observation carries that the mapping
+    /// tables do not know: (`"order"` or `"shipment"`, verbatim value).
+    pub fn unmapped(&self) -> Vec<(&'static str, &str)> {
+        let mut out = Vec::new();
+        if let Some(status) = self.status.as_ref().filter(|s| s.canonical.is_none() && !s.verbatim.is_empty()) {
+            out.push(("order", status.verbatim.as_str()));
+        }
+        if let Some(shipment) = self
+            .shipment
+            .as_ref()
+            .filter(|s| s.status() == proto::ShipmentStatus::Unspecified && !s.provider_status.is_empty())
+        {
+            out.push(("shipment", shipment.provider_status.as_str()));
+        }
+        out
+    }
+}
+
 /// Maps one authentic delivery. Never panics on any input.
 pub fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unrecognized> {
     match meta.provider {

@@ -19,6 +19,8 @@ pub const DEDUP: u8 = b'd';
 pub const QUARANTINE: u8 = b'q';
 /// Counters: `m` + name -> u64.
 pub const META: u8 = b'm';
+/// Unmapped status values: `u` + provider + what + value -> count (u64).
+pub const UNMAPPED: u8 = b'u';
 
 /// The reference kinds that have an index. All are scoped by source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -103,6 +105,28 @@ pub fn dedup(source: &str, dedup_key: &str) -> Vec<u8> {
     key
 }
 
+pub fn unmapped(provider: &str, what: &str, value: &str) -> Vec<u8> {
+    let mut key = vec![UNMAPPED];
+    push_str(&mut key, provider);
+    push_str(&mut key, what);
+    key.extend_from_slice(value.as_bytes());
+    key
+}
+
+/// Splits an [`unmapped`] key into (provider, what, value).
+pub fn parse_unmapped(key: &[u8]) -> Option<(String, String, String)> {
+    let mut rest = key.strip_prefix(&[UNMAPPED])?;
+    let mut next = || -> Option<String> {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let text = String::from_utf8_lossy(rest.get(4..4 + len)?).into_owned();
+        rest = &rest[4 + len..];
+        Some(text)
+    };
+    let provider = next()?;
+    let what = next()?;
+    Some((provider, what, String::from_utf8_lossy(rest).into_owned()))
+}
+
 pub fn meta(name: &str) -> Vec<u8> {
     let mut key = vec![META];
     key.extend_from_slice(name.as_bytes());
@@ -117,6 +141,12 @@ mod tests {
     fn numbered_keys_sort_numerically() {
         assert!(numbered(EVENT, 255) < numbered(EVENT, 256));
         assert_eq!(trailing_u64(&numbered(EVENT, 42)), 42);
+    }
+
+    #[test]
+    fn unmapped_keys_round_trip() {
+        let key = unmapped("withings", "order", "TELE PORTED");
+        assert_eq!(parse_unmapped(&key), Some(("withings".into(), "order".into(), "TELE PORTED".into())));
     }
 
     #[test]

@@ -285,6 +285,21 @@ impl Store {
         Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
     }
 
+    /// How often each unknown provider status value was seen:
+    /// (provider, `"order"` or `"shipment"`, value, count).
+    pub fn unmapped_statuses(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        self.inner
+            .tree
+            .scan_prefix([keys::UNMAPPED])
+            .map(|entry| {
+                let (key, value) = entry?;
+                let (provider, what, status) =
+                    keys::parse_unmapped(&key).ok_or_else(|| StoreError::Corrupt("bad unmapped key".into()))?;
+                Ok((provider, what, status, keys::trailing_u64(&value)))
+            })
+            .collect()
+    }
+
     /// Quarantined deliveries with a raw id greater than `after`.
     pub fn list_quarantine(&self, after: u64, limit: usize) -> Result<Page<RawDelivery>, StoreError> {
         let start = keys::numbered(keys::QUARANTINE, after.saturating_add(1));

@@ -234,9 +234,14 @@ impl Writer {
         normalized: &Normalized,
     ) -> Result<Vec<u64>, StoreError> {
         let mut touched: HashMap<u64, Order> = HashMap::new();
+        let mut unmapped: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut sequences = Vec::with_capacity(normalized.observations.len());
         let provenance = provenance(raw);
+        let provider = crate::ingest::Provider::from_proto(raw.provider()).map(|p| p.name()).unwrap_or("unknown");
         for obs in &normalized.observations {
+            for (what, value) in obs.unmapped() {
+                *unmapped.entry(keys::unmapped(provider, what, value)).or_default() += 1;
+            }
             let found = self.resolve(&obs.references, &raw.source, &touched)?;
             let current = match found {
                 Some(id) => match touched.remove(&id) {
@@ -276,6 +281,10 @@ impl Writer {
         }
         for (id, order) in touched {
             batch.insert(&keys::numbered(keys::ORDER, id), order.encode_to_vec());
+        }
+        for (key, added) in unmapped {
+            let count = self.tree.get(&key)?.map(|v| keys::trailing_u64(&v)).unwrap_or(0);
+            batch.insert(key, &(count + added).to_be_bytes());
         }
         Ok(sequences)
     }
