@@ -109,7 +109,7 @@ async fn ordermesh_hmac_hex_and_base64() {
     }
     let other_key = format!("sha256={}", hex::encode(sign(&body, "another-key-of-24-bytes-or-more")));
     assert_eq!(post(&server, "/webhooks/hex", &[("x-signature", other_key)], body.clone()).await, 401);
-    let tampered = Bytes::from(body.to_vec().into_iter().map(|b| if b == b'2' { b'3' } else { b }).collect::<Vec<_>>());
+    let tampered = Bytes::from(body.iter().copied().map(|b| if b == b'2' { b'3' } else { b }).collect::<Vec<_>>());
     assert_eq!(post(&server, "/webhooks/hex", &[("x-signature", good.clone())], tampered).await, 401);
     assert_nothing_stored_then_accept(&server, "/webhooks/hex", &[("x-signature", good)], body.clone()).await;
     let b64 = base64::engine::general_purpose::STANDARD.encode(sign(&body, HMAC_KEY));

@@ -20,10 +20,34 @@ const CONTENT_TYPES: &[&str] = &[
 
 /// Field names the mappers look at, so generated objects reach deep paths.
 const KEYS: &[&str] = &[
-    "EventType", "OrderId", "ExternalOrderId", "SafeId", "IsSuccessful", "NewStatus", "OldStatus", "ShipmentId",
-    "Package", "ShippedDate", "FulfilledDate", "customer_ref", "order_id", "status", "parcel_status", "is_replacement",
-    "tracking_number", "increment_id", "order_increment_id", "po_number", "items", "track", "updated_at", "qty",
-    "grand_total", "shipping_address", "house_number", "payment",
+    "EventType",
+    "OrderId",
+    "ExternalOrderId",
+    "SafeId",
+    "IsSuccessful",
+    "NewStatus",
+    "OldStatus",
+    "ShipmentId",
+    "Package",
+    "ShippedDate",
+    "FulfilledDate",
+    "customer_ref",
+    "order_id",
+    "status",
+    "parcel_status",
+    "is_replacement",
+    "tracking_number",
+    "increment_id",
+    "order_increment_id",
+    "po_number",
+    "items",
+    "track",
+    "updated_at",
+    "qty",
+    "grand_total",
+    "shipping_address",
+    "house_number",
+    "payment",
 ];
 
 fn provider() -> impl Strategy<Value = Provider> {
