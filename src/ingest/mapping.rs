@@ -9,6 +9,18 @@ pub fn match_key(value: &str) -> String {
     value.chars().filter(|c| !matches!(c, ' ' | '_' | '-')).flat_map(char::to_lowercase).collect()
 }
 
+/// The media type of a `Content-Type` value, lowercase, without parameters.
+pub(crate) fn media_type(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// A JSON media type, or none at all (some senders omit the header; the
+/// body decides then).
+pub(crate) fn is_json(content_type: &str) -> bool {
+    let essence = media_type(content_type);
+    essence.is_empty() || essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
 /// Looks `value` up in a table of (provider value, canonical) pairs.
 pub(crate) fn lookup<S: Copy>(table: &[(&str, S)], value: &str) -> Option<S> {
     let key = match_key(value);

@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 
-use super::mapping::{content_key, lookup, parse_time};
+use super::mapping::{content_key, is_json, lookup, parse_time};
 use super::{DeliveryMeta, Normalized, Observation, ReportedStatus, Unrecognized};
 use crate::proto::{EventKind, OrderReferences, OrderStatus, Shipment, ShipmentStatus};
 
@@ -68,12 +68,6 @@ pub(super) fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalize
     let n = Notification::deserialize(&value).map_err(|e| Unrecognized(format!("unexpected JSON shape: {e}")))?;
     let observation = observe(n)?;
     Ok(Normalized { dedup_key: content_key("ordermesh", &value), observations: vec![observation] })
-}
-
-fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    // Some senders omit the header; the body decides then.
-    essence.is_empty() || essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
 }
 
 fn observe(n: Notification) -> Result<Observation, Unrecognized> {

@@ -9,7 +9,7 @@
 
 use serde_json::Value;
 
-use super::mapping::{content_key, lookup, parse_time};
+use super::mapping::{content_key, is_json, lookup, parse_time};
 use super::{DeliveryMeta, Normalized, Observation, ReportedStatus, Unrecognized};
 use crate::proto::{
     Address, EventKind, Invoice, Item, Money, Order, OrderReferences, OrderStatus, PaymentRequest, Refund, Return,
@@ -64,11 +64,6 @@ pub(super) fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalize
         _ => payment_request(&value)?,
     };
     Ok(Normalized { dedup_key: content_key(&format!("winkelstraat:{kind}"), &value), observations: vec![observation] })
-}
-
-fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence.is_empty() || essence == "application/json" || essence.ends_with("+json") || essence == "text/json"
 }
 
 // === The kinds ===

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use super::mapping::{content_key, lookup};
+use super::mapping::{content_key, lookup, media_type};
 use super::{DeliveryMeta, Normalized, Observation, ReportedStatus, Unrecognized};
 use crate::proto::{EventKind, Order, OrderReferences, OrderStatus, Shipment, ShipmentStatus};
 
@@ -57,7 +57,7 @@ pub(super) fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalize
 // === Parsing the three encodings ===
 
 fn parse(content_type: &str, body: &[u8]) -> Result<Fields, Unrecognized> {
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = media_type(content_type);
     match essence.as_str() {
         "application/x-www-form-urlencoded" => parse_form(body),
         "multipart/form-data" => parse_multipart(content_type, body),
