@@ -152,7 +152,10 @@ pub enum AuthConfig {
     /// publishes its range). `X-Forwarded-For` counts only from
     /// `http.trusted_proxies`.
     IpAllowlist {
-        /// Allowed networks, IPv4 or IPv6 CIDRs (a bare address is a /32 or /128).
+        /// Allowed networks, IPv4 or IPv6 CIDRs (a bare address is a /32 or
+        /// /128). Each entry may hold several, separated by whitespace or
+        /// commas, so a DNS TXT record can be pasted as it is.
+        #[serde(deserialize_with = "networks")]
         allow: Vec<Network>,
         /// An optional shared secret as a second factor.
         #[serde(default)]
@@ -219,6 +222,18 @@ impl<'de> Deserialize<'de> for Network {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// Reads a list of strings, each holding one or more networks separated by
+/// whitespace or commas (quotes, as `dig` prints them, are ignored).
+fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Network>, D::Error> {
+    let entries = Vec::<String>::deserialize(deserializer)?;
+    entries
+        .iter()
+        .flat_map(|entry| entry.split(|c: char| c.is_whitespace() || c == ',' || c == '"'))
+        .filter(|part| !part.is_empty())
+        .map(|part| part.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 impl AuthConfig {
@@ -620,6 +635,16 @@ mod tests {
         for secret in ["a-key-of-at-least-24-bytes", "\"p\"", "k1", "k2"] {
             assert!(!debug.contains(secret), "{secret} leaked into Debug");
         }
+    }
+
+    #[test]
+    fn an_allowlist_takes_a_pasted_txt_record() {
+        let text =
+            source("scheme = \"ip_allowlist\", allow = [\"\\\"203.0.113.0/24 198.51.100.7, 2001:db8::/32\\\"\"]");
+        let c = Config::from_toml(&text, &no_env).unwrap();
+        let AuthConfig::IpAllowlist { allow, .. } = &c.sources[0].auth else { panic!("not an allowlist") };
+        let shown: Vec<String> = allow.iter().map(|n| n.0.to_string()).collect();
+        assert_eq!(shown, ["203.0.113.0/24", "198.51.100.7/32", "2001:db8::/32"]);
     }
 
     #[test]
