@@ -27,6 +27,12 @@ pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Default sled page cache size.
 pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
+/// Default most concurrent `Subscribe` streams.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
+/// Default messages buffered per subscriber.
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 256;
+/// Default interval of `progress` messages.
+pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 5_000;
 /// Default time in-flight work gets to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 
@@ -69,6 +75,12 @@ pub struct GrpcConfig {
     pub addr: SocketAddr,
     /// Allow a non-loopback gRPC address although gRPC has no authentication.
     pub allow_unauthenticated_public: bool,
+    /// Most `Subscribe` streams open at once.
+    pub max_subscriptions: usize,
+    /// Messages buffered per subscriber before it is read from the store.
+    pub subscription_buffer: usize,
+    /// How often a stream reports its position.
+    pub progress_interval: Duration,
 }
 
 /// The internal admin listener (metrics).
@@ -104,6 +116,9 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub cache_capacity_bytes: u64,
+    /// Keep only this many newest events (0: keep all). Raw deliveries are
+    /// always kept.
+    pub retain_events: u64,
 }
 
 /// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
@@ -303,6 +318,9 @@ struct FileGrpc {
     addr: Option<String>,
     #[serde(default)]
     allow_unauthenticated_public: bool,
+    max_subscriptions: Option<usize>,
+    subscription_buffer: Option<usize>,
+    progress_interval_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -317,6 +335,8 @@ struct FileStore {
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     cache_capacity_bytes: Option<u64>,
+    #[serde(default)]
+    retain_events: u64,
 }
 
 #[derive(Deserialize)]
@@ -398,6 +418,11 @@ impl Config {
             grpc: GrpcConfig {
                 addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
                 allow_unauthenticated_public: file.grpc.allow_unauthenticated_public,
+                max_subscriptions: file.grpc.max_subscriptions.unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS),
+                subscription_buffer: file.grpc.subscription_buffer.unwrap_or(DEFAULT_SUBSCRIPTION_BUFFER),
+                progress_interval: Duration::from_millis(
+                    file.grpc.progress_interval_ms.unwrap_or(DEFAULT_PROGRESS_INTERVAL_MS),
+                ),
             },
             admin: AdminConfig {
                 addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
@@ -406,6 +431,7 @@ impl Config {
                 data_dir,
                 durability,
                 cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
+                retain_events: file.store.retain_events,
             },
             sources,
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
@@ -418,6 +444,11 @@ impl Config {
         }
         if self.http.header_read_timeout.is_zero() {
             return Err(ConfigError::new("http.header_read_timeout_ms must be greater than 0"));
+        }
+        if self.grpc.subscription_buffer == 0 || self.grpc.progress_interval.is_zero() {
+            return Err(ConfigError::new(
+                "grpc.subscription_buffer and grpc.progress_interval_ms must be greater than 0",
+            ));
         }
         if self.store.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("store.data_dir must not be empty"));

@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{AdminService, OrderTrailService};
+use crate::api::{AdminService, OrderTrailService, Subscriptions};
 use crate::config::Config;
 use crate::http::{self, FrontDoor};
 use crate::proto::admin_server::AdminServer;
@@ -54,8 +54,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let grace = config.shutdown_grace;
     let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
     let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
+    let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
     let grpc = tonic::transport::Server::builder()
-        .add_service(OrderTrailServer::new(OrderTrailService::new(store.clone())))
+        .add_service(OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions)))
         .add_service(AdminServer::new(AdminService::new(store.clone())))
         .serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), shutdown.clone().cancelled_owned());
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;

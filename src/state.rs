@@ -164,6 +164,7 @@ fn stale(mut order: Order, mut event: Event, obs: &Observation, reason: String, 
     if order != before {
         event.note.push_str("; filled in missing fields");
         order.updated_at = Some(ctx.received_at);
+        order.last_sequence = ctx.sequence;
     }
     event.references = order.references.clone();
     (order, event)

@@ -1,9 +1,6 @@
 //! The tonic services over the store, and the one place that maps store
 //! errors to gRPC `Status`.
 
-use std::pin::Pin;
-
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::proto::admin_server::Admin;
@@ -12,7 +9,7 @@ use crate::proto::{
     self, EventKind, FindOrdersRequest, FindOrdersResponse, GetDeliveryRequest, GetOrderRequest, ListEventsRequest,
     ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse,
     ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus, RawDelivery, SubscribeRequest,
-    SubscribeResponse, UnmappedStatus,
+    UnmappedStatus,
 };
 use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
@@ -25,11 +22,12 @@ const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Clone)]
 pub struct OrderTrailService {
     store: Store,
+    subscriptions: Subscriptions,
 }
 
 impl OrderTrailService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, subscriptions: Subscriptions) -> Self {
+        Self { store, subscriptions }
     }
 }
 
@@ -85,6 +83,10 @@ macro_rules! lookup_from {
         }
     }};
 }
+
+mod subscribe;
+
+pub use subscribe::{Outbound, Subscriptions};
 
 fn lookup(parts: Option<(RefKind, String, Option<proto::Provider>)>) -> Result<Lookup, Status> {
     match parts {
@@ -188,10 +190,10 @@ impl OrderTrail for OrderTrailService {
         Ok(Response::new(ListEventsResponse { events: page.items, next_page_token, head_sequence }))
     }
 
-    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+    type SubscribeStream = Outbound;
 
-    async fn subscribe(&self, _request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented("Subscribe is not available in this version; poll ListEvents with after_sequence"))
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.subscriptions.open(request.into_inner()).await.map(Response::new)
     }
 }
 

@@ -6,7 +6,10 @@
 //! writer thread assigns ids in commit order; a flusher thread makes batches
 //! durable in groups before any reply is sent.
 
+mod commit;
+mod feed;
 mod keys;
+mod snapshot;
 mod writer;
 
 use std::path::Path;
@@ -17,12 +20,14 @@ use std::thread::JoinHandle;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
+pub use feed::{Feed, FeedError, FeedItem};
 pub use keys::RefKind;
 
 use crate::config::StoreConfig;
 use crate::ingest::{Normalized, Unrecognized};
 use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
-use writer::{Command, Counters, Flusher, Shared, Writer};
+use commit::{Flusher, Shared};
+use writer::{Command, Counters, Writer};
 
 /// How many deliveries may wait for the writer before senders wait too.
 const WRITER_QUEUE: usize = 4096;
@@ -122,6 +127,7 @@ struct Inner {
     db: sled::Db,
     tree: sled::Tree,
     shared: Arc<Shared>,
+    retain_events: u64,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -142,7 +148,8 @@ impl Store {
         let counters = Counters::load(&tree)?;
         let shared = Arc::new(Shared::new(counters.last_sequence));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let writer = Writer { tree: tree.clone(), counters, shared: shared.clone() };
+        let writer =
+            Writer { tree: tree.clone(), counters, shared: shared.clone(), retain_events: config.retain_events };
         let flusher = Flusher {
             db: db.clone(),
             durability: config.durability,
@@ -155,7 +162,14 @@ impl Store {
             spawn_thread("ordertrail-flusher", move || flusher.run())?,
         ];
         Ok(Self {
-            inner: Arc::new(Inner { db, tree, shared, commands: Mutex::new(Some(tx)), threads: Mutex::new(threads) }),
+            inner: Arc::new(Inner {
+                db,
+                tree,
+                shared,
+                retain_events: config.retain_events,
+                commands: Mutex::new(Some(tx)),
+                threads: Mutex::new(threads),
+            }),
         })
     }
 
@@ -178,7 +192,28 @@ impl Store {
 
     /// The newest durable sequence.
     pub fn head_sequence(&self) -> u64 {
-        self.inner.shared.durable_head.load(Ordering::SeqCst)
+        self.inner.shared.durable_head()
+    }
+
+    /// Waits until `sequence` is durable.
+    pub async fn wait_durable(&self, sequence: u64) -> Result<(), StoreError> {
+        let mut head = self.inner.shared.watch_durable();
+        head.wait_for(|h| *h >= sequence).await.map(|_| ()).map_err(|_| StoreError::Closed)
+    }
+
+    /// The oldest sequence still kept (events before it were pruned by
+    /// `store.retain_events`).
+    pub fn oldest_retained(&self) -> u64 {
+        match self.inner.retain_events {
+            0 => 1,
+            keep => self.inner.shared.written_head().saturating_sub(keep) + 1,
+        }
+    }
+
+    /// A gap-free feed of durable events after `after`: stored ones first,
+    /// then live ones.
+    pub fn feed(&self, after: u64) -> Feed {
+        Feed::new(self.clone(), self.inner.shared.subscribe(), after)
     }
 
     /// Group-commit statistics: (flushes, replies they answered).
@@ -389,6 +424,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             durability: Durability::Fsync,
             cache_capacity_bytes: 16 * 1024 * 1024,
+            retain_events: 0,
         };
         Store::open(&config).unwrap()
     }

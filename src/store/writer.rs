@@ -1,31 +1,22 @@
-//! The single writer and the group-commit flusher.
-//!
-//! The writer thread takes deliveries one at a time, turns each into one
+//! The single writer: takes deliveries one at a time, turns each into one
 //! atomic sled batch (raw record, events, orders, indexes, dedup entry,
-//! counters) and queues its reply. The flusher thread takes everything
-//! queued so far, makes it durable with one flush (plus fsync), and only
-//! then answers all of it. While it flushes, the writer keeps applying the
-//! next deliveries, so many requests share one flush.
+//! counters) and hands its reply and events to the group commit
+//! ([`super::commit`]), which answers only once the batch is durable.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
-use std::fs::File;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::commit::{Reply, Shared};
 use super::keys::{self, RefKind};
 use super::{Incoming, IngestOutcome, StoreError};
-use crate::config::Durability;
 use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
-use crate::proto::{DeliveryOutcome, Order, OrderReferences, Provenance, RawDelivery};
+use crate::proto::{DeliveryOutcome, Event, Order, OrderReferences, Provenance, RawDelivery};
 use crate::state;
-
-pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
 
 /// A delivery handed to the writer.
 pub(super) struct Command {
@@ -63,91 +54,14 @@ impl Counters {
     }
 }
 
-/// State shared by the writer, the flusher and readers.
-pub(super) struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
-    /// The newest sequence known to be durable.
-    pub durable_head: AtomicU64,
-    /// False after a storage failure, until a flush succeeds again.
-    pub healthy: AtomicBool,
-    /// Successful group commits so far.
-    pub flushes: AtomicU64,
-    /// Replies answered by those commits.
-    pub flushed_replies: AtomicU64,
-}
-
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<(Reply, IngestOutcome)>,
-    last_sequence: u64,
-    closed: bool,
-    /// Commits are held (tests only).
-    held: bool,
-}
-
-impl Shared {
-    pub fn new(durable_head: u64) -> Self {
-        Self {
-            queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
-            durable_head: AtomicU64::new(durable_head),
-            healthy: AtomicBool::new(true),
-            flushes: AtomicU64::new(0),
-            flushed_replies: AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // A poisoned lock only means a thread panicked while holding it; the
-        // queue itself is still consistent.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn enqueue(&self, reply: Reply, outcome: IngestOutcome, last_sequence: u64) {
-        let mut queue = self.lock();
-        queue.waiting.push((reply, outcome));
-        queue.last_sequence = last_sequence;
-        self.wake.notify_one();
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.wake.notify_one();
-    }
-
-    /// Holds or releases commits: while held, replies queue up unanswered.
-    #[cfg(test)]
-    pub fn hold(&self, held: bool) {
-        self.lock().held = held;
-        self.wake.notify_one();
-    }
-
-    /// Replies waiting for a flush.
-    #[cfg(test)]
-    pub fn queued(&self) -> usize {
-        self.lock().waiting.len()
-    }
-
-    /// Waits for queued replies; `None` once closed and drained.
-    fn take(&self) -> Option<(Vec<(Reply, IngestOutcome)>, u64)> {
-        let mut queue = self.lock();
-        while (queue.waiting.is_empty() || queue.held) && !queue.closed {
-            queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
-        }
-        if queue.waiting.is_empty() {
-            return None;
-        }
-        Some((std::mem::take(&mut queue.waiting), queue.last_sequence))
-    }
-}
-
 // === impl Writer ===
 
 pub(super) struct Writer {
     pub tree: sled::Tree,
     pub counters: Counters,
     pub shared: Arc<Shared>,
+    /// Keep only this many newest events (0: all).
+    pub retain_events: u64,
 }
 
 impl Writer {
@@ -155,7 +69,10 @@ impl Writer {
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         while let Some(Command { incoming, reply }) = commands.blocking_recv() {
             match self.process_or_quarantine(incoming) {
-                Ok(outcome) => self.shared.enqueue(reply, outcome, self.counters.last_sequence),
+                Ok((outcome, events)) => {
+                    self.shared.written(self.counters.last_sequence);
+                    self.shared.enqueue(reply, outcome, events);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "storage write failed");
                     self.shared.healthy.store(false, Ordering::SeqCst);
@@ -169,7 +86,7 @@ impl Writer {
     /// Processes a delivery; should applying it panic (a bug), the delivery
     /// is still kept, in quarantine, rather than lost. `process` changes
     /// nothing before its batch is applied, so the retry starts clean.
-    fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+    fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
         let raw = incoming.raw.clone();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.process(incoming))) {
             Ok(result) => result,
@@ -181,7 +98,8 @@ impl Writer {
         }
     }
 
-    fn process(&mut self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+    /// Returns the outcome and the events the delivery produced.
+    fn process(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
         let Incoming { mut raw, mapped } = incoming;
         let dedup_key = match &mapped {
             Ok(n) => n.dedup_key.clone(),
@@ -189,10 +107,11 @@ impl Writer {
         };
         let dedup = keys::dedup(&raw.source, &dedup_key);
         if let Some(value) = self.tree.get(&dedup)? {
-            return Ok(IngestOutcome::Duplicate {
+            let duplicate = IngestOutcome::Duplicate {
                 raw_id: keys::trailing_u64(&value[..8.min(value.len())]),
                 quarantined: value.get(8) == Some(&(DeliveryOutcome::Quarantined as u8)),
-            });
+            };
+            return Ok((duplicate, Vec::new()));
         }
         let mut counters = self.counters;
         counters.last_raw += 1;
@@ -200,9 +119,11 @@ impl Writer {
         raw.dedup_key = dedup_key;
         raw.mapper_version = MAPPER_VERSION;
         let mut batch = sled::Batch::default();
+        let mut events = Vec::new();
         let outcome = match mapped {
             Ok(normalized) => {
-                let sequences = self.plan_events(&mut batch, &mut counters, &raw, &normalized)?;
+                events = self.plan_events(&mut batch, &mut counters, &raw, &normalized)?;
+                let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
                 raw.outcome = DeliveryOutcome::Applied as i32;
                 raw.event_sequences = sequences.clone();
                 IngestOutcome::Applied { raw_id: raw.id, sequences }
@@ -221,21 +142,21 @@ impl Writer {
         counters.write(&mut batch);
         self.tree.apply_batch(batch)?;
         self.counters = counters;
-        Ok(outcome)
+        Ok((outcome, events))
     }
 
     /// Applies every observation to its order and puts events, history,
-    /// orders and new index entries into `batch`. Returns the sequences.
+    /// orders and new index entries into `batch`. Returns the events.
     fn plan_events(
         &self,
         batch: &mut sled::Batch,
         counters: &mut Counters,
         raw: &RawDelivery,
         normalized: &Normalized,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<Event>, StoreError> {
         let mut touched: HashMap<u64, Order> = HashMap::new();
         let mut unmapped: HashMap<Vec<u8>, u64> = HashMap::new();
-        let mut sequences = Vec::with_capacity(normalized.observations.len());
+        let mut events = Vec::with_capacity(normalized.observations.len());
         let provenance = provenance(raw);
         let provider = crate::ingest::Provider::from_proto(raw.provider()).map(|p| p.name()).unwrap_or("unknown");
         for obs in &normalized.observations {
@@ -276,7 +197,10 @@ impl Writer {
             }
             batch.insert(&keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
             batch.insert(&keys::history(order_id, event.sequence), &[]);
-            sequences.push(event.sequence);
+            if self.retain_events > 0 && event.sequence > self.retain_events {
+                batch.remove(&keys::numbered(keys::EVENT, event.sequence - self.retain_events));
+            }
+            events.push(event);
             touched.insert(order_id, order);
         }
         for (id, order) in touched {
@@ -286,7 +210,7 @@ impl Writer {
             let count = self.tree.get(&key)?.map(|v| keys::trailing_u64(&v)).unwrap_or(0);
             batch.insert(key, &(count + added).to_be_bytes());
         }
-        Ok(sequences)
+        Ok(events)
     }
 
     /// Finds the order an observation belongs to: by provider order id, then
@@ -376,79 +300,5 @@ fn provenance(raw: &RawDelivery) -> Provenance {
         mapper_version: MAPPER_VERSION,
         dedup_key: raw.dedup_key.clone(),
         request_id: raw.request_id.clone(),
-    }
-}
-
-// === impl Flusher ===
-
-/// Makes everything written so far durable, then answers the waiting
-/// requests.
-pub(super) struct Flusher {
-    pub db: sled::Db,
-    pub durability: Durability,
-    pub dir: PathBuf,
-    pub shared: Arc<Shared>,
-    pub synced_blobs: HashSet<OsString>,
-}
-
-impl Flusher {
-    pub fn run(mut self) {
-        while let Some((waiting, last_sequence)) = self.shared.take() {
-            match self.make_durable() {
-                Ok(()) => {
-                    self.shared.healthy.store(true, Ordering::SeqCst);
-                    self.shared.durable_head.fetch_max(last_sequence, Ordering::SeqCst);
-                    self.shared.flushes.fetch_add(1, Ordering::Relaxed);
-                    self.shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
-                    for (reply, outcome) in waiting {
-                        let _ = reply.send(Ok(outcome));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "storage flush failed; answering 503");
-                    self.shared.healthy.store(false, Ordering::SeqCst);
-                    for (reply, _) in waiting {
-                        let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
-                    }
-                }
-            }
-        }
-    }
-
-    /// sled's flush writes its log and waits for it (sync_file_range); in
-    /// `fsync` mode the files, blobs and directories are then fsynced too,
-    /// so metadata and the disk cache are covered as well.
-    pub fn make_durable(&mut self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        if self.durability == Durability::Flush {
-            return Ok(());
-        }
-        File::open(self.dir.join("db"))?.sync_all()?;
-        self.sync_blobs()?;
-        File::open(&self.dir)?.sync_all()
-    }
-
-    /// sled writes large values as files under `blobs/` without fsync.
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
-        let blobs = self.dir.join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blobs) else { return Ok(()) };
-        let mut present = HashSet::new();
-        let mut new_files = false;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !self.synced_blobs.contains(&name) {
-                // A blob can be removed by sled between listing and opening.
-                if let Ok(file) = File::open(blobs.join(&name)) {
-                    file.sync_all()?;
-                }
-                new_files = true;
-            }
-            present.insert(name);
-        }
-        self.synced_blobs = present;
-        if new_files {
-            File::open(&blobs)?.sync_all()?;
-        }
-        Ok(())
     }
 }

@@ -1,0 +1,227 @@
+//! Group commit and the durable event feed.
+//!
+//! The writer queues each delivery's reply and events here. The flusher
+//! thread takes everything queued so far, makes it durable with one flush
+//! (plus fsync), then advances the durable head, publishes the events to
+//! subscribers in sequence order, and answers the requests. While it
+//! flushes, the writer keeps applying the next deliveries, so many requests
+//! share one flush. Nothing is answered or published before it is durable.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::{IngestOutcome, StoreError};
+use crate::config::Durability;
+use crate::proto::Event;
+
+/// How many published events the live feed keeps for slow subscribers
+/// before they lag (and catch up from the store instead).
+pub const FEED_CAPACITY: usize = 4096;
+
+pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
+
+/// A delivery written but not yet durable.
+struct Pending {
+    reply: Reply,
+    outcome: IngestOutcome,
+    events: Vec<Event>,
+}
+
+/// State shared by the writer, the flusher and readers.
+pub(super) struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// The newest durable sequence; readers can wait on it.
+    durable: watch::Sender<u64>,
+    /// Durable events, in sequence order.
+    feed: broadcast::Sender<Arc<Event>>,
+    /// The newest sequence written (durable or not).
+    written: AtomicU64,
+    /// False after a storage failure, until a flush succeeds again.
+    pub healthy: AtomicBool,
+    /// Successful group commits so far.
+    pub flushes: AtomicU64,
+    /// Replies answered by those commits.
+    pub flushed_replies: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Pending>,
+    last_sequence: u64,
+    closed: bool,
+    /// Commits are held (tests only).
+    held: bool,
+}
+
+impl Shared {
+    pub fn new(durable_head: u64) -> Self {
+        Self {
+            queue: Mutex::new(Queue { last_sequence: durable_head, ..Queue::default() }),
+            wake: Condvar::new(),
+            durable: watch::Sender::new(durable_head),
+            feed: broadcast::Sender::new(FEED_CAPACITY),
+            written: AtomicU64::new(durable_head),
+            healthy: AtomicBool::new(true),
+            flushes: AtomicU64::new(0),
+            flushed_replies: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A poisoned lock only means a thread panicked while holding it; the
+        // queue itself is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn durable_head(&self) -> u64 {
+        *self.durable.borrow()
+    }
+
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.feed.subscribe()
+    }
+
+    pub fn written_head(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    pub fn written(&self, sequence: u64) {
+        self.written.store(sequence, Ordering::SeqCst);
+    }
+
+    pub fn enqueue(&self, reply: Reply, outcome: IngestOutcome, events: Vec<Event>) {
+        let mut queue = self.lock();
+        if let Some(last) = events.last() {
+            queue.last_sequence = last.sequence;
+        }
+        queue.waiting.push(Pending { reply, outcome, events });
+        self.wake.notify_one();
+    }
+
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Holds or releases commits: while held, replies queue up unanswered.
+    #[cfg(test)]
+    pub fn hold(&self, held: bool) {
+        self.lock().held = held;
+        self.wake.notify_one();
+    }
+
+    /// Replies waiting for a flush.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Waits for queued replies; `None` once closed and drained.
+    fn take(&self) -> Option<(Vec<Pending>, u64)> {
+        let mut queue = self.lock();
+        while (queue.waiting.is_empty() || queue.held) && !queue.closed {
+            queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        if queue.waiting.is_empty() {
+            return None;
+        }
+        Some((std::mem::take(&mut queue.waiting), queue.last_sequence))
+    }
+}
+
+// === impl Flusher ===
+
+/// Makes everything written so far durable, then publishes and answers it.
+pub(super) struct Flusher {
+    pub db: sled::Db,
+    pub durability: Durability,
+    pub dir: PathBuf,
+    pub shared: Arc<Shared>,
+    pub synced_blobs: HashSet<OsString>,
+}
+
+impl Flusher {
+    pub fn run(mut self) {
+        while let Some((waiting, last_sequence)) = self.shared.take() {
+            match self.make_durable() {
+                Ok(()) => self.committed(waiting, last_sequence),
+                Err(e) => {
+                    tracing::error!(error = %e, "storage flush failed; answering 503");
+                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    for pending in waiting {
+                        let _ = pending.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The head moves before events are published: a subscriber that misses
+    /// a published event can always find it in the store below the head.
+    fn committed(&self, waiting: Vec<Pending>, last_sequence: u64) {
+        let shared = &self.shared;
+        shared.healthy.store(true, Ordering::SeqCst);
+        shared.durable.send_if_modified(|head| {
+            let moved = last_sequence > *head;
+            *head = (*head).max(last_sequence);
+            moved
+        });
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        for pending in waiting {
+            for event in pending.events {
+                // No subscriber is not an error.
+                let _ = shared.feed.send(Arc::new(event));
+            }
+            let _ = pending.reply.send(Ok(pending.outcome));
+        }
+    }
+
+    /// sled's flush writes its log and waits for it (sync_file_range); in
+    /// `fsync` mode the files, blobs and directories are then fsynced too,
+    /// so metadata and the disk cache are covered as well.
+    pub fn make_durable(&mut self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        if self.durability == Durability::Flush {
+            return Ok(());
+        }
+        File::open(self.dir.join("db"))?.sync_all()?;
+        self.sync_blobs()?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// sled writes large values as files under `blobs/` without fsync.
+    fn sync_blobs(&mut self) -> std::io::Result<()> {
+        let blobs = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else { return Ok(()) };
+        let mut present = HashSet::new();
+        let mut new_files = false;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                // A blob can be removed by sled between listing and opening.
+                if let Ok(file) = File::open(blobs.join(&name)) {
+                    file.sync_all()?;
+                }
+                new_files = true;
+            }
+            present.insert(name);
+        }
+        self.synced_blobs = present;
+        if new_files {
+            File::open(&blobs)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
