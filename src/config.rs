@@ -27,6 +27,8 @@ pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Default sled page cache size.
 pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
+/// Default newest events kept in memory for live subscribers.
+pub const DEFAULT_FEED_BUFFER_EVENTS: usize = 4096;
 /// Default most concurrent `Subscribe` streams.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
 /// Default messages buffered per subscriber.
@@ -119,6 +121,9 @@ pub struct StoreConfig {
     /// Keep only this many newest events (0: keep all). Raw deliveries are
     /// always kept.
     pub retain_events: u64,
+    /// Newest events kept in memory for live subscribers; one that falls
+    /// further behind reads from the store until it catches up.
+    pub feed_buffer_events: usize,
 }
 
 /// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
@@ -337,6 +342,7 @@ struct FileStore {
     cache_capacity_bytes: Option<u64>,
     #[serde(default)]
     retain_events: u64,
+    feed_buffer_events: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -432,6 +438,7 @@ impl Config {
                 durability,
                 cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
                 retain_events: file.store.retain_events,
+                feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
             },
             sources,
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),

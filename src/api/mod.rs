@@ -6,10 +6,10 @@ use tonic::{Request, Response, Status};
 use crate::proto::admin_server::Admin;
 use crate::proto::order_trail_server::OrderTrail;
 use crate::proto::{
-    self, EventKind, FindOrdersRequest, FindOrdersResponse, GetDeliveryRequest, GetOrderRequest, ListEventsRequest,
-    ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest, ListQuarantinedResponse,
-    ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus, RawDelivery, SubscribeRequest,
-    UnmappedStatus,
+    self, EventKind, FindOrdersRequest, FindOrdersResponse, GetDeliveryRequest, GetOrderRequest, GetStatsRequest,
+    ListEventsRequest, ListEventsResponse, ListOrdersRequest, ListOrdersResponse, ListQuarantinedRequest,
+    ListQuarantinedResponse, ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus,
+    RawDelivery, Stats, SubscribeRequest, UnmappedStatus,
 };
 use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
@@ -223,6 +223,20 @@ impl Admin for AdminService {
             .map(|(provider, applies_to, value, count)| UnmappedStatus { provider, applies_to, value, count })
             .collect();
         Ok(Response::new(ListUnmappedStatusesResponse { statuses }))
+    }
+
+    async fn get_stats(&self, _request: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {
+        let store = &self.store;
+        let (flushes, flushed_replies) = store.commit_stats();
+        let (backlog, feed_lags) = store.feed_stats();
+        Ok(Response::new(Stats {
+            head_sequence: store.head_sequence(),
+            oldest_retained_sequence: store.oldest_retained(),
+            flushes,
+            flushed_replies,
+            feed_backlog: backlog as u64,
+            feed_lags,
+        }))
     }
 
     async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {

@@ -20,10 +20,6 @@ use super::{IngestOutcome, StoreError};
 use crate::config::Durability;
 use crate::proto::Event;
 
-/// How many published events the live feed keeps for slow subscribers
-/// before they lag (and catch up from the store instead).
-pub const FEED_CAPACITY: usize = 4096;
-
 pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
 
 /// A delivery written but not yet durable.
@@ -49,6 +45,8 @@ pub(super) struct Shared {
     pub flushes: AtomicU64,
     /// Replies answered by those commits.
     pub flushed_replies: AtomicU64,
+    /// Times a subscriber fell behind the live feed and went back to the store.
+    pub feed_lags: AtomicU64,
 }
 
 #[derive(Default)]
@@ -61,16 +59,19 @@ struct Queue {
 }
 
 impl Shared {
-    pub fn new(durable_head: u64) -> Self {
+    /// `feed_capacity`: published events kept for slow subscribers before
+    /// they lag (and catch up from the store instead).
+    pub fn new(durable_head: u64, feed_capacity: usize) -> Self {
         Self {
             queue: Mutex::new(Queue { last_sequence: durable_head, ..Queue::default() }),
             wake: Condvar::new(),
             durable: watch::Sender::new(durable_head),
-            feed: broadcast::Sender::new(FEED_CAPACITY),
+            feed: broadcast::Sender::new(feed_capacity.max(1)),
             written: AtomicU64::new(durable_head),
             healthy: AtomicBool::new(true),
             flushes: AtomicU64::new(0),
             flushed_replies: AtomicU64::new(0),
+            feed_lags: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +91,11 @@ impl Shared {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.feed.subscribe()
+    }
+
+    /// Events published and still kept for subscribers that lag.
+    pub fn feed_backlog(&self) -> usize {
+        self.feed.len()
     }
 
     pub fn written_head(&self) -> u64 {

@@ -95,6 +95,7 @@ impl Feed {
                     // A gap (cannot happen while subscribed) or lag: the
                     // store has everything up to the head.
                     Ok(_) | Err(RecvError::Lagged(_)) => {
+                        self.store.note_feed_lag();
                         self.live = self.live.resubscribe();
                         self.mode = Mode::Replay;
                     }

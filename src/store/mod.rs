@@ -146,7 +146,7 @@ impl Store {
             .map_err(|e| open_error(&dir, e))?;
         let tree: sled::Tree = (*db).clone();
         let counters = Counters::load(&tree)?;
-        let shared = Arc::new(Shared::new(counters.last_sequence));
+        let shared = Arc::new(Shared::new(counters.last_sequence, config.feed_buffer_events));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer =
             Writer { tree: tree.clone(), counters, shared: shared.clone(), retain_events: config.retain_events };
@@ -214,6 +214,17 @@ impl Store {
     /// then live ones.
     pub fn feed(&self, after: u64) -> Feed {
         Feed::new(self.clone(), self.inner.shared.subscribe(), after)
+    }
+
+    /// Live-feed statistics: (events kept for slow subscribers, times a
+    /// subscriber lagged and went back to reading the store).
+    pub fn feed_stats(&self) -> (usize, u64) {
+        let shared = &self.inner.shared;
+        (shared.feed_backlog(), shared.feed_lags.load(Ordering::Relaxed))
+    }
+
+    fn note_feed_lag(&self) {
+        self.inner.shared.feed_lags.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Group-commit statistics: (flushes, replies they answered).
@@ -425,6 +436,7 @@ mod tests {
             durability: Durability::Fsync,
             cache_capacity_bytes: 16 * 1024 * 1024,
             retain_events: 0,
+            feed_buffer_events: 64,
         };
         Store::open(&config).unwrap()
     }

@@ -53,15 +53,16 @@ impl TestServer {
         Self::start_with("").await
     }
 
-    /// `extra_toml` is added to a config whose data dir is a new temp dir.
+    /// `extra_toml` is the config; the data dir is a new temp dir.
     pub async fn start_with(extra_toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         Self::start_in(dir, extra_toml).await
     }
 
     async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
-        let toml = format!("[store]\ndata_dir = {:?}\n{extra_toml}", dir.path().display().to_string());
-        let config = Config::from_toml(&toml, &|_| None).expect("test config is valid");
+        let data_dir = dir.path().display().to_string();
+        let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
+        let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http_addr = http.local_addr().unwrap();
@@ -122,6 +123,12 @@ impl TestServer {
         AdminClient::connect(format!("http://{}", self.grpc_addr)).await.expect("gRPC connect")
     }
 
+    /// The newest durable sequence.
+    pub async fn head(&self) -> u64 {
+        let request = ListEventsRequest { page_size: 1, ..Default::default() };
+        self.grpc().await.list_events(request).await.expect("ListEvents").into_inner().head_sequence
+    }
+
     /// The whole global event log, through the paged API.
     pub async fn all_events(&self) -> Vec<Event> {
         let mut client = self.grpc().await;
@@ -149,6 +156,13 @@ impl TestServer {
             Err(status) if status.code() == tonic::Code::NotFound => None,
             Err(status) => panic!("GetDelivery: {status}"),
         }
+    }
+
+    /// (events held for live subscribers, times a subscriber lagged).
+    pub async fn feed_stats(&self) -> (u64, u64) {
+        let stats = self.admin().await.get_stats(ordertrail::proto::GetStatsRequest {}).await.expect("GetStats");
+        let stats = stats.into_inner();
+        (stats.feed_backlog, stats.feed_lags)
     }
 
     /// Every quarantined delivery.
