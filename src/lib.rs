@@ -19,6 +19,7 @@
 //!   indexes, dedup, quarantine, group commit.
 //! - [`api`]: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`.
+//! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`proto`]: the generated protobuf types (the public contract and the
 //!   storage schema).
 //!
@@ -44,6 +45,7 @@ pub mod ingest;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tail;
 
 /// The generated protobuf types of package `ordertrail.v1`.
 pub mod proto {

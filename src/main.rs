@@ -30,6 +30,29 @@ struct Cli {
 enum Command {
     /// Run the service (the default).
     Serve,
+    /// Print the live event stream of a running instance, one event per
+    /// line; reconnects and resumes from the last sequence after a failure.
+    Tail(TailArgs),
+}
+
+#[derive(clap::Args)]
+struct TailArgs {
+    /// Start after this sequence (0: from the beginning); default: from now.
+    #[arg(long, value_name = "SEQUENCE")]
+    after: Option<u64>,
+    /// Only events of this source (repeatable).
+    #[arg(long = "source", value_name = "NAME")]
+    sources: Vec<String>,
+    /// Only events of the order with this merchant reference
+    /// (ExternalOrderId, customer_ref or po_number).
+    #[arg(long = "ref", value_name = "REFERENCE")]
+    reference: Option<String>,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// gRPC address of the instance; default: grpc.addr from the config.
+    #[arg(long, value_name = "HOST:PORT")]
+    grpc: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +67,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run_async(serve(config)),
+        Command::Tail(args) => run_async(tail(args, &config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +90,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     server::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn tail(args: TailArgs, config: &Config) -> anyhow::Result<()> {
+    let address = args.grpc.unwrap_or_else(|| config.grpc.addr.to_string());
+    let options = ordertrail::tail::TailOptions {
+        endpoint: format!("http://{address}"),
+        after: args.after,
+        sources: args.sources,
+        reference: args.reference,
+        json: args.json,
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(stop.clone()));
+    ordertrail::tail::run(options, &mut std::io::stdout().lock(), stop).await?;
     Ok(())
 }
 

@@ -60,11 +60,15 @@ impl TestServer {
     }
 
     async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        Self::start_on(dir, extra_toml, http, grpc)
+    }
+
+    fn start_on(dir: TempDir, extra_toml: &str, http: TcpListener, grpc: TcpListener) -> Self {
         let data_dir = dir.path().display().to_string();
         let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
         let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http_addr = http.local_addr().unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -87,11 +91,14 @@ impl TestServer {
         self.dir
     }
 
-    /// Stops and starts again on the same data dir.
+    /// Stops and starts again on the same data dir and the same ports, so
+    /// clients can reconnect.
     pub async fn restart(self) -> Self {
-        let extra = self.extra_toml.clone();
+        let (extra, http_addr, grpc_addr) = (self.extra_toml.clone(), self.http_addr, self.grpc_addr);
         let dir = self.stop().await;
-        Self::start_in(dir, &extra).await
+        let http = TcpListener::bind(http_addr).await.expect("rebind http");
+        let grpc = TcpListener::bind(grpc_addr).await.expect("rebind grpc");
+        Self::start_on(dir, &extra, http, grpc)
     }
 
     pub async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Answer {
