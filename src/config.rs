@@ -654,6 +654,11 @@ mod tests {
         assert_eq!(c.store.durability, defaults.store.durability);
         assert_eq!(c.store.cache_capacity_bytes, defaults.store.cache_capacity_bytes);
         assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
+        assert_eq!(c.store.retain_events, defaults.store.retain_events);
+        assert_eq!(c.store.feed_buffer_events, defaults.store.feed_buffer_events);
+        assert_eq!(c.grpc.max_subscriptions, defaults.grpc.max_subscriptions);
+        assert_eq!(c.grpc.subscription_buffer, defaults.grpc.subscription_buffer);
+        assert_eq!(c.grpc.progress_interval, defaults.grpc.progress_interval);
         assert_eq!(c.sources.len(), 3);
     }
 

@@ -16,7 +16,8 @@
 //! - [`state`]: the canonical state rules (rank tables, no regression, sticky
 //!   terminal states, derived order status). Pure.
 //! - [`store`]: the only module that imports sled. Raw log, events, orders,
-//!   indexes, dedup, quarantine, group commit.
+//!   indexes, dedup, quarantine, group commit, the live event feed and
+//!   consistent snapshots.
 //! - [`api`]: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
@@ -36,6 +37,11 @@
 //!   sequences stay gap-free.
 //! - `ingest` and `state` are pure functions of their inputs, so stored raw
 //!   deliveries can be re-run through them at any time.
+//! - Events reach subscribers only from the store's own broadcast, after the
+//!   group commit made them durable, and in sequence order. The durable head
+//!   moves before events are published, so anything a subscriber missed on
+//!   the broadcast is in the store below the head. Nothing a subscriber does
+//!   can block the writer.
 #![forbid(unsafe_code)]
 
 pub mod api;
