@@ -25,6 +25,10 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// Default time a client has to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default time a client has to send its whole body.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default most concurrent webhook connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default sled page cache size.
 pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
 /// Default newest events kept in memory for live subscribers.
@@ -67,6 +71,10 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     pub body_limit_bytes: usize,
     pub header_read_timeout: Duration,
+    /// A client must send its whole body within this time.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Network>,
 }
@@ -313,6 +321,8 @@ struct FileHttp {
     addr: Option<String>,
     body_limit_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<Network>,
 }
@@ -419,6 +429,10 @@ impl Config {
                 header_read_timeout: Duration::from_millis(
                     file.http.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
                 ),
+                body_read_timeout: Duration::from_millis(
+                    file.http.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
+                ),
+                max_connections: file.http.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                 trusted_proxies: file.http.trusted_proxies,
             },
             grpc: GrpcConfig {
@@ -449,8 +463,13 @@ impl Config {
         if self.http.body_limit_bytes == 0 {
             return Err(ConfigError::new("http.body_limit_bytes must be greater than 0"));
         }
-        if self.http.header_read_timeout.is_zero() {
-            return Err(ConfigError::new("http.header_read_timeout_ms must be greater than 0"));
+        if self.http.header_read_timeout.is_zero() || self.http.body_read_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "http.header_read_timeout_ms and http.body_read_timeout_ms must be greater than 0",
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::new("http.max_connections must be greater than 0"));
         }
         if self.grpc.subscription_buffer == 0 || self.grpc.progress_interval.is_zero() {
             return Err(ConfigError::new(
@@ -648,6 +667,8 @@ mod tests {
         assert_eq!(c.http.addr, defaults.http.addr);
         assert_eq!(c.http.body_limit_bytes, defaults.http.body_limit_bytes);
         assert_eq!(c.http.header_read_timeout, defaults.http.header_read_timeout);
+        assert_eq!(c.http.body_read_timeout, defaults.http.body_read_timeout);
+        assert_eq!(c.http.max_connections, defaults.http.max_connections);
         assert_eq!(c.grpc.addr, defaults.grpc.addr);
         assert_eq!(c.admin.addr, defaults.admin.addr);
         assert_eq!(c.store.data_dir, defaults.store.data_dir);

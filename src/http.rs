@@ -47,6 +47,8 @@ enum Refusal {
     NotFound,
     MethodNotAllowed(&'static str),
     TooLarge(usize),
+    /// The body did not arrive in time.
+    Timeout,
     BadRequest(&'static str),
     Auth(auth::AuthError),
     Unavailable(StoreError),
@@ -58,6 +60,7 @@ impl Refusal {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(auth::AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(auth::AuthError::Forbidden) => StatusCode::FORBIDDEN,
@@ -71,6 +74,7 @@ impl Refusal {
             Self::NotFound => "no such source or path".into(),
             Self::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
             Self::TooLarge(limit) => format!("body larger than {limit} bytes"),
+            Self::Timeout => "the body did not arrive in time; nothing was stored".into(),
             Self::BadRequest(why) => (*why).into(),
             Self::Auth(e) => e.to_string(),
             Self::Unavailable(_) => "storage unavailable; nothing was stored, retry later".into(),
@@ -164,7 +168,9 @@ impl FrontDoor {
         if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
             return Err(Refusal::TooLarge(limit));
         }
-        let body = read_body(body, limit).await?;
+        let body = tokio::time::timeout(self.config.http.body_read_timeout, read_body(body, limit))
+            .await
+            .map_err(|_| Refusal::Timeout)??;
         let facts = auth::RequestFacts {
             headers: &parts.headers,
             peer,
@@ -286,7 +292,16 @@ pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: Cance
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(front.config.http.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(front.config.http.max_connections));
     loop {
+        // At the connection limit, stop accepting until one closes.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -309,6 +324,7 @@ pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: Cance
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
