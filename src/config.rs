@@ -140,6 +140,18 @@ pub struct SourceConfig {
     pub name: String,
     pub provider: Provider,
     pub auth: AuthConfig,
+    /// Most authenticated deliveries accepted per second (token bucket);
+    /// `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` tokens refill each second, up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+    /// Largest burst; defaults to `per_second`.
+    pub burst: Option<u32>,
 }
 
 /// How a source proves a request is authentic.
@@ -362,6 +374,7 @@ struct FileSource {
     provider: Provider,
     #[serde(default = "open_auth")]
     auth: AuthConfig,
+    rate_limit: Option<RateLimit>,
 }
 
 fn open_auth() -> AuthConfig {
@@ -417,9 +430,10 @@ impl Config {
             .or(file.store.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let sources = match file.sources {
-            Some(list) => {
-                list.into_iter().map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth }).collect()
-            }
+            Some(list) => list
+                .into_iter()
+                .map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth, rate_limit: s.rate_limit })
+                .collect(),
             None => default_sources(),
         };
         Ok(Self {
@@ -520,6 +534,13 @@ fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> {
             "sources: name `{name}` must be 1 to 64 characters of a-z, 0-9, `-` and `_`"
         )));
     }
+    if let Some(limit) = source.rate_limit
+        && (limit.per_second == 0 || limit.burst == Some(0))
+    {
+        return Err(ConfigError::new(format!(
+            "sources.{name}.rate_limit: per_second and burst must be greater than 0"
+        )));
+    }
     let fail = |key: &str, why: &str| Err(ConfigError::new(format!("sources.{name}.auth.{key}: {why}")));
     let header_ok = |h: &str| http::HeaderName::from_bytes(h.as_bytes()).is_ok();
     let secrets_ok =
@@ -587,7 +608,7 @@ fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> {
 fn default_sources() -> Vec<SourceConfig> {
     Provider::ALL
         .iter()
-        .map(|p| SourceConfig { name: p.name().to_string(), provider: *p, auth: AuthConfig::None })
+        .map(|p| SourceConfig { name: p.name().to_string(), provider: *p, auth: AuthConfig::None, rate_limit: None })
         .collect()
 }
 

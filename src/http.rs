@@ -4,9 +4,10 @@
 //!
 //! Routes: `POST /webhooks/{source}[/{kind}]`, `GET /healthz`, `GET /readyz`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, Config, SourceConfig};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
 use crate::ingest::{self, DeliveryMeta, Unrecognized, auth};
 use crate::proto::RawDelivery;
 use crate::store::{Incoming, IngestOutcome, Store, StoreError};
@@ -39,6 +43,8 @@ pub struct FrontDoor {
     config: Arc<Config>,
     store: Store,
     shutdown: CancellationToken,
+    /// Token buckets of the sources that have a rate limit.
+    limiters: HashMap<String, DefaultDirectRateLimiter>,
 }
 
 /// Why a request was not stored. Mapped to a status code in one place.
@@ -51,6 +57,8 @@ enum Refusal {
     Timeout,
     BadRequest(&'static str),
     Auth(auth::AuthError),
+    /// Over the source's rate limit; retry after this long.
+    RateLimited(Duration),
     Unavailable(StoreError),
 }
 
@@ -64,6 +72,7 @@ impl Refusal {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(auth::AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(auth::AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -77,6 +86,7 @@ impl Refusal {
             Self::Timeout => "the body did not arrive in time; nothing was stored".into(),
             Self::BadRequest(why) => (*why).into(),
             Self::Auth(e) => e.to_string(),
+            Self::RateLimited(_) => "rate limit of this source exceeded; nothing was stored, retry later".into(),
             Self::Unavailable(_) => "storage unavailable; nothing was stored, retry later".into(),
         }
     }
@@ -87,8 +97,15 @@ impl Refusal {
             other => tracing::debug!(request_id, status = %other.status(), "webhook refused"),
         }
         let mut response = json_response(self.status(), json!({"request_id": request_id, "error": self.message()}));
-        if let Self::MethodNotAllowed(allow) = self {
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        match self {
+            Self::MethodNotAllowed(allow) => {
+                response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::RateLimited(wait) => {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            }
+            _ => {}
         }
         response
     }
@@ -98,7 +115,20 @@ impl Refusal {
 
 impl FrontDoor {
     pub fn new(config: Arc<Config>, store: Store, shutdown: CancellationToken) -> Self {
-        Self { config, store, shutdown }
+        let limiters = config
+            .sources
+            .iter()
+            .filter_map(|source| Some((source.name.clone(), limiter(source.rate_limit?)?)))
+            .collect();
+        Self { config, store, shutdown, limiters }
+    }
+
+    /// Takes a token of the source's bucket, or says when to retry.
+    fn admit(&self, source: &str) -> Result<(), Refusal> {
+        let Some(limiter) = self.limiters.get(source) else { return Ok(()) };
+        limiter
+            .check()
+            .map_err(|not_until| Refusal::RateLimited(not_until.wait_time_from(DefaultClock::default().now())))
     }
 
     async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
@@ -179,6 +209,8 @@ impl FrontDoor {
             trusted_proxies: &self.config.http.trusted_proxies,
         };
         let verified = auth::verify(&source.auth, &facts).map_err(Refusal::Auth)?;
+        // After authentication, so strangers cannot spend a source's budget.
+        self.admit(&source.name)?;
         if body.is_empty() {
             return Err(Refusal::BadRequest("empty body: not a webhook"));
         }
@@ -204,6 +236,12 @@ impl FrontDoor {
         tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
         Ok(outcome_response(&outcome, request_id))
     }
+}
+
+fn limiter(limit: RateLimit) -> Option<DefaultDirectRateLimiter> {
+    let per_second = NonZeroU32::new(limit.per_second)?;
+    let burst = NonZeroU32::new(limit.burst.unwrap_or(limit.per_second))?;
+    Some(RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)))
 }
 
 fn probe_method(method: &Method) -> Result<(), Refusal> {

@@ -110,3 +110,44 @@ async fn a_huge_array_within_the_size_limit_is_handled() {
     assert_eq!(order.items.len(), 12_000);
     assert_eq!(order.items[11_999].row_total.as_ref().unwrap().amount, "1.5");
 }
+
+#[tokio::test]
+async fn a_noisy_source_is_limited_without_starving_the_others() {
+    let server = TestServer::start_with(
+        "[[sources]]\nname = \"noisy\"\nprovider = \"ordermesh\"\nrate_limit = { per_second = 1, burst = 3 }\n\
+         [[sources]]\nname = \"quiet\"\nprovider = \"ordermesh\"\n",
+    )
+    .await;
+    let body = |i: usize| format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o-{i}"}}"#);
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let answer = server.post_json("/webhooks/noisy", body(i)).await;
+        if answer.status == 429 {
+            let retry: u64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!(retry >= 1);
+            assert!(answer.json["error"].as_str().unwrap().contains("rate limit"));
+        }
+        statuses.push(answer.status.as_u16());
+    }
+    // The burst passes; then the bucket refills at one per second, so at
+    // most one more of the quick follow-ups can pass.
+    assert_eq!(&statuses[..3], [200, 200, 200]);
+    assert!(statuses[3..].iter().filter(|s| **s == 429).count() >= 2, "{statuses:?}");
+    let accepted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(server.all_events().await.len(), accepted, "a 429 stores nothing");
+    for i in 10..20 {
+        assert_eq!(server.post_json("/webhooks/quiet", body(i)).await.status, 200, "another source is unaffected");
+    }
+    // Unauthenticated requests do not spend a source's budget.
+    let limited = TestServer::start_with(
+        "[[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nrate_limit = { per_second = 1, burst = 1 }\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"key\"] }\n",
+    )
+    .await;
+    for _ in 0..5 {
+        let answer = limited.post_json("/webhooks/k/order", "{}").await;
+        assert_eq!(answer.status, 401);
+    }
+    let headers = [("content-type", "application/json"), ("x-api-key", "key")];
+    let answer = limited.request("POST", "/webhooks/k/order", &headers, Bytes::from_static(b"{}")).await;
+    assert_eq!(answer.status, 202, "{}", answer.json);
+}
