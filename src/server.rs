@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{AdminService, OrderTrailService, Subscriptions};
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::http::{self, FrontDoor};
 use crate::proto::admin_server::AdminServer;
 use crate::proto::order_trail_server::OrderTrailServer;
@@ -36,13 +36,26 @@ pub enum ServerError {
 /// accepting, lets in-flight work finish within the grace period, and
 /// closes the store (which flushes it).
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let store = open_store(&config.store).await?;
+    run_with_store(config, store, listeners, shutdown).await
+}
+
+/// Opens the store off the async runtime.
+pub async fn open_store(config: &StoreConfig) -> Result<Store, StoreError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || Store::open(&config))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))?
+}
+
+/// Serves an already opened store (see [`run`]); closes it at the end.
+pub async fn run_with_store(
+    config: Config,
+    store: Store,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let config = Arc::new(config);
-    let store = {
-        let store_config = config.store.clone();
-        tokio::task::spawn_blocking(move || Store::open(&store_config))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))??
-    };
     tracing::info!(
         http = %local(&listeners.http),
         grpc = %local(&listeners.grpc),

@@ -11,8 +11,9 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -21,6 +22,9 @@ use crate::config::Durability;
 use crate::proto::Event;
 
 pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
+
+/// How often an unhealthy store checks whether storage works again.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A delivery written but not yet durable.
 struct Pending {
@@ -47,6 +51,18 @@ pub(super) struct Shared {
     pub flushed_replies: AtomicU64,
     /// Times a subscriber fell behind the live feed and went back to the store.
     pub feed_lags: AtomicU64,
+    /// An injected storage fault (fault-injection tests): 0 none, else a
+    /// [`FaultPoint`] as u8.
+    fault: AtomicU8,
+}
+
+/// Where an injected storage fault strikes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Writing a delivery's batch fails.
+    Write = 1,
+    /// Making written batches durable fails.
+    Flush = 2,
 }
 
 #[derive(Default)]
@@ -72,6 +88,7 @@ impl Shared {
             flushes: AtomicU64::new(0),
             flushed_replies: AtomicU64::new(0),
             feed_lags: AtomicU64::new(0),
+            fault: AtomicU8::new(0),
         }
     }
 
@@ -79,6 +96,24 @@ impl Shared {
         // A poisoned lock only means a thread panicked while holding it; the
         // queue itself is still consistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks storage as failing; the flusher then probes it until it works.
+    pub fn mark_unhealthy(&self) {
+        self.healthy.store(false, Ordering::SeqCst);
+        let _queue = self.lock();
+        self.wake.notify_one();
+    }
+
+    pub fn set_fault(&self, fault: Option<FaultPoint>) {
+        self.fault.store(fault.map_or(0, |f| f as u8), Ordering::SeqCst);
+    }
+
+    pub fn fault(&self, point: FaultPoint) -> Result<(), std::io::Error> {
+        if self.fault.load(Ordering::SeqCst) == point as u8 {
+            return Err(std::io::Error::other(format!("injected storage fault ({point:?})")));
+        }
+        Ok(())
     }
 
     pub fn durable_head(&self) -> u64 {
@@ -133,10 +168,21 @@ impl Shared {
         self.lock().waiting.len()
     }
 
-    /// Waits for queued replies; `None` once closed and drained.
+    /// Waits for queued replies; `None` once closed and drained. While
+    /// storage is unhealthy it also wakes up now and then with nothing, so
+    /// the flusher can probe whether storage works again.
     fn take(&self) -> Option<(Vec<Pending>, u64)> {
         let mut queue = self.lock();
         while (queue.waiting.is_empty() || queue.held) && !queue.closed {
+            if !self.healthy.load(Ordering::SeqCst) && !queue.held {
+                let (guard, timeout) =
+                    self.wake.wait_timeout(queue, HEALTH_PROBE_INTERVAL).unwrap_or_else(|e| e.into_inner());
+                queue = guard;
+                if timeout.timed_out() && queue.waiting.is_empty() {
+                    return Some((Vec::new(), queue.last_sequence));
+                }
+                continue;
+            }
             queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
         }
         if queue.waiting.is_empty() {
@@ -198,6 +244,7 @@ impl Flusher {
     /// `fsync` mode the files, blobs and directories are then fsynced too,
     /// so metadata and the disk cache are covered as well.
     pub fn make_durable(&mut self) -> std::io::Result<()> {
+        self.shared.fault(FaultPoint::Flush)?;
         self.db.flush().map_err(std::io::Error::other)?;
         if self.durability == Durability::Flush {
             return Ok(());

@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
+pub use commit::FaultPoint;
 pub use feed::{Feed, FeedError, FeedItem};
 pub use keys::RefKind;
 
@@ -221,6 +222,13 @@ impl Store {
     pub fn feed_stats(&self) -> (usize, u64) {
         let shared = &self.inner.shared;
         (shared.feed_backlog(), shared.feed_lags.load(Ordering::Relaxed))
+    }
+
+    /// Makes storage fail at `point` until called again with `None`. For
+    /// fault-injection tests of the ingest path; never used by the service.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, point: Option<FaultPoint>) {
+        self.inner.shared.set_fault(point);
     }
 
     fn note_feed_lag(&self) {

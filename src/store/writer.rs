@@ -6,12 +6,11 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tokio::sync::mpsc;
 
-use super::commit::{Reply, Shared};
+use super::commit::{FaultPoint, Reply, Shared};
 use super::keys::{self, RefKind};
 use super::{Incoming, IngestOutcome, StoreError};
 use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
@@ -74,8 +73,8 @@ impl Writer {
                     self.shared.enqueue(reply, outcome, events);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "storage write failed");
-                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    tracing::error!(error = %e, "storage write failed; answering 503");
+                    self.shared.mark_unhealthy();
                     let _ = reply.send(Err(e));
                 }
             }
@@ -140,6 +139,7 @@ impl Writer {
         batch.insert(dedup, dedup_value);
         batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
         counters.write(&mut batch);
+        self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.tree.apply_batch(batch)?;
         self.counters = counters;
         Ok((outcome, events))

@@ -34,6 +34,8 @@ pub struct TestServer {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub dir: TempDir,
+    /// The server's store, for fault injection.
+    pub store: ordertrail::store::Store,
     extra_toml: String,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), server::ServerError>>,
@@ -62,21 +64,24 @@ impl TestServer {
     async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        Self::start_on(dir, extra_toml, http, grpc)
+        Self::start_on(dir, extra_toml, http, grpc).await
     }
 
-    fn start_on(dir: TempDir, extra_toml: &str, http: TcpListener, grpc: TcpListener) -> Self {
+    async fn start_on(dir: TempDir, extra_toml: &str, http: TcpListener, grpc: TcpListener) -> Self {
         let data_dir = dir.path().display().to_string();
         let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
         let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
         let http_addr = http.local_addr().unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::run(config, Listeners { http, grpc }, shutdown.clone()));
+        let store = server::open_store(&config.store).await.expect("open store");
+        let task =
+            tokio::spawn(server::run_with_store(config, store.clone(), Listeners { http, grpc }, shutdown.clone()));
         Self {
             http_addr,
             grpc_addr,
             dir,
+            store,
             extra_toml: extra_toml.to_string(),
             shutdown,
             task,
@@ -88,6 +93,8 @@ impl TestServer {
     pub async fn stop(self) -> TempDir {
         self.shutdown.cancel();
         self.task.await.expect("server task").expect("server stopped cleanly");
+        // The database is released only when its last handle is gone.
+        drop(self.store);
         self.dir
     }
 
@@ -98,7 +105,7 @@ impl TestServer {
         let dir = self.stop().await;
         let http = TcpListener::bind(http_addr).await.expect("rebind http");
         let grpc = TcpListener::bind(grpc_addr).await.expect("rebind grpc");
-        Self::start_on(dir, &extra, http, grpc)
+        Self::start_on(dir, &extra, http, grpc).await
     }
 
     pub async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Answer {
