@@ -132,6 +132,9 @@ pub struct StoreConfig {
     /// Newest events kept in memory for live subscribers; one that falls
     /// further behind reads from the store until it catches up.
     pub feed_buffer_events: usize,
+    /// UNSAFE, for the crash harness's negative control only: answer before
+    /// the delivery is durable, so a crash can lose acknowledged webhooks.
+    pub unsafe_ack_before_durable: bool,
 }
 
 /// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
@@ -365,6 +368,8 @@ struct FileStore {
     #[serde(default)]
     retain_events: u64,
     feed_buffer_events: Option<usize>,
+    #[serde(default)]
+    unsafe_ack_before_durable: bool,
 }
 
 #[derive(Deserialize)]
@@ -467,6 +472,7 @@ impl Config {
                 cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
                 retain_events: file.store.retain_events,
                 feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
+                unsafe_ack_before_durable: file.store.unsafe_ack_before_durable,
             },
             sources,
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),

@@ -352,6 +352,8 @@ pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: Cance
             },
             () = shutdown.cancelled() => break,
         };
+        // Answers are small and must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
         let front = front.clone();
         let service = service_fn(move |req| {
             let front = front.clone();

@@ -71,7 +71,10 @@ pub async fn run_with_store(
     let grpc = tonic::transport::Server::builder()
         .add_service(OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions)))
         .add_service(AdminServer::new(AdminService::new(store.clone())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            shutdown.clone().cancelled_owned(),
+        );
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;

@@ -149,8 +149,16 @@ impl Store {
         let counters = Counters::load(&tree)?;
         let shared = Arc::new(Shared::new(counters.last_sequence, config.feed_buffer_events));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let writer =
-            Writer { tree: tree.clone(), counters, shared: shared.clone(), retain_events: config.retain_events };
+        if config.unsafe_ack_before_durable {
+            tracing::warn!("store.unsafe_ack_before_durable is set: acknowledged webhooks can be lost in a crash");
+        }
+        let writer = Writer {
+            tree: tree.clone(),
+            counters,
+            shared: shared.clone(),
+            retain_events: config.retain_events,
+            ack_before_durable: config.unsafe_ack_before_durable,
+        };
         let flusher = Flusher {
             db: db.clone(),
             durability: config.durability,
@@ -445,6 +453,7 @@ mod tests {
             cache_capacity_bytes: 16 * 1024 * 1024,
             retain_events: 0,
             feed_buffer_events: 64,
+            unsafe_ack_before_durable: false,
         };
         Store::open(&config).unwrap()
     }

@@ -61,6 +61,8 @@ pub(super) struct Writer {
     pub shared: Arc<Shared>,
     /// Keep only this many newest events (0: all).
     pub retain_events: u64,
+    /// UNSAFE negative-control switch: reply before the flush.
+    pub ack_before_durable: bool,
 }
 
 impl Writer {
@@ -70,6 +72,12 @@ impl Writer {
             match self.process_or_quarantine(incoming) {
                 Ok((outcome, events)) => {
                     self.shared.written(self.counters.last_sequence);
+                    let reply = if self.ack_before_durable {
+                        let _ = reply.send(Ok(outcome.clone()));
+                        tokio::sync::oneshot::channel().0
+                    } else {
+                        reply
+                    };
                     self.shared.enqueue(reply, outcome, events);
                 }
                 Err(e) => {

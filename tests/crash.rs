@@ -1,0 +1,306 @@
+//! The kill -9 harness: the real binary under an open-loop load of unique,
+//! authenticated webhooks of all three providers is SIGKILLed at random
+//! moments (sometimes during start-up) and restarted on the same data dir.
+//! Afterwards every acknowledged delivery must be there, byte for byte, with
+//! its events once each and the sequence gap-free, and the database must
+//! always reopen.
+//!
+//! The negative control runs the same harness with acknowledgements moved
+//! before the flush and must find losses: proof the harness can see them.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use ordertrail::proto::admin_client::AdminClient;
+use ordertrail::proto::order_trail_client::OrderTrailClient;
+use ordertrail::proto::{GetDeliveryRequest, ListEventsRequest};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
+const HMAC_KEY: &str = "crash-harness-hmac-key-0123456789";
+const API_KEY: &str = "crash-harness-api-key";
+/// Requests in flight at once.
+const IN_FLIGHT: usize = 24;
+
+/// One delivery the harness sent and what became of it.
+#[derive(Clone, Debug)]
+struct Sent {
+    body: Vec<u8>,
+    /// `Some((raw_id, sequences))` when answered 2xx.
+    acked: Option<(u64, Vec<u64>)>,
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    config: std::path::PathBuf,
+    log: Arc<Mutex<Vec<Sent>>>,
+    counter: Arc<Mutex<usize>>,
+    seed: u64,
+}
+
+impl Harness {
+    fn new(unsafe_ack: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ordertrail.toml");
+        let mut file = std::fs::File::create(&config).unwrap();
+        write!(
+            file,
+            "[store]\ndata_dir = {:?}\nunsafe_ack_before_durable = {unsafe_ack}\n\
+             [[sources]]\nname = \"ordermesh\"\nprovider = \"ordermesh\"\nauth = {{ scheme = \"hmac\", header = \"x-signature\", secrets = [\"{HMAC_KEY}\"] }}\n\
+             [[sources]]\nname = \"winkelstraat\"\nprovider = \"winkelstraat\"\nauth = {{ scheme = \"header\", header = \"x-api-key\", secrets = [\"{API_KEY}\"] }}\n\
+             [[sources]]\nname = \"withings\"\nprovider = \"withings\"\nauth = {{ scheme = \"ip_allowlist\", allow = [\"127.0.0.0/8\"] }}\n",
+            dir.path().join("data").display().to_string()
+        )
+        .unwrap();
+        Self {
+            dir,
+            http: free_port(),
+            grpc: free_port(),
+            config,
+            log: Arc::default(),
+            counter: Arc::default(),
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn random(&mut self, below: u64) -> u64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        self.seed % below
+    }
+
+    fn spawn(&self) -> Child {
+        Command::new(BIN)
+            .args(["--config", self.config.to_str().unwrap()])
+            .env("ORDERTRAIL_HTTP_ADDR", self.http.to_string())
+            .env("ORDERTRAIL_GRPC_ADDR", self.grpc.to_string())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ordertrail")
+    }
+
+    /// Starts the server and waits until it is ready; the database must
+    /// always reopen.
+    async fn start(&self) -> Child {
+        let mut child = self.spawn();
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the server exited on start-up ({status}): the database did not reopen");
+            }
+            let uri = format!("http://{}/readyz", self.http);
+            if let Ok(Ok(response)) =
+                tokio::time::timeout(Duration::from_secs(1), client.get(uri.parse().unwrap())).await
+                && response.status() == 200
+            {
+                return child;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the server never became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends unique webhooks with `IN_FLIGHT` requests outstanding until
+    /// `stop`; records every outcome.
+    async fn load(&self, stop: tokio_util::sync::CancellationToken) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (client, stop, log, counter, http) =
+                (client.clone(), stop.clone(), self.log.clone(), self.counter.clone(), self.http);
+            workers.spawn(async move {
+                while !stop.is_cancelled() {
+                    let n = {
+                        let mut c = counter.lock().unwrap();
+                        *c += 1;
+                        *c
+                    };
+                    let (request, body) = webhook(n, http);
+                    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                        let response = client.request(request).await.ok()?;
+                        let status = response.status();
+                        let bytes = response.into_body().collect().await.ok()?.to_bytes();
+                        Some((status, bytes))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let acked = answer.filter(|(status, _)| status.is_success()).map(|(_, bytes)| {
+                        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                        assert_ne!(json["outcome"], "duplicate", "unique deliveries cannot be duplicates");
+                        let sequences = json["sequences"]
+                            .as_array()
+                            .map_or_else(Vec::new, |a| a.iter().map(|s| s.as_u64().unwrap()).collect());
+                        (json["raw_id"].as_u64().unwrap(), sequences)
+                    });
+                    log.lock().unwrap().push(Sent { body, acked });
+                }
+            });
+        }
+        workers.join_all().await;
+    }
+
+    /// Runs `cycles` kill cycles; returns the verification of the final state.
+    async fn run(&mut self, cycles: usize) -> Verdict {
+        for cycle in 0..cycles {
+            if cycle % 5 == 4 {
+                // Killed during start-up or recovery.
+                let mut child = self.spawn();
+                tokio::time::sleep(Duration::from_millis(self.random(60))).await;
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+            let mut child = self.start().await;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let load = {
+                let stop = stop.clone();
+                let this: &Self = self;
+                async move { this.load(stop).await }
+            };
+            let killer = async {
+                tokio::time::sleep(Duration::from_millis(150 + self.seed % 400)).await;
+                child.kill().unwrap();
+                child.wait().unwrap();
+                stop.cancel();
+            };
+            tokio::join!(load, killer);
+            self.random(1);
+        }
+        let mut child = self.start().await;
+        let verdict = self.verify().await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        verdict
+    }
+
+    /// Checks the final state through the gRPC API and the raw store.
+    async fn verify(&self) -> Verdict {
+        let mut admin = AdminClient::connect(format!("http://{}", self.grpc)).await.unwrap();
+        let mut api = OrderTrailClient::connect(format!("http://{}", self.grpc)).await.unwrap();
+        let log = self.log.lock().unwrap().clone();
+        let mut verdict = Verdict { acked: 0, missing: 0, problems: Vec::new() };
+        // Every event, through the paged API.
+        let mut events = Vec::new();
+        let mut token = String::new();
+        loop {
+            let request = ListEventsRequest { page_size: 1000, page_token: token.clone(), ..Default::default() };
+            let page = api.list_events(request).await.unwrap().into_inner();
+            events.extend(page.events);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+        if sequences != (1..=sequences.len() as u64).collect::<Vec<_>>() {
+            verdict.problems.push("the event sequence has a gap or a repeat".into());
+        }
+        let mut by_raw: HashMap<u64, Vec<u64>> = HashMap::new();
+        for event in &events {
+            by_raw.entry(event.provenance.as_ref().unwrap().raw_id).or_default().push(event.sequence);
+        }
+        let mut bodies = HashSet::new();
+        for sent in log.iter() {
+            let Some((raw_id, answered)) = &sent.acked else { continue };
+            verdict.acked += 1;
+            match admin.get_delivery(GetDeliveryRequest { raw_id: *raw_id }).await {
+                Ok(raw) if raw.get_ref().body == sent.body => {
+                    let stored = by_raw.get(raw_id).cloned().unwrap_or_default();
+                    if &stored != answered {
+                        verdict.problems.push(format!("raw {raw_id}: events {stored:?}, answered {answered:?}"));
+                    }
+                }
+                Ok(_) => {
+                    verdict.missing += 1;
+                    verdict.problems.push(format!("raw {raw_id} holds other bytes than were acknowledged"));
+                }
+                Err(_) => verdict.missing += 1,
+            }
+            if !bodies.insert(&sent.body) {
+                verdict.problems.push("the same delivery was acknowledged twice".into());
+            }
+        }
+        verdict
+    }
+}
+
+#[derive(Debug)]
+struct Verdict {
+    acked: usize,
+    missing: usize,
+    problems: Vec<String>,
+}
+
+fn free_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// The `n`th unique webhook, rotating through the providers.
+fn webhook(n: usize, http: SocketAddr) -> (hyper::Request<Full<Bytes>>, Vec<u8>) {
+    let (path, content_type, body, auth): (&str, &str, String, Option<(&str, String)>) = match n % 3 {
+        0 => {
+            let body = format!(
+                r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"om-{n}","ExternalOrderId":"EXT-{n}","SafeId":"S-{n}"}}"#
+            );
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(HMAC_KEY.as_bytes()).unwrap();
+            mac.update(body.as_bytes());
+            let signature = hex::encode(mac.finalize().into_bytes());
+            ("/webhooks/ordermesh", "application/json", body, Some(("x-signature", signature)))
+        }
+        1 => {
+            let body = format!(
+                r#"{{"increment_id":"S{n:09}","order_increment_id":"O{n:09}","po_number":"PO-{n}","status":"IN_TRANSIT","updated_at":"2024-02-20 15:31:54","track":{{"tracking_number":"1Z{n}","carrier":"ups"}}}}"#
+            );
+            ("/webhooks/winkelstraat/shipment", "application/json", body, Some(("x-api-key", API_KEY.to_string())))
+        }
+        _ => {
+            let body =
+                format!("customer_id=1&customer_ref=W-{n}&status=OPEN&parcel_status=in_transit&tracking_number=T{n}");
+            ("/webhooks/withings", "application/x-www-form-urlencoded", body, None)
+        }
+    };
+    let mut builder = hyper::Request::post(format!("http://{http}{path}")).header("content-type", content_type);
+    if let Some((name, value)) = auth {
+        builder = builder.header(name, value);
+    }
+    (builder.body(Full::new(Bytes::from(body.clone()))).unwrap(), body.into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_never_loses_an_acknowledged_webhook() {
+    let mut harness = Harness::new(false);
+    let verdict = harness.run(20).await;
+    assert!(verdict.acked > 100, "too little load to mean anything: {verdict:?}");
+    assert_eq!(verdict.missing, 0, "acknowledged deliveries lost: {verdict:?}");
+    assert!(verdict.problems.is_empty(), "{:#?}", verdict.problems);
+    drop(harness.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_the_harness_sees_losses_when_acks_precede_the_flush() {
+    let mut harness = Harness::new(true);
+    let mut total = 0;
+    for round in 0..10 {
+        let verdict = harness.run(5).await;
+        total = verdict.missing;
+        eprintln!("negative control round {round}: {verdict:?}");
+        if total > 0 {
+            break;
+        }
+    }
+    assert!(total > 0, "acknowledging before the flush lost nothing the harness could see");
+}
