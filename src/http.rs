@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
-use crate::ingest::{self, DeliveryMeta, Unrecognized, auth};
+use crate::ingest::{self, auth};
 use crate::proto::RawDelivery;
 use crate::store::{Incoming, IngestOutcome, Store, StoreError};
 
@@ -215,9 +214,6 @@ impl FrontDoor {
             return Err(Refusal::BadRequest("empty body: not a webhook"));
         }
         let content_type = header_text(&parts.headers, header::CONTENT_TYPE);
-        let meta = DeliveryMeta { provider: source.provider, kind, content_type: &content_type };
-        let mapped = std::panic::catch_unwind(AssertUnwindSafe(|| ingest::normalize(meta, &body)))
-            .unwrap_or_else(|_| Err(Unrecognized("the mapper failed on this delivery".into())));
         let raw = RawDelivery {
             request_id: request_id.to_string(),
             received_at: Some(now()),
@@ -232,6 +228,7 @@ impl FrontDoor {
             body,
             ..RawDelivery::default()
         };
+        let mapped = ingest::map_raw(&raw);
         let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
         tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
         Ok(outcome_response(&outcome, request_id))

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ordertrail::config::Config;
-use ordertrail::server::{self, Listeners};
+use ordertrail::server::{self, Listeners, ServerError};
+use ordertrail::store::StoreError;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when the service cannot run (EX_SOFTWARE).
 const EXIT_FAILURE: u8 = 70;
+/// Exit code when the database is damaged (EX_DATAERR).
+const EXIT_CORRUPT: u8 = 65;
 
 /// Receives fulfilment webhooks, stores them durably and serves orders over gRPC.
 #[derive(Parser)]
@@ -33,6 +36,20 @@ enum Command {
     /// Print the live event stream of a running instance, one event per
     /// line; reconnects and resumes from the last sequence after a failure.
     Tail(TailArgs),
+    /// Write every stored raw delivery as NDJSON (the instance must be
+    /// stopped). Works on a damaged database too, to salvage what is readable.
+    Export {
+        /// Output file; default: standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Store the deliveries of an export through the current mappers into
+    /// the configured data dir (the instance must be stopped). Identical
+    /// deliveries are stored once.
+    Import {
+        /// An export written by `ordertrail export`.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -68,14 +85,47 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run_async(serve(config)),
         Command::Tail(args) => run_async(tail(args, &config)),
+        Command::Export { out } => export(&config, out),
+        Command::Import { file } => run_async(import(&config, file)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ordertrail: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            let corrupt = matches!(e.downcast_ref::<ServerError>(), Some(ServerError::Store(StoreError::Corrupt(_))))
+                || matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Corrupt(_)));
+            ExitCode::from(if corrupt { EXIT_CORRUPT } else { EXIT_FAILURE })
         }
     }
+}
+
+fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let count = match out {
+        Some(path) => {
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            let count = ordertrail::store::export(&config.store, &mut file)?;
+            std::io::Write::flush(&mut file)?;
+            count
+        }
+        None => ordertrail::store::export(&config.store, &mut std::io::stdout().lock())?,
+    };
+    eprintln!("ordertrail: exported {count} deliveries");
+    Ok(())
+}
+
+async fn import(config: &Config, file: PathBuf) -> anyhow::Result<()> {
+    let input = std::io::BufReader::new(
+        std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?,
+    );
+    let store = server::open_store(&config.store).await?;
+    let summary = ordertrail::store::import(&store, input).await;
+    tokio::task::spawn_blocking(move || store.close()).await??;
+    let summary = summary?;
+    eprintln!(
+        "ordertrail: imported {} applied, {} quarantined, {} already present",
+        summary.applied, summary.quarantined, summary.duplicates
+    );
+    Ok(())
 }
 
 fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {

@@ -134,3 +134,90 @@ async fn tail_prints_events_and_resumes_after_a_server_restart() {
     assert_eq!(next_sequence().await, 4);
     child.kill().await.unwrap();
 }
+
+#[test]
+fn a_damaged_database_is_refused_not_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env_remove("ORDERTRAIL_CONFIG")
+            .env("RUST_LOG", "info")
+            .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
+            .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
+            .env("ORDERTRAIL_DATA_DIR", dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Store some deliveries, then stop cleanly.
+    let mut child = run(&[]);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines.by_ref().map_while(Result::ok).find(|l| l.contains("ordertrail serving")).unwrap();
+    let http = serving.split("http=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    for i in 0..50 {
+        let body = format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o-{i}"}}"#);
+        assert!(post_std(&http, "/webhooks/ordermesh", body.as_bytes()).starts_with("HTTP/1.1 200"));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    // Destroy the log: sled would open it as an empty database.
+    let db = dir.path().join("sled/db");
+    let size = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, vec![0x55u8; size]).unwrap();
+    let output = run(&[]).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("damaged") && stderr.contains("refusing to start"), "{stderr}");
+    // Still refused on a second try: nothing was silently recreated.
+    let again = run(&[]).wait_with_output().unwrap();
+    assert_eq!(again.status.code(), Some(65));
+    assert!(dir.path().join("ordertrail-state.json").exists());
+    // The operator can still get out whatever is readable.
+    let export =
+        run(&["export", "--out", dir.path().join("salvage.ndjson").to_str().unwrap()]).wait_with_output().unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_rebuilds_identical_state() {
+    let server = common::TestServer::start().await;
+    for name in ["order-creation", "order-update", "shipment-created", "shipment-update"] {
+        let body = common::fixture(&format!("ordermesh/{name}.json"));
+        assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
+    }
+    let form = "customer_ref=MREF-1001&status=OPEN&parcel_status=in_transit&tracking_number=1Z";
+    assert_eq!(server.post("/webhooks/withings", "application/x-www-form-urlencoded", form).await.status, 200);
+    for kind in ["order", "shipment", "rma"] {
+        let body = common::fixture(&format!("winkelstraat/{kind}.json"));
+        assert_eq!(server.post_json(&format!("/webhooks/winkelstraat/{kind}"), body).await.status, 200);
+    }
+    assert_eq!(server.post_json("/webhooks/ordermesh", vec![0xffu8, 0x00, 0x7b]).await.status, 202);
+    let events = server.all_events().await;
+    let quarantine = server.quarantine().await;
+    let source = server.stop().await;
+
+    let file = source.path().join("export.ndjson");
+    let cli = |args: Vec<String>, data_dir: &std::path::Path| {
+        let output = Command::new(BIN)
+            .args(args)
+            .env_remove("ORDERTRAIL_CONFIG")
+            .env("ORDERTRAIL_DATA_DIR", data_dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let exported = cli(vec!["export".into(), "--out".into(), file.display().to_string()], source.path());
+    assert!(exported.contains("exported 9 deliveries"), "{exported}");
+    let target = tempfile::tempdir().unwrap();
+    let imported = cli(vec!["import".into(), file.display().to_string()], target.path());
+    assert!(imported.contains("imported 8 applied, 1 quarantined, 0 already present"), "{imported}");
+    let again = cli(vec!["import".into(), file.display().to_string()], target.path());
+    assert!(again.contains("imported 0 applied, 0 quarantined, 9 already present"), "{again}");
+
+    let rebuilt = common::TestServer::start_in(target, "").await;
+    assert_eq!(rebuilt.all_events().await, events, "events identical, provenance included");
+    assert_eq!(rebuilt.quarantine().await, quarantine);
+    rebuilt.stop().await;
+}

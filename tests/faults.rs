@@ -59,3 +59,48 @@ async fn storage_failures_answer_503_and_ingest_resumes_when_they_clear() {
         server.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_under_load_loses_nothing_acknowledged() {
+    let server = TestServer::start_with("shutdown_grace_ms = 20000\n").await;
+    let address = server.http_addr;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut posters = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        posters.spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<Bytes>>();
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                let reference = format!("E-{worker}-{i}");
+                let body = format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"{reference}","ExternalOrderId":"{reference}"}}"#);
+                let request = hyper::Request::post(format!("http://{address}/webhooks/ordermesh"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(body)))
+                    .unwrap();
+                match client.request(request).await {
+                    Ok(response) if response.status() == 200 => acked.lock().unwrap().push(reference),
+                    Ok(_) => {}
+                    // The listener is gone: stop hammering it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Shut down while 16 clients keep posting; well inside the grace period.
+    let dir = tokio::time::timeout(Duration::from_secs(15), server.stop()).await.expect("shutdown hung");
+    stop.cancel();
+    posters.join_all().await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "too little load: {}", acked.len());
+    let server = TestServer::start_in(dir, "").await;
+    let stored: std::collections::HashSet<String> =
+        server.all_events().await.into_iter().map(|e| e.references.unwrap().merchant_reference).collect();
+    let missing: Vec<&String> = acked.iter().filter(|r| !stored.contains(*r)).collect();
+    assert!(missing.is_empty(), "{} acknowledged deliveries lost: {missing:?}", missing.len());
+    server.stop().await;
+}

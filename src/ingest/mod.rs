@@ -165,6 +165,19 @@ pub fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unre
     }
 }
 
+/// Maps a stored (or about to be stored) raw delivery with the current
+/// mappers. A mapper that panics (a bug) quarantines the delivery instead of
+/// losing it.
+pub fn map_raw(raw: &proto::RawDelivery) -> Result<Normalized, Unrecognized> {
+    let Some(provider) = Provider::from_proto(raw.provider()) else {
+        return Err(Unrecognized("delivery of an unknown provider".into()));
+    };
+    let kind = (!raw.kind.is_empty()).then_some(raw.kind.as_str());
+    let meta = DeliveryMeta { provider, kind, content_type: &raw.content_type };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| normalize(meta, &raw.body)))
+        .unwrap_or_else(|_| Err(Unrecognized("the mapper failed on this delivery".into())))
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -13,15 +13,19 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
 use crate::config::Durability;
 use crate::proto::Event;
 
 pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
+
+/// How often the durability mark is brought up to date while writing.
+const MARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often an unhealthy store checks whether storage works again.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -54,6 +58,8 @@ pub(super) struct Shared {
     /// An injected storage fault (fault-injection tests): 0 none, else a
     /// [`FaultPoint`] as u8.
     fault: AtomicU8,
+    /// How far the database is durable (for the durability mark).
+    durable_mark: Mutex<Mark>,
 }
 
 /// Where an injected storage fault strikes.
@@ -69,6 +75,7 @@ pub enum FaultPoint {
 struct Queue {
     waiting: Vec<Pending>,
     last_sequence: u64,
+    last_raw: u64,
     closed: bool,
     /// Commits are held (tests only).
     held: bool,
@@ -77,9 +84,14 @@ struct Queue {
 impl Shared {
     /// `feed_capacity`: published events kept for slow subscribers before
     /// they lag (and catch up from the store instead).
-    pub fn new(durable_head: u64, feed_capacity: usize) -> Self {
+    pub fn new(durable: Mark, feed_capacity: usize) -> Self {
+        let durable_head = durable.durable_sequence;
         Self {
-            queue: Mutex::new(Queue { last_sequence: durable_head, ..Queue::default() }),
+            queue: Mutex::new(Queue {
+                last_sequence: durable.durable_sequence,
+                last_raw: durable.durable_raw,
+                ..Queue::default()
+            }),
             wake: Condvar::new(),
             durable: watch::Sender::new(durable_head),
             feed: broadcast::Sender::new(feed_capacity.max(1)),
@@ -89,6 +101,7 @@ impl Shared {
             flushed_replies: AtomicU64::new(0),
             feed_lags: AtomicU64::new(0),
             fault: AtomicU8::new(0),
+            durable_mark: Mutex::new(durable),
         }
     }
 
@@ -146,6 +159,9 @@ impl Shared {
         if let Some(last) = events.last() {
             queue.last_sequence = last.sequence;
         }
+        if let IngestOutcome::Applied { raw_id, .. } | IngestOutcome::Quarantined { raw_id, .. } = &outcome {
+            queue.last_raw = queue.last_raw.max(*raw_id);
+        }
         queue.waiting.push(Pending { reply, outcome, events });
         self.wake.notify_one();
     }
@@ -171,7 +187,7 @@ impl Shared {
     /// Waits for queued replies; `None` once closed and drained. While
     /// storage is unhealthy it also wakes up now and then with nothing, so
     /// the flusher can probe whether storage works again.
-    fn take(&self) -> Option<(Vec<Pending>, u64)> {
+    fn take(&self) -> Option<(Vec<Pending>, Mark)> {
         let mut queue = self.lock();
         while (queue.waiting.is_empty() || queue.held) && !queue.closed {
             if !self.healthy.load(Ordering::SeqCst) && !queue.held {
@@ -179,7 +195,7 @@ impl Shared {
                     self.wake.wait_timeout(queue, HEALTH_PROBE_INTERVAL).unwrap_or_else(|e| e.into_inner());
                 queue = guard;
                 if timeout.timed_out() && queue.waiting.is_empty() {
-                    return Some((Vec::new(), queue.last_sequence));
+                    return Some((Vec::new(), queue.marks()));
                 }
                 continue;
             }
@@ -188,7 +204,19 @@ impl Shared {
         if queue.waiting.is_empty() {
             return None;
         }
-        Some((std::mem::take(&mut queue.waiting), queue.last_sequence))
+        let marks = queue.marks();
+        Some((std::mem::take(&mut queue.waiting), marks))
+    }
+
+    /// What the queue's writes reach once durable.
+    pub fn durable_mark(&self) -> Mark {
+        *self.durable_mark.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Queue {
+    fn marks(&self) -> Mark {
+        Mark { durable_sequence: self.last_sequence, durable_raw: self.last_raw }
     }
 }
 
@@ -198,16 +226,24 @@ impl Shared {
 pub(super) struct Flusher {
     pub db: sled::Db,
     pub durability: Durability,
+    /// sled's directory.
     pub dir: PathBuf,
+    /// The data directory, where the durability mark lives.
+    pub data_dir: PathBuf,
     pub shared: Arc<Shared>,
     pub synced_blobs: HashSet<OsString>,
+    /// When the durability mark was last written.
+    pub mark_written: Instant,
 }
 
 impl Flusher {
     pub fn run(mut self) {
-        while let Some((waiting, last_sequence)) = self.shared.take() {
+        while let Some((waiting, marks)) = self.shared.take() {
             match self.make_durable() {
-                Ok(()) => self.committed(waiting, last_sequence),
+                Ok(()) => {
+                    self.committed(waiting, marks);
+                    self.maybe_write_mark();
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "storage flush failed; answering 503");
                     self.shared.healthy.store(false, Ordering::SeqCst);
@@ -221,8 +257,10 @@ impl Flusher {
 
     /// The head moves before events are published: a subscriber that misses
     /// a published event can always find it in the store below the head.
-    fn committed(&self, waiting: Vec<Pending>, last_sequence: u64) {
+    fn committed(&self, waiting: Vec<Pending>, marks: Mark) {
         let shared = &self.shared;
+        let last_sequence = marks.durable_sequence;
+        *shared.durable_mark.lock().unwrap_or_else(|e| e.into_inner()) = marks;
         shared.healthy.store(true, Ordering::SeqCst);
         shared.durable.send_if_modified(|head| {
             let moved = last_sequence > *head;
@@ -237,6 +275,19 @@ impl Flusher {
                 let _ = shared.feed.send(Arc::new(event));
             }
             let _ = pending.reply.send(Ok(pending.outcome));
+        }
+    }
+
+    /// Records how far the database is durable, at most once per
+    /// [`MARK_INTERVAL`] (and once more on close).
+    fn maybe_write_mark(&mut self) {
+        if self.mark_written.elapsed() < MARK_INTERVAL {
+            return;
+        }
+        self.mark_written = Instant::now();
+        let sync = self.durability == Durability::Fsync;
+        if let Err(e) = mark::write(&self.data_dir, self.shared.durable_mark(), sync) {
+            tracing::warn!(error = %e, "cannot write the durability mark");
         }
     }
 

@@ -7,8 +7,10 @@
 //! durable in groups before any reply is sent.
 
 mod commit;
+mod export;
 mod feed;
 mod keys;
+mod mark;
 mod snapshot;
 mod writer;
 
@@ -21,13 +23,15 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 pub use commit::FaultPoint;
+pub use export::{ExportedDelivery, ImportSummary, export, import};
 pub use feed::{Feed, FeedError, FeedItem};
 pub use keys::RefKind;
 
-use crate::config::StoreConfig;
+use crate::config::{Durability, StoreConfig};
 use crate::ingest::{Normalized, Unrecognized};
 use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
 use commit::{Flusher, Shared};
+use mark::Mark;
 use writer::{Command, Counters, Writer};
 
 /// How many deliveries may wait for the writer before senders wait too.
@@ -126,6 +130,8 @@ pub struct Store {
 
 struct Inner {
     db: sled::Db,
+    data_dir: std::path::PathBuf,
+    durability: Durability,
     tree: sled::Tree,
     shared: Arc<Shared>,
     retain_events: u64,
@@ -140,6 +146,7 @@ impl Store {
     /// writer and flusher threads.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let dir = config.data_dir.join("sled");
+        let known = mark::read(&config.data_dir)?;
         let db = sled::Config::new()
             .path(&dir)
             .cache_capacity(config.cache_capacity_bytes)
@@ -147,7 +154,9 @@ impl Store {
             .map_err(|e| open_error(&dir, e))?;
         let tree: sled::Tree = (*db).clone();
         let counters = Counters::load(&tree)?;
-        let shared = Arc::new(Shared::new(counters.last_sequence, config.feed_buffer_events));
+        let recovered = Mark { durable_sequence: counters.last_sequence, durable_raw: counters.last_raw };
+        mark::check(&config.data_dir, known, recovered)?;
+        let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         if config.unsafe_ack_before_durable {
             tracing::warn!("store.unsafe_ack_before_durable is set: acknowledged webhooks can be lost in a crash");
@@ -163,8 +172,10 @@ impl Store {
             db: db.clone(),
             durability: config.durability,
             dir,
+            data_dir: config.data_dir.clone(),
             shared: shared.clone(),
             synced_blobs: Default::default(),
+            mark_written: std::time::Instant::now(),
         };
         let threads = vec![
             spawn_thread("ordertrail-writer", move || writer.run(rx))?,
@@ -173,6 +184,8 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                data_dir: config.data_dir.clone(),
+                durability: config.durability,
                 tree,
                 shared,
                 retain_events: config.retain_events,
@@ -184,10 +197,19 @@ impl Store {
 
     /// Stores a delivery and waits until it is durable.
     pub async fn ingest(&self, incoming: Incoming) -> Result<IngestOutcome, StoreError> {
+        self.submit(incoming).await?.await
+    }
+
+    /// Hands a delivery to the writer (deliveries are written in the order
+    /// they are submitted); the returned future resolves once it is durable.
+    pub async fn submit(
+        &self,
+        incoming: Incoming,
+    ) -> Result<impl Future<Output = Result<IngestOutcome, StoreError>> + use<>, StoreError> {
         let sender = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
         sender.send(Command { incoming, reply }).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Command>> {
@@ -264,7 +286,9 @@ impl Store {
             let _ = thread.join();
         }
         self.inner.db.flush()?;
-        Ok(())
+        let sync = self.inner.durability == Durability::Fsync;
+        mark::write(&self.inner.data_dir, self.inner.shared.durable_mark(), sync)
+            .map_err(|e| StoreError::Unavailable(format!("cannot write the durability mark: {e}")))
     }
 
     // === queries ===

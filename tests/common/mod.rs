@@ -61,7 +61,8 @@ impl TestServer {
         Self::start_in(dir, extra_toml).await
     }
 
-    async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
+    /// Starts on an existing data dir.
+    pub async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         Self::start_on(dir, extra_toml, http, grpc).await
