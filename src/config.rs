@@ -31,6 +31,16 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default sled page cache size.
 pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
+/// Default largest gRPC message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Default most concurrent HTTP/2 streams per gRPC connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default HTTP/2 keepalive ping interval.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+/// Default time to wait for a keepalive answer.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+/// Default longest unary gRPC call.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Default newest events kept in memory for live subscribers.
 pub const DEFAULT_FEED_BUFFER_EVENTS: usize = 4096;
 /// Default most concurrent `Subscribe` streams.
@@ -91,6 +101,46 @@ pub struct GrpcConfig {
     pub subscription_buffer: usize,
     /// How often a stream reports its position.
     pub progress_interval: Duration,
+    /// Accepted bearer tokens (`authorization: Bearer …`); empty: none asked.
+    pub bearer_tokens: Vec<Secret>,
+    /// TLS for the gRPC listener; with a client CA, client certificates are
+    /// required (mTLS).
+    pub tls: Option<GrpcTls>,
+    /// Largest request or response message.
+    pub max_message_bytes: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive: ping interval, and how long to wait for the answer
+    /// before closing the connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Longest time a unary call may take (streams are not limited).
+    pub request_timeout: Duration,
+}
+
+impl GrpcConfig {
+    /// True when callers must authenticate (bearer token or client certificate).
+    pub fn is_authenticated(&self) -> bool {
+        !self.bearer_tokens.is_empty() || self.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some())
+    }
+}
+
+/// PEM material for gRPC TLS, read when the config is loaded.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Secret,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcTls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &self.key_pem)
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish()
+    }
 }
 
 /// The internal admin listener (metrics).
@@ -351,6 +401,41 @@ struct FileGrpc {
     max_subscriptions: Option<usize>,
     subscription_buffer: Option<usize>,
     progress_interval_ms: Option<u64>,
+    #[serde(default)]
+    bearer_tokens: Vec<Secret>,
+    tls: Option<FileTls>,
+    max_message_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    keepalive_interval_ms: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+}
+
+impl FileTls {
+    fn load(self) -> Result<GrpcTls, ConfigError> {
+        let read = |key: &str, path: &Path| -> Result<Vec<u8>, ConfigError> {
+            let bytes = std::fs::read(path)
+                .map_err(|e| ConfigError::new(format!("grpc.tls.{key}: cannot read {}: {e}", path.display())))?;
+            if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(ConfigError::new(format!("grpc.tls.{key}: {} is not PEM", path.display())));
+            }
+            Ok(bytes)
+        };
+        let key = read("key_file", &self.key_file)?;
+        Ok(GrpcTls {
+            cert_pem: read("cert_file", &self.cert_file)?,
+            key_pem: Secret(String::from_utf8_lossy(&key).into_owned()),
+            client_ca_pem: self.client_ca_file.map(|p| read("client_ca_file", &p)).transpose()?,
+        })
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -462,6 +547,19 @@ impl Config {
                 progress_interval: Duration::from_millis(
                     file.grpc.progress_interval_ms.unwrap_or(DEFAULT_PROGRESS_INTERVAL_MS),
                 ),
+                bearer_tokens: file.grpc.bearer_tokens,
+                tls: file.grpc.tls.map(FileTls::load).transpose()?,
+                max_message_bytes: file.grpc.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+                max_concurrent_streams: file.grpc.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+                keepalive_interval: Duration::from_millis(
+                    file.grpc.keepalive_interval_ms.unwrap_or(DEFAULT_KEEPALIVE_INTERVAL_MS),
+                ),
+                keepalive_timeout: Duration::from_millis(
+                    file.grpc.keepalive_timeout_ms.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_MS),
+                ),
+                request_timeout: Duration::from_millis(
+                    file.grpc.request_timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
+                ),
             },
             admin: AdminConfig {
                 addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
@@ -512,11 +610,30 @@ impl Config {
                 )));
             }
         }
-        if !self.grpc.addr.ip().is_loopback() && !self.grpc.allow_unauthenticated_public {
+        if !self.grpc.addr.ip().is_loopback()
+            && !self.grpc.is_authenticated()
+            && !self.grpc.allow_unauthenticated_public
+        {
             return Err(ConfigError::new(format!(
-                "grpc.addr {} is not loopback and gRPC has no authentication; set grpc.allow_unauthenticated_public = true to allow it",
+                "grpc.addr {} is not loopback and gRPC has no authentication (grpc.bearer_tokens or grpc.tls.client_ca_file); set grpc.allow_unauthenticated_public = true to allow it anyway",
                 self.grpc.addr
             )));
+        }
+        if self.grpc.bearer_tokens.iter().any(|t| t.expose().len() < MIN_BEARER_TOKEN_BYTES) {
+            return Err(ConfigError::new(format!(
+                "grpc.bearer_tokens: every token must be at least {MIN_BEARER_TOKEN_BYTES} bytes"
+            )));
+        }
+        let g = &self.grpc;
+        if g.max_message_bytes == 0
+            || g.max_concurrent_streams == 0
+            || g.keepalive_interval.is_zero()
+            || g.keepalive_timeout.is_zero()
+            || g.request_timeout.is_zero()
+        {
+            return Err(ConfigError::new(
+                "grpc: max_message_bytes, max_concurrent_streams and the keepalive and request timeouts must be greater than 0",
+            ));
         }
         Ok(())
     }
@@ -526,6 +643,9 @@ impl Config {
         self.sources.iter().find(|s| s.name == name)
     }
 }
+
+/// Shortest gRPC bearer token accepted.
+pub const MIN_BEARER_TOKEN_BYTES: usize = 16;
 
 /// Shortest HMAC key accepted.
 pub const MIN_HMAC_SECRET_BYTES: usize = 24;

@@ -8,8 +8,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{AdminService, OrderTrailService, Subscriptions};
-use crate::config::{Config, StoreConfig};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::api::{AdminService, BearerAuth, OrderTrailService, Subscriptions};
+use crate::config::{Config, GrpcConfig, StoreConfig};
 use crate::http::{self, FrontDoor};
 use crate::proto::admin_server::AdminServer;
 use crate::proto::order_trail_server::OrderTrailServer;
@@ -65,16 +68,15 @@ pub async fn run_with_store(
         "ordertrail serving"
     );
     let grace = config.shutdown_grace;
-    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
-    let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
-    let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
-    let grpc = tonic::transport::Server::builder()
-        .add_service(OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions)))
-        .add_service(AdminServer::new(AdminService::new(store.clone())))
+    let grpc = grpc_server(&config.grpc)?
+        .add_service(order_trail(&config.grpc, &store, &shutdown))
+        .add_service(admin(&config.grpc, &store))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
+    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
+    let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;
@@ -83,6 +85,42 @@ pub async fn run_with_store(
         .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")))??;
     tracing::info!("ordertrail stopped");
     grpc_result
+}
+
+/// The gRPC transport with its limits, keepalive and TLS.
+fn grpc_server(config: &GrpcConfig) -> Result<Server, ServerError> {
+    let mut server = Server::builder()
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .timeout(config.request_timeout);
+    if let Some(tls) = &config.tls {
+        let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.expose()));
+        if let Some(ca) = &tls.client_ca_pem {
+            settings = settings.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server.tls_config(settings)?;
+    }
+    Ok(server)
+}
+
+fn order_trail(
+    config: &GrpcConfig,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> InterceptedService<OrderTrailServer<OrderTrailService>, BearerAuth> {
+    let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), config);
+    let service = OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    InterceptedService::new(service, BearerAuth::new(config.bearer_tokens.clone()))
+}
+
+fn admin(config: &GrpcConfig, store: &Store) -> InterceptedService<AdminServer<AdminService>, BearerAuth> {
+    let service = AdminServer::new(AdminService::new(store.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    InterceptedService::new(service, BearerAuth::new(config.bearer_tokens.clone()))
 }
 
 /// Runs the gRPC server; once shutdown starts, gives it `grace` to drain.

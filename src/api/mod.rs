@@ -84,8 +84,10 @@ macro_rules! lookup_from {
     }};
 }
 
+mod auth;
 mod subscribe;
 
+pub use auth::BearerAuth;
 pub use subscribe::{Outbound, Subscriptions};
 
 fn lookup(parts: Option<(RefKind, String, Option<proto::Provider>)>) -> Result<Lookup, Status> {
