@@ -1,0 +1,180 @@
+//! gRPC protections against the real server: bearer tokens, TLS and mTLS,
+//! message size, concurrent streams per connection, and keepalive.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use ordertrail::proto::admin_client::AdminClient;
+use ordertrail::proto::get_order_request::Reference;
+use ordertrail::proto::order_trail_client::OrderTrailClient;
+use ordertrail::proto::{GetOrderRequest, GetStatsRequest, SubscribeRequest};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const TOKEN: &str = "a-bearer-token-of-sufficient-length";
+
+fn get(reference: &str) -> GetOrderRequest {
+    GetOrderRequest { reference: Some(Reference::ExternalOrderId(reference.into())), source: String::new() }
+}
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_required_on_every_service() {
+    let server = TestServer::start_with(&format!("[grpc]\nbearer_tokens = [\"{TOKEN}\"]\n")).await;
+    let mut client = OrderTrailClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    assert_eq!(client.get_order(get("x")).await.unwrap_err().code(), Code::Unauthenticated);
+    for wrong in ["", "a-bearer-token-of-sufficient-lengt", "a-bearer-token-of-sufficient-length!", "nope"] {
+        let status = client.get_order(with_token(get("x"), wrong)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{wrong:?}");
+    }
+    assert_eq!(client.get_order(with_token(get("x"), TOKEN)).await.unwrap_err().code(), Code::NotFound);
+    let stream = client.subscribe(SubscribeRequest::default()).await;
+    assert_eq!(stream.unwrap_err().code(), Code::Unauthenticated);
+    assert!(client.subscribe(with_token(SubscribeRequest::default(), TOKEN)).await.is_ok());
+    let mut admin = AdminClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    assert_eq!(admin.get_stats(GetStatsRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
+    assert!(admin.get_stats(with_token(GetStatsRequest {}, TOKEN)).await.is_ok());
+}
+
+/// A CA, a server certificate for localhost and a client certificate, as PEM.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn new_pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server =
+        CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&server_key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["client".to_string()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    Pki {
+        ca: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+async fn tls_server(pki: &Pki, mtls: bool) -> (TestServer, tempfile::TempDir) {
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, ca) =
+        (write("server.pem", &pki.server_cert), write("server.key", &pki.server_key), write("ca.pem", &pki.ca));
+    let client_ca = if mtls { format!(", client_ca_file = {ca:?}") } else { String::new() };
+    let config = format!("[grpc]\ntls = {{ cert_file = {cert:?}, key_file = {key:?}{client_ca} }}\n");
+    (TestServer::start_with(&config).await, files)
+}
+
+async fn tls_client(
+    server: &TestServer,
+    pki: &Pki,
+    identity: bool,
+) -> Result<OrderTrailClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)).domain_name("localhost");
+    if identity {
+        tls = tls.identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
+    }
+    let channel =
+        Channel::from_shared(format!("https://{}", server.grpc_addr)).unwrap().tls_config(tls)?.connect().await?;
+    Ok(OrderTrailClient::new(channel))
+}
+
+#[tokio::test]
+async fn tls_serves_tls_clients_only() {
+    let pki = new_pki();
+    let (server, _files) = tls_server(&pki, false).await;
+    let mut client = tls_client(&server, &pki, false).await.expect("TLS connect");
+    assert_eq!(client.get_order(get("x")).await.unwrap_err().code(), Code::NotFound, "a real answer over TLS");
+    let plaintext = OrderTrailClient::connect(format!("http://{}", server.grpc_addr)).await;
+    let failed = match plaintext {
+        Err(_) => true,
+        Ok(mut client) => client.get_order(get("x")).await.is_err_and(|s| s.code() != Code::NotFound),
+    };
+    assert!(failed, "a plaintext client got an answer from a TLS listener");
+}
+
+#[tokio::test]
+async fn mtls_requires_a_client_certificate_from_the_ca() {
+    let pki = new_pki();
+    let (server, _files) = tls_server(&pki, true).await;
+    let anonymous = match tls_client(&server, &pki, false).await {
+        Err(_) => true,
+        Ok(mut client) => client.get_order(get("x")).await.is_err_and(|s| s.code() != Code::NotFound),
+    };
+    assert!(anonymous, "a client without a certificate got an answer");
+    let stranger = new_pki();
+    let foreign = match tls_client(&server, &Pki { ca: pki.ca.clone(), ..stranger }, true).await {
+        Err(_) => true,
+        Ok(mut client) => client.get_order(get("x")).await.is_err_and(|s| s.code() != Code::NotFound),
+    };
+    assert!(foreign, "a certificate from another CA was accepted");
+    let mut client = tls_client(&server, &pki, true).await.expect("mTLS connect");
+    assert_eq!(client.get_order(get("x")).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_both_ways() {
+    let server = TestServer::start_with("[grpc]\nmax_message_bytes = 2048\n").await;
+    let mut client = server.grpc().await;
+    let status = client.get_order(get(&"x".repeat(4096))).await.unwrap_err();
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status}");
+    let description = "d".repeat(4096);
+    let body = format!(
+        r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"big","ExternalOrderId":"BIG","Description":"{description}"}}"#
+    );
+    assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
+    let status = client.get_order(get("BIG")).await.unwrap_err();
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status}");
+    assert_eq!(client.get_order(get("small")).await.unwrap_err().code(), Code::NotFound, "normal calls still work");
+}
+
+#[tokio::test]
+async fn concurrent_streams_per_connection_are_limited() {
+    let server = TestServer::start_with("[grpc]\nmax_concurrent_streams = 1\n").await;
+    let mut client = server.grpc().await;
+    let stream = client.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
+    // The one stream slot of this connection is taken: a second call waits.
+    let mut second = client.clone();
+    let call = tokio::spawn(async move { second.get_order(get("x")).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished(), "a second stream was opened past the limit");
+    drop(stream);
+    let status = tokio::time::timeout(Duration::from_secs(60), call).await.expect("never served").unwrap();
+    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_keepalive_pings_is_disconnected() {
+    let server = TestServer::start_with("[grpc]\nkeepalive_interval_ms = 200\nkeepalive_timeout_ms = 200\n").await;
+    let mut stream = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
+    // An HTTP/2 client preface and empty SETTINGS, then silence: no ACKs.
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    // (With the default 30 s interval the same peer stays connected.)
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the silent peer was never disconnected");
+    assert!(!sink.is_empty(), "the server sent nothing (no SETTINGS, no PING) before closing");
+}
