@@ -87,6 +87,8 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Network>,
+    /// Allow unauthenticated sources on a non-loopback address.
+    pub allow_unauthenticated_public: bool,
 }
 
 /// The internal gRPC listener.
@@ -390,6 +392,8 @@ struct FileHttp {
     max_connections: Option<usize>,
     #[serde(default)]
     trusted_proxies: Vec<Network>,
+    #[serde(default)]
+    allow_unauthenticated_public: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -429,9 +433,10 @@ impl FileTls {
             }
             Ok(bytes)
         };
+        let cert_pem = read("cert_file", &self.cert_file)?;
         let key = read("key_file", &self.key_file)?;
         Ok(GrpcTls {
-            cert_pem: read("cert_file", &self.cert_file)?,
+            cert_pem,
             key_pem: Secret(String::from_utf8_lossy(&key).into_owned()),
             client_ca_pem: self.client_ca_file.map(|p| read("client_ca_file", &p)).transpose()?,
         })
@@ -538,6 +543,7 @@ impl Config {
                 ),
                 max_connections: file.http.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                 trusted_proxies: file.http.trusted_proxies,
+                allow_unauthenticated_public: file.http.allow_unauthenticated_public,
             },
             grpc: GrpcConfig {
                 addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
@@ -603,9 +609,9 @@ impl Config {
             if !names.insert(source.name.as_str()) {
                 return Err(ConfigError::new(format!("sources: the name `{}` is used twice", source.name)));
             }
-            if source.auth.is_open() && !self.http.addr.ip().is_loopback() {
+            if source.auth.is_open() && !self.http.addr.ip().is_loopback() && !self.http.allow_unauthenticated_public {
                 return Err(ConfigError::new(format!(
-                    "sources: `{}` has no authentication, so http.addr {} must be a loopback address",
+                    "sources: `{}` has no authentication, so http.addr {} must be a loopback address (or set http.allow_unauthenticated_public = true)",
                     source.name, self.http.addr
                 )));
             }
@@ -846,6 +852,18 @@ mod tests {
         for secret in ["a-key-of-at-least-24-bytes", "\"p\"", "k1", "k2"] {
             assert!(!debug.contains(secret), "{secret} leaked into Debug");
         }
+    }
+
+    #[test]
+    fn public_listeners_without_authentication_need_an_explicit_opt_in() {
+        let open = "[http]\naddr = \"0.0.0.0:8080\"\nallow_unauthenticated_public = true\n[grpc]\naddr = \"0.0.0.0:50051\"\nallow_unauthenticated_public = true\n";
+        assert!(Config::from_toml(open, &no_env).is_ok());
+        let token = "[grpc]\naddr = \"0.0.0.0:50051\"\nbearer_tokens = [\"0123456789abcdef\"]\n";
+        assert!(Config::from_toml(token, &no_env).is_ok(), "a bearer token is authentication");
+        let short = "[grpc]\nbearer_tokens = [\"short\"]\n";
+        assert!(Config::from_toml(short, &no_env).unwrap_err().to_string().contains("at least 16 bytes"));
+        let no_pem = "[grpc]\ntls = { cert_file = \"/nonexistent.pem\", key_file = \"/nonexistent.key\" }\n";
+        assert!(Config::from_toml(no_pem, &no_env).unwrap_err().to_string().contains("grpc.tls.cert_file"));
     }
 
     #[test]

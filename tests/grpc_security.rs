@@ -178,3 +178,31 @@ async fn a_peer_that_never_answers_keepalive_pings_is_disconnected() {
     assert!(closed.is_ok(), "the silent peer was never disconnected");
     assert!(!sink.is_empty(), "the server sent nothing (no SETTINGS, no PING) before closing");
 }
+
+#[tokio::test]
+async fn a_call_whose_request_never_arrives_times_out() {
+    let server = TestServer::start_with("[grpc]\nrequest_timeout_ms = 300\n").await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/ordertrail.v1.OrderTrail/GetOrder", server.grpc_addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    // Headers only: the message itself never comes.
+    let (response, _body_never_sent) = client.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(60), response).await.expect("the call never timed out");
+    let response = response.unwrap();
+    let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    let status = match status {
+        Some(status) => status,
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = body.trailers().await.unwrap().unwrap_or_default();
+            trailers.get("grpc-status").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+        }
+    };
+    assert!(status == "4" || status == "1", "expected DEADLINE_EXCEEDED or CANCELLED, got grpc-status {status:?}");
+}
