@@ -833,6 +833,11 @@ mod tests {
         assert_eq!(c.grpc.max_subscriptions, defaults.grpc.max_subscriptions);
         assert_eq!(c.grpc.subscription_buffer, defaults.grpc.subscription_buffer);
         assert_eq!(c.grpc.progress_interval, defaults.grpc.progress_interval);
+        assert_eq!(c.grpc.max_message_bytes, defaults.grpc.max_message_bytes);
+        assert_eq!(c.grpc.max_concurrent_streams, defaults.grpc.max_concurrent_streams);
+        assert_eq!(c.grpc.keepalive_interval, defaults.grpc.keepalive_interval);
+        assert_eq!(c.grpc.keepalive_timeout, defaults.grpc.keepalive_timeout);
+        assert_eq!(c.grpc.request_timeout, defaults.grpc.request_timeout);
         assert_eq!(c.sources.len(), 3);
     }
 
