@@ -27,8 +27,10 @@ use ordertrail::proto::{GetDeliveryRequest, ListEventsRequest};
 const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
 const HMAC_KEY: &str = "crash-harness-hmac-key-0123456789";
 const API_KEY: &str = "crash-harness-api-key";
-/// Requests in flight at once.
-const IN_FLIGHT: usize = 24;
+/// Most requests in flight at once.
+const IN_FLIGHT: usize = 64;
+/// The open-loop send rate: one new webhook per interval.
+const SEND_INTERVAL: Duration = Duration::from_micros(500);
 
 /// One delivery the harness sent and what became of it.
 #[derive(Clone, Debug)]
@@ -114,44 +116,48 @@ impl Harness {
         }
     }
 
-    /// Sends unique webhooks with `IN_FLIGHT` requests outstanding until
-    /// `stop`; records every outcome.
+    /// Open loop: starts a new unique webhook every `SEND_INTERVAL`, whether
+    /// or not earlier ones were answered (up to `IN_FLIGHT` outstanding),
+    /// until `stop`; records every outcome.
     async fn load(&self, stop: tokio_util::sync::CancellationToken) {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..IN_FLIGHT {
-            let (client, stop, log, counter, http) =
-                (client.clone(), stop.clone(), self.log.clone(), self.counter.clone(), self.http);
-            workers.spawn(async move {
-                while !stop.is_cancelled() {
-                    let n = {
-                        let mut c = counter.lock().unwrap();
-                        *c += 1;
-                        *c
-                    };
-                    let (request, body) = webhook(n, http);
-                    let answer = tokio::time::timeout(Duration::from_secs(10), async {
-                        let response = client.request(request).await.ok()?;
-                        let status = response.status();
-                        let bytes = response.into_body().collect().await.ok()?.to_bytes();
-                        Some((status, bytes))
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                    let acked = answer.filter(|(status, _)| status.is_success()).map(|(_, bytes)| {
-                        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                        assert_ne!(json["outcome"], "duplicate", "unique deliveries cannot be duplicates");
-                        let sequences = json["sequences"]
-                            .as_array()
-                            .map_or_else(Vec::new, |a| a.iter().map(|s| s.as_u64().unwrap()).collect());
-                        (json["raw_id"].as_u64().unwrap(), sequences)
-                    });
-                    log.lock().unwrap().push(Sent { body, acked });
-                }
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut ticker = tokio::time::interval(SEND_INTERVAL);
+        while !stop.is_cancelled() {
+            ticker.tick().await;
+            while in_flight.try_join_next().is_some() {}
+            if in_flight.len() >= IN_FLIGHT {
+                continue;
+            }
+            let n = {
+                let mut c = self.counter.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let (client, log) = (client.clone(), self.log.clone());
+            let (request, body) = webhook(n, self.http);
+            in_flight.spawn(async move {
+                let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                    let response = client.request(request).await.ok()?;
+                    let status = response.status();
+                    let bytes = response.into_body().collect().await.ok()?.to_bytes();
+                    Some((status, bytes))
+                })
+                .await
+                .ok()
+                .flatten();
+                let acked = answer.filter(|(status, _)| status.is_success()).map(|(_, bytes)| {
+                    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_ne!(json["outcome"], "duplicate", "unique deliveries cannot be duplicates");
+                    let sequences = json["sequences"]
+                        .as_array()
+                        .map_or_else(Vec::new, |a| a.iter().map(|s| s.as_u64().unwrap()).collect());
+                    (json["raw_id"].as_u64().unwrap(), sequences)
+                });
+                log.lock().unwrap().push(Sent { body, acked });
             });
         }
-        workers.join_all().await;
+        in_flight.join_all().await;
     }
 
     /// Runs `cycles` kill cycles; returns the verification of the final state.
