@@ -1,0 +1,409 @@
+//! Configuration: plain data read from a TOML file plus `ORDERTRAIL_*`
+//! overrides, validated completely before any port is bound.
+//!
+//! Environment variables are read through a lookup function so tests never
+//! touch the process environment.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ingest::Provider;
+
+mod auth;
+mod file;
+
+use auth::validate_source;
+pub use auth::{
+    AuthConfig, BasicCredential, MIN_BEARER_TOKEN_BYTES, MIN_HMAC_SECRET_BYTES, Network, SecondFactor, Secret,
+    SignatureEncoding,
+};
+use file::{FileConfig, FileTls};
+
+/// Default webhook listener (`ORDERTRAIL_HTTP_ADDR`).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+/// Default gRPC listener (`ORDERTRAIL_GRPC_ADDR`).
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// Default admin listener (`ORDERTRAIL_ADMIN_ADDR`).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+/// Default data directory (`ORDERTRAIL_DATA_DIR`).
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default largest accepted webhook body (`ORDERTRAIL_BODY_LIMIT_BYTES`).
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
+/// Default time a client has to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default time a client has to send its whole body.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default most concurrent webhook connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default sled page cache size.
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 128 * 1024 * 1024;
+/// Default largest gRPC message.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Default most concurrent HTTP/2 streams per gRPC connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default HTTP/2 keepalive ping interval.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+/// Default time to wait for a keepalive answer.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
+/// Default longest unary gRPC call.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Default newest events kept in memory for live subscribers.
+pub const DEFAULT_FEED_BUFFER_EVENTS: usize = 4096;
+/// Default most concurrent `Subscribe` streams.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
+/// Default messages buffered per subscriber.
+pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 256;
+/// Default interval of `progress` messages.
+pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 5_000;
+/// Default time in-flight work gets to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// A configuration that cannot be used; the message is one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub sources: Vec<SourceConfig>,
+    /// How long in-flight requests get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// The public webhook listener.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub header_read_timeout: Duration,
+    /// A client must send its whole body within this time.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Network>,
+    /// Allow unauthenticated sources on a non-loopback address.
+    pub allow_unauthenticated_public: bool,
+}
+
+/// The internal gRPC listener.
+#[derive(Clone, Debug)]
+pub struct GrpcConfig {
+    pub addr: SocketAddr,
+    /// Allow a non-loopback gRPC address although gRPC has no authentication.
+    pub allow_unauthenticated_public: bool,
+    /// Most `Subscribe` streams open at once.
+    pub max_subscriptions: usize,
+    /// Messages buffered per subscriber before it is read from the store.
+    pub subscription_buffer: usize,
+    /// How often a stream reports its position.
+    pub progress_interval: Duration,
+    /// Accepted bearer tokens (`authorization: Bearer …`); empty: none asked.
+    pub bearer_tokens: Vec<Secret>,
+    /// TLS for the gRPC listener; with a client CA, client certificates are
+    /// required (mTLS).
+    pub tls: Option<GrpcTls>,
+    /// Largest request or response message.
+    pub max_message_bytes: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive: ping interval, and how long to wait for the answer
+    /// before closing the connection.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Longest time a unary call may take (streams are not limited).
+    pub request_timeout: Duration,
+}
+
+impl GrpcConfig {
+    /// True when callers must authenticate (bearer token or client certificate).
+    pub fn is_authenticated(&self) -> bool {
+        !self.bearer_tokens.is_empty() || self.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some())
+    }
+}
+
+/// PEM material for gRPC TLS, read when the config is loaded.
+#[derive(Clone)]
+pub struct GrpcTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Secret,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcTls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &self.key_pem)
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// The internal admin listener (metrics).
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+/// When a write counts as durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// sled's flush plus an fsync of its files and directories: survives
+    /// power loss. The default.
+    Fsync,
+    /// sled's flush only: survives a crash of the process.
+    Flush,
+}
+
+impl Durability {
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "fsync" => Some(Self::Fsync),
+            "flush" => Some(Self::Flush),
+            _ => None,
+        }
+    }
+}
+
+/// The embedded database.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub cache_capacity_bytes: u64,
+    /// Keep only this many newest events (0: keep all). Raw deliveries are
+    /// always kept.
+    pub retain_events: u64,
+    /// Newest events kept in memory for live subscribers; one that falls
+    /// further behind reads from the store until it catches up.
+    pub feed_buffer_events: usize,
+    /// UNSAFE, for the crash harness's negative control only: answer before
+    /// the delivery is durable, so a crash can lose acknowledged webhooks.
+    pub unsafe_ack_before_durable: bool,
+}
+
+/// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub name: String,
+    pub provider: Provider,
+    pub auth: AuthConfig,
+    /// Most authenticated deliveries accepted per second (token bucket);
+    /// `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` tokens refill each second, up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: u32,
+    /// Largest burst; defaults to `per_second`.
+    pub burst: Option<u32>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads the file named by `path` or by `ORDERTRAIL_CONFIG` (none: all
+    /// defaults), applies `ORDERTRAIL_*` overrides from `env`, and validates.
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let path = path.map(Path::to_path_buf).or_else(|| env("ORDERTRAIL_CONFIG").map(PathBuf::from));
+        let text = match &path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::new(format!("cannot read config file {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    /// Parses TOML text (may be empty), applies overrides and validates.
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::new(format!("invalid config: {}", one_line(&e.to_string()))))?;
+        let config = Self::build(file, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn build(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let addr = |var: &str, key: &str, value: Option<String>, default: &str| {
+            let (origin, raw) = match env(var) {
+                Some(v) => (var.to_string(), v),
+                None => (key.to_string(), value.unwrap_or_else(|| default.to_string())),
+            };
+            raw.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::new(format!("{origin}: `{raw}` is not an address like 127.0.0.1:8080")))
+        };
+        let body_limit_bytes = match env("ORDERTRAIL_BODY_LIMIT_BYTES") {
+            Some(v) => v.parse().map_err(|_| {
+                ConfigError::new(format!("ORDERTRAIL_BODY_LIMIT_BYTES: `{v}` is not a number of bytes"))
+            })?,
+            None => file.http.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT_BYTES),
+        };
+        let durability = match env("ORDERTRAIL_DURABILITY") {
+            Some(v) => Durability::parse(&v)
+                .ok_or_else(|| ConfigError::new(format!("ORDERTRAIL_DURABILITY: `{v}` is not one of fsync, flush")))?,
+            None => file.store.durability.unwrap_or(Durability::Fsync),
+        };
+        let data_dir = env("ORDERTRAIL_DATA_DIR")
+            .map(PathBuf::from)
+            .or(file.store.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let sources = match file.sources {
+            Some(list) => list
+                .into_iter()
+                .map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth, rate_limit: s.rate_limit })
+                .collect(),
+            None => default_sources(),
+        };
+        Ok(Self {
+            http: HttpConfig {
+                addr: addr("ORDERTRAIL_HTTP_ADDR", "http.addr", file.http.addr, DEFAULT_HTTP_ADDR)?,
+                body_limit_bytes,
+                header_read_timeout: Duration::from_millis(
+                    file.http.header_read_timeout_ms.unwrap_or(DEFAULT_HEADER_READ_TIMEOUT_MS),
+                ),
+                body_read_timeout: Duration::from_millis(
+                    file.http.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
+                ),
+                max_connections: file.http.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                trusted_proxies: file.http.trusted_proxies,
+                allow_unauthenticated_public: file.http.allow_unauthenticated_public,
+            },
+            grpc: GrpcConfig {
+                addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
+                allow_unauthenticated_public: file.grpc.allow_unauthenticated_public,
+                max_subscriptions: file.grpc.max_subscriptions.unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS),
+                subscription_buffer: file.grpc.subscription_buffer.unwrap_or(DEFAULT_SUBSCRIPTION_BUFFER),
+                progress_interval: Duration::from_millis(
+                    file.grpc.progress_interval_ms.unwrap_or(DEFAULT_PROGRESS_INTERVAL_MS),
+                ),
+                bearer_tokens: file.grpc.bearer_tokens,
+                tls: file.grpc.tls.map(FileTls::load).transpose()?,
+                max_message_bytes: file.grpc.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+                max_concurrent_streams: file.grpc.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+                keepalive_interval: Duration::from_millis(
+                    file.grpc.keepalive_interval_ms.unwrap_or(DEFAULT_KEEPALIVE_INTERVAL_MS),
+                ),
+                keepalive_timeout: Duration::from_millis(
+                    file.grpc.keepalive_timeout_ms.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_MS),
+                ),
+                request_timeout: Duration::from_millis(
+                    file.grpc.request_timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
+                ),
+            },
+            admin: AdminConfig {
+                addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
+            },
+            store: StoreConfig {
+                data_dir,
+                durability,
+                cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
+                retain_events: file.store.retain_events,
+                feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
+                unsafe_ack_before_durable: file.store.unsafe_ack_before_durable,
+            },
+            sources,
+            shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.body_limit_bytes == 0 {
+            return Err(ConfigError::new("http.body_limit_bytes must be greater than 0"));
+        }
+        if self.http.header_read_timeout.is_zero() || self.http.body_read_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "http.header_read_timeout_ms and http.body_read_timeout_ms must be greater than 0",
+            ));
+        }
+        if self.http.max_connections == 0 {
+            return Err(ConfigError::new("http.max_connections must be greater than 0"));
+        }
+        if self.grpc.subscription_buffer == 0 || self.grpc.progress_interval.is_zero() {
+            return Err(ConfigError::new(
+                "grpc.subscription_buffer and grpc.progress_interval_ms must be greater than 0",
+            ));
+        }
+        if self.store.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("store.data_dir must not be empty"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for source in &self.sources {
+            validate_source(source)?;
+            if !names.insert(source.name.as_str()) {
+                return Err(ConfigError::new(format!("sources: the name `{}` is used twice", source.name)));
+            }
+            if source.auth.is_open() && !self.http.addr.ip().is_loopback() && !self.http.allow_unauthenticated_public {
+                return Err(ConfigError::new(format!(
+                    "sources: `{}` has no authentication, so http.addr {} must be a loopback address (or set http.allow_unauthenticated_public = true)",
+                    source.name, self.http.addr
+                )));
+            }
+        }
+        if !self.grpc.addr.ip().is_loopback()
+            && !self.grpc.is_authenticated()
+            && !self.grpc.allow_unauthenticated_public
+        {
+            return Err(ConfigError::new(format!(
+                "grpc.addr {} is not loopback and gRPC has no authentication (grpc.bearer_tokens or grpc.tls.client_ca_file); set grpc.allow_unauthenticated_public = true to allow it anyway",
+                self.grpc.addr
+            )));
+        }
+        if self.grpc.bearer_tokens.iter().any(|t| t.expose().len() < MIN_BEARER_TOKEN_BYTES) {
+            return Err(ConfigError::new(format!(
+                "grpc.bearer_tokens: every token must be at least {MIN_BEARER_TOKEN_BYTES} bytes"
+            )));
+        }
+        let g = &self.grpc;
+        if g.max_message_bytes == 0
+            || g.max_concurrent_streams == 0
+            || g.keepalive_interval.is_zero()
+            || g.keepalive_timeout.is_zero()
+            || g.request_timeout.is_zero()
+        {
+            return Err(ConfigError::new(
+                "grpc: max_message_bytes, max_concurrent_streams and the keepalive and request timeouts must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured source called `name`.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// One unauthenticated source per provider, named after it.
+fn default_sources() -> Vec<SourceConfig> {
+    Provider::ALL
+        .iter()
+        .map(|p| SourceConfig { name: p.name().to_string(), provider: *p, auth: AuthConfig::None, rate_limit: None })
+        .collect()
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! Tests of config parsing, defaults, overrides and validation.
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn source(auth: &str) -> String {
+    format!("[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = {{ {auth} }}")
+}
+
+#[test]
+fn empty_config_gives_documented_defaults() {
+    let c = Config::from_toml("", &no_env).unwrap();
+    assert_eq!(c.http.addr.to_string(), DEFAULT_HTTP_ADDR);
+    assert_eq!(c.grpc.addr.to_string(), DEFAULT_GRPC_ADDR);
+    assert_eq!(c.admin.addr.to_string(), DEFAULT_ADMIN_ADDR);
+    assert_eq!(c.store.data_dir, PathBuf::from("./data"));
+    assert_eq!(c.store.durability, Durability::Fsync);
+    let names: Vec<_> = c.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["withings", "winkelstraat", "ordermesh"]);
+}
+
+#[test]
+fn environment_overrides_file() {
+    let env = |k: &str| match k {
+        "ORDERTRAIL_HTTP_ADDR" => Some("127.0.0.1:1".to_string()),
+        "ORDERTRAIL_DATA_DIR" => Some("/tmp/x".to_string()),
+        "ORDERTRAIL_DURABILITY" => Some("flush".to_string()),
+        _ => None,
+    };
+    let c = Config::from_toml("[http]\naddr = \"127.0.0.1:2\"\n", &env).unwrap();
+    assert_eq!(c.http.addr.port(), 1);
+    assert_eq!(c.store.data_dir, PathBuf::from("/tmp/x"));
+    assert_eq!(c.store.durability, Durability::Flush);
+}
+
+#[test]
+fn bad_configs_are_refused_with_one_line() {
+    let cases = [
+        ("[http]\naddr = \"nope\"", "http.addr"),
+        ("[htp]\naddr = \"127.0.0.1:1\"", "unknown field"),
+        ("[store]\ndurability = \"sometimes\"", "invalid config"),
+        ("[[sources]]\nname = \"A B\"\nprovider = \"ordermesh\"", "must be 1 to 64"),
+        ("[[sources]]\nname = \"a\"\nprovider = \"nobody\"", "invalid config"),
+        (
+            "[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\n[[sources]]\nname = \"a\"\nprovider = \"withings\"",
+            "used twice",
+        ),
+        ("[http]\naddr = \"0.0.0.0:8080\"", "no authentication"),
+        ("[grpc]\naddr = \"0.0.0.0:50051\"", "allow_unauthenticated_public"),
+        (
+            "[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"\"] }",
+            "non-empty",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = Config::from_toml(text, &no_env).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text:?} gave {err:?}");
+        assert!(!err.contains('\n'), "{err:?} is more than one line");
+    }
+}
+
+#[test]
+fn example_config_is_valid_and_shows_the_defaults() {
+    let example = include_str!("../../ordertrail.example.toml");
+    let c = Config::from_toml(example, &no_env).unwrap();
+    let defaults = Config::from_toml("", &no_env).unwrap();
+    assert_eq!(c.http.addr, defaults.http.addr);
+    assert_eq!(c.http.body_limit_bytes, defaults.http.body_limit_bytes);
+    assert_eq!(c.http.header_read_timeout, defaults.http.header_read_timeout);
+    assert_eq!(c.http.body_read_timeout, defaults.http.body_read_timeout);
+    assert_eq!(c.http.max_connections, defaults.http.max_connections);
+    assert_eq!(c.grpc.addr, defaults.grpc.addr);
+    assert_eq!(c.admin.addr, defaults.admin.addr);
+    assert_eq!(c.store.data_dir, defaults.store.data_dir);
+    assert_eq!(c.store.durability, defaults.store.durability);
+    assert_eq!(c.store.cache_capacity_bytes, defaults.store.cache_capacity_bytes);
+    assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
+    assert_eq!(c.store.retain_events, defaults.store.retain_events);
+    assert_eq!(c.store.feed_buffer_events, defaults.store.feed_buffer_events);
+    assert_eq!(c.grpc.max_subscriptions, defaults.grpc.max_subscriptions);
+    assert_eq!(c.grpc.subscription_buffer, defaults.grpc.subscription_buffer);
+    assert_eq!(c.grpc.progress_interval, defaults.grpc.progress_interval);
+    assert_eq!(c.grpc.max_message_bytes, defaults.grpc.max_message_bytes);
+    assert_eq!(c.grpc.max_concurrent_streams, defaults.grpc.max_concurrent_streams);
+    assert_eq!(c.grpc.keepalive_interval, defaults.grpc.keepalive_interval);
+    assert_eq!(c.grpc.keepalive_timeout, defaults.grpc.keepalive_timeout);
+    assert_eq!(c.grpc.request_timeout, defaults.grpc.request_timeout);
+    assert_eq!(c.sources.len(), 3);
+}
+
+#[test]
+fn every_auth_scheme_parses() {
+    let text = format!(
+        "[http]\naddr = \"0.0.0.0:8080\"\ntrusted_proxies = [\"10.0.0.1\", \"fd00::/8\"]\n{}\n{}\n{}\n{}",
+        source("scheme = \"hmac\", header = \"x-sig\", secrets = [\"a-key-of-at-least-24-bytes\"], encoding = \"base64\", prefix = \"sha256=\"").replace("\"a\"", "\"h\""),
+        source("scheme = \"basic\", credentials = [{ username = \"u\", password = \"p\" }]").replace("\"a\"", "\"b\""),
+        source("scheme = \"ip_allowlist\", allow = [\"203.0.113.0/24\", \"2001:db8::1\"], second_factor = { query = \"token\", secrets = [\"t\"] }").replace("\"a\"", "\"w\""),
+        source("scheme = \"header\", header = \"x-api-key\", secrets = [\"k1\", \"k2\"]").replace("\"a\"", "\"k\""),
+    );
+    let c = Config::from_toml(&text, &no_env).unwrap();
+    assert_eq!(c.sources.len(), 4);
+    assert_eq!(c.http.trusted_proxies.len(), 2);
+    let debug = format!("{c:?}");
+    for secret in ["a-key-of-at-least-24-bytes", "\"p\"", "k1", "k2"] {
+        assert!(!debug.contains(secret), "{secret} leaked into Debug");
+    }
+}
+
+#[test]
+fn public_listeners_without_authentication_need_an_explicit_opt_in() {
+    let open = "[http]\naddr = \"0.0.0.0:8080\"\nallow_unauthenticated_public = true\n[grpc]\naddr = \"0.0.0.0:50051\"\nallow_unauthenticated_public = true\n";
+    assert!(Config::from_toml(open, &no_env).is_ok());
+    let token = "[grpc]\naddr = \"0.0.0.0:50051\"\nbearer_tokens = [\"0123456789abcdef\"]\n";
+    assert!(Config::from_toml(token, &no_env).is_ok(), "a bearer token is authentication");
+    let short = "[grpc]\nbearer_tokens = [\"short\"]\n";
+    assert!(Config::from_toml(short, &no_env).unwrap_err().to_string().contains("at least 16 bytes"));
+    let no_pem = "[grpc]\ntls = { cert_file = \"/nonexistent.pem\", key_file = \"/nonexistent.key\" }\n";
+    assert!(Config::from_toml(no_pem, &no_env).unwrap_err().to_string().contains("grpc.tls.cert_file"));
+}
+
+#[test]
+fn an_allowlist_takes_a_pasted_txt_record() {
+    let text = source("scheme = \"ip_allowlist\", allow = [\"\\\"203.0.113.0/24 198.51.100.7, 2001:db8::/32\\\"\"]");
+    let c = Config::from_toml(&text, &no_env).unwrap();
+    let AuthConfig::IpAllowlist { allow, .. } = &c.sources[0].auth else { panic!("not an allowlist") };
+    let shown: Vec<String> = allow.iter().map(|n| n.0.to_string()).collect();
+    assert_eq!(shown, ["203.0.113.0/24", "198.51.100.7/32", "2001:db8::/32"]);
+}
+
+#[test]
+fn an_allowlist_of_everyone_counts_as_open() {
+    let text =
+        format!("[http]\naddr = \"0.0.0.0:8080\"\n{}", source("scheme = \"ip_allowlist\", allow = [\"0.0.0.0/0\"]"));
+    assert!(Config::from_toml(&text, &no_env).unwrap_err().to_string().contains("no authentication"));
+}
+
+#[test]
+fn authenticated_source_may_listen_publicly() {
+    let text = "[http]\naddr = \"0.0.0.0:8080\"\n[[sources]]\nname = \"om\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"s3cret\"] }";
+    let c = Config::from_toml(text, &no_env).unwrap();
+    assert!(!format!("{c:?}").contains("s3cret"), "secrets must be redacted in Debug");
+}
