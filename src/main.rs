@@ -70,6 +70,12 @@ struct TailArgs {
     /// gRPC address of the instance; default: grpc.addr from the config.
     #[arg(long, value_name = "HOST:PORT")]
     grpc: Option<String>,
+    /// Bearer token for an instance with grpc.bearer_tokens.
+    #[arg(long, env = "ORDERTRAIL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Connect with TLS, trusting this CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -145,8 +151,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn tail(args: TailArgs, config: &Config) -> anyhow::Result<()> {
     let address = args.grpc.unwrap_or_else(|| config.grpc.addr.to_string());
+    let ca_pem = match &args.ca {
+        Some(path) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?),
+        None => None,
+    };
+    let scheme = if ca_pem.is_some() { "https" } else { "http" };
     let options = ordertrail::tail::TailOptions {
-        endpoint: format!("http://{address}"),
+        endpoint: format!("{scheme}://{address}"),
+        token: args.token,
+        ca_pem,
         after: args.after,
         sources: args.sources,
         reference: args.reference,

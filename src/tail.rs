@@ -26,6 +26,10 @@ pub struct TailOptions {
     pub reference: Option<String>,
     /// One JSON object per line instead of text.
     pub json: bool,
+    /// Bearer token to send, when the server asks for one.
+    pub token: Option<String>,
+    /// PEM CA certificate: connect with TLS and trust this CA.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Why tailing stopped.
@@ -73,8 +77,7 @@ enum Failure {
 
 /// One connection: subscribes after `position` and prints until it ends.
 async fn stream_once(options: &TailOptions, position: &mut Option<u64>, out: &mut impl Write) -> Result<(), Failure> {
-    let mut client =
-        OrderTrailClient::connect(options.endpoint.clone()).await.map_err(|e| Failure::Retry(e.to_string()))?;
+    let mut client = connect(options).await?;
     let order = options
         .reference
         .clone()
@@ -103,10 +106,45 @@ async fn stream_once(options: &TailOptions, position: &mut Option<u64>, out: &mu
     }
 }
 
+/// Adds the bearer token to every call, when there is one.
+#[derive(Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = OrderTrailClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Token>>;
+
+async fn connect(options: &TailOptions) -> Result<Client, Failure> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let token = match &options.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Failure::Fatal(TailError::Refused("invalid token".into())))?,
+        ),
+        None => None,
+    };
+    let mut endpoint = Channel::from_shared(options.endpoint.clone())
+        .map_err(|e| Failure::Fatal(TailError::Refused(e.to_string())))?;
+    if let Some(ca) = &options.ca_pem {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls).map_err(|e| Failure::Fatal(TailError::Refused(e.to_string())))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| Failure::Retry(e.to_string()))?;
+    Ok(OrderTrailClient::with_interceptor(channel, Token(token)))
+}
+
 fn status_failure(status: tonic::Status) -> Failure {
     use tonic::Code;
     match status.code() {
-        Code::InvalidArgument | Code::OutOfRange | Code::NotFound | Code::Unimplemented => {
+        Code::InvalidArgument | Code::OutOfRange | Code::NotFound | Code::Unimplemented | Code::Unauthenticated => {
             Failure::Fatal(TailError::Refused(status.message().to_string()))
         }
         _ => Failure::Retry(format!("{}: {}", status.code(), status.message())),

@@ -221,3 +221,34 @@ async fn export_then_import_rebuilds_identical_state() {
     assert_eq!(rebuilt.quarantine().await, quarantine);
     rebuilt.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_sends_a_bearer_token_and_stops_when_refused() {
+    let token = "a-bearer-token-of-sufficient-length";
+    let server = common::TestServer::start_with(&format!("[grpc]\nbearer_tokens = [\"{token}\"]\n")).await;
+    post(&server, 1).await;
+    let grpc = server.grpc_addr.to_string();
+    let refused = tokio::process::Command::new(BIN)
+        .args(["tail", "--after", "0", "--grpc", &grpc])
+        .env_remove("ORDERTRAIL_CONFIG")
+        .env_remove("ORDERTRAIL_TOKEN")
+        .output();
+    let refused = tokio::time::timeout(Duration::from_secs(60), refused).await.expect("tail kept retrying").unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("bearer token"), "{refused:?}");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["tail", "--after", "0", "--grpc", &grpc])
+        .env_remove("ORDERTRAIL_CONFIG")
+        .env("ORDERTRAIL_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line =
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.expect("no output").unwrap().unwrap();
+    assert!(line.starts_with("1 ") && line.contains("ORDER_CREATED"), "{line}");
+    child.kill().await.unwrap();
+}
