@@ -10,6 +10,8 @@ use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::api::{AdminService, BearerAuth, OrderTrailService, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
@@ -33,6 +35,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC reflection could not be set up: {0}")]
+    Reflection(String),
 }
 
 /// Opens the store and serves until `shutdown` is cancelled; then stops
@@ -68,13 +72,20 @@ pub async fn run_with_store(
         "ordertrail serving"
     );
     let grace = config.shutdown_grace;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = reflection()?;
+    let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
     let grpc = grpc_server(&config.grpc)?
+        .add_service(health)
+        .add_service(InterceptedService::new(reflection.0, auth.clone()))
+        .add_service(InterceptedService::new(reflection.1, auth))
         .add_service(order_trail(&config.grpc, &store, &shutdown))
         .add_service(admin(&config.grpc, &store))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
+    tokio::spawn(report_health(health_reporter, store.clone(), shutdown.clone()));
     let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
     let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
@@ -85,6 +96,60 @@ pub async fn run_with_store(
         .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")))??;
     tracing::info!("ordertrail stopped");
     grpc_result
+}
+
+/// The services reported by `grpc.health.v1.Health` ("" is the server).
+const HEALTH_NAMES: [&str; 3] = ["", "ordertrail.v1.OrderTrail", "ordertrail.v1.Admin"];
+
+/// How often health follows the store.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Keeps `grpc.health.v1.Health` in step with the store (NOT_SERVING while
+/// storage fails) and with shutdown (NOT_SERVING, then watchers end).
+async fn report_health(mut reporter: HealthReporter, store: Store, shutdown: CancellationToken) {
+    let mut serving = None;
+    loop {
+        let healthy = store.is_healthy();
+        if serving != Some(healthy) {
+            let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+            for name in HEALTH_NAMES {
+                reporter.set_service_status(name, status).await;
+            }
+            serving = Some(healthy);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    for name in HEALTH_NAMES {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    // Ends the Watch streams, so they do not hold the shutdown open.
+    for name in HEALTH_NAMES {
+        reporter.clear_service_status(name).await;
+    }
+}
+
+/// gRPC server reflection (v1 and v1alpha), so grpcurl and other tools work
+/// without the .proto files.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| ServerError::Reflection(e.to_string());
+    Ok((builder().build_v1().map_err(reflection_error)?, builder().build_v1alpha().map_err(reflection_error)?))
 }
 
 /// The gRPC transport with its limits, keepalive and TLS.

@@ -1,0 +1,96 @@
+//! Operability against the real server: gRPC server reflection (what
+//! grpcurl uses) and the standard health service following store health and
+//! shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use ordertrail::store::FaultPoint;
+use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+async fn channel(server: &TestServer) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr)).unwrap().connect().await.unwrap()
+}
+
+/// One reflection request and its answer.
+async fn reflect(server: &TestServer, request: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(channel(server).await);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let mut stream = client.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap().message_response.unwrap()
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_services() {
+    let server = TestServer::start().await;
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&server, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("expected a service list");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    for expected in ["grpc.health.v1.Health", "ordertrail.v1.Admin", "ordertrail.v1.OrderTrail"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+    let symbol = MessageRequest::FileContainingSymbol("ordertrail.v1.OrderTrail".into());
+    let MessageResponse::FileDescriptorResponse(files) = reflect(&server, symbol).await else {
+        panic!("expected file descriptors");
+    };
+    use prost::Message;
+    let described: Vec<prost_types::FileDescriptorProto> =
+        files.file_descriptor_proto.iter().map(|b| prost_types::FileDescriptorProto::decode(&b[..]).unwrap()).collect();
+    let service = described.iter().flat_map(|f| &f.service).find(|s| s.name() == "OrderTrail").expect("OrderTrail");
+    let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
+    assert_eq!(methods, ["GetOrder", "FindOrders", "ListOrders", "ListEvents", "Subscribe"]);
+}
+
+async fn health(server: &TestServer) -> ServingStatus {
+    let mut client = HealthClient::new(channel(server).await);
+    let response = client.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+async fn health_becomes(server: &TestServer, expected: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while health(server).await != expected {
+        assert!(tokio::time::Instant::now() < deadline, "health never became {expected:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_follows_storage_failures_and_shutdown() {
+    let server = TestServer::start().await;
+    health_becomes(&server, ServingStatus::Serving).await;
+    server.store.inject_fault(Some(FaultPoint::Write));
+    let answer = server.post_json("/webhooks/ordermesh", r#"{"EventType":"OrderCreation","OrderId":"o"}"#).await;
+    assert_eq!(answer.status, 503);
+    health_becomes(&server, ServingStatus::NotServing).await;
+    server.store.inject_fault(None);
+    health_becomes(&server, ServingStatus::Serving).await;
+
+    let mut client = HealthClient::new(channel(&server).await);
+    let mut watch =
+        client.watch(HealthCheckRequest { service: "ordertrail.v1.OrderTrail".into() }).await.unwrap().into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(server.stop());
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(update))) = tokio::time::timeout(Duration::from_secs(60), watch.next()).await {
+        seen.push(update.status);
+    }
+    assert_eq!(seen.last(), Some(&(ServingStatus::NotServing as i32)), "{seen:?}");
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("a health watcher held shutdown open")
+        .unwrap();
+}
