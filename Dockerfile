@@ -28,5 +28,8 @@ ENV ORDERTRAIL_CONFIG=/etc/ordertrail/ordertrail.toml \
 VOLUME /var/lib/ordertrail
 EXPOSE 8080 50051 9090
 STOPSIGNAL SIGTERM
+# Ready = storage works and the service is not shutting down (GET /readyz).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
 ENTRYPOINT ["/usr/local/bin/ordertrail"]
 CMD ["serve"]

@@ -25,14 +25,27 @@ struct Cli {
     /// TOML config file (also ORDERTRAIL_CONFIG); without one, defaults apply.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log format on stderr: human-readable text or one JSON object per line.
+    /// The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "ORDERTRAIL_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the service (the default).
     Serve,
+    /// Validate the configuration and print it as it takes effect, secrets
+    /// redacted; exit 64 with one line if it is invalid.
+    CheckConfig,
     /// Print the live event stream of a running instance, one event per
     /// line; reconnects and resumes from the last sequence after a failure.
     Tail(TailArgs),
@@ -80,7 +93,7 @@ struct TailArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let config = match Config::load(cli.config.as_deref(), &|key| std::env::var(key).ok()) {
         Ok(config) => config,
         Err(e) => {
@@ -90,6 +103,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run_async(serve(config)),
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            eprintln!("ordertrail: the configuration is valid");
+            Ok(())
+        }
         Command::Tail(args) => run_async(tail(args, &config)),
         Command::Export { out } => export(&config, out),
         Command::Import { file } => run_async(import(&config, file)),
@@ -189,9 +207,12 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }

@@ -252,3 +252,46 @@ async fn tail_sends_a_bearer_token_and_stops_when_refused() {
     assert!(line.starts_with("1 ") && line.contains("ORDER_CREATED"), "{line}");
     child.kill().await.unwrap();
 }
+
+#[test]
+fn check_config_prints_the_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ordertrail.toml");
+    std::fs::write(
+        &file,
+        "[[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"very-secret-key\"] }\n",
+    )
+    .unwrap();
+    let output =
+        run_with(&["check-config", "--config", file.to_str().unwrap()], &[("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:1234")]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("127.0.0.1:1234"), "the environment override is shown: {stdout}");
+    assert!(stdout.contains("x-api-key") && stdout.contains("[redacted]"), "{stdout}");
+    assert!(!stdout.contains("very-secret-key"), "a secret was printed");
+    let bad = run_with(&["check-config"], &[("ORDERTRAIL_BODY_LIMIT_BYTES", "lots")]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).trim().lines().count(), 1);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json"])
+        .env_remove("ORDERTRAIL_CONFIG")
+        .env("RUST_LOG", "info")
+        .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
+        .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
+        .env("ORDERTRAIL_DATA_DIR", dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let log: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first}: {e}"));
+    assert_eq!(log["fields"]["message"], "ordertrail serving");
+    assert_eq!(log["level"], "INFO");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
