@@ -28,6 +28,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
 use crate::ingest::{self, auth};
+use crate::metrics::Metrics;
 use crate::proto::RawDelivery;
 use crate::store::{Incoming, IngestOutcome, Store, StoreError};
 
@@ -44,6 +45,7 @@ pub struct FrontDoor {
     shutdown: CancellationToken,
     /// Token buckets of the sources that have a rate limit.
     limiters: HashMap<String, DefaultDirectRateLimiter>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a request was not stored. Mapped to a status code in one place.
@@ -113,13 +115,13 @@ impl Refusal {
 // === impl FrontDoor ===
 
 impl FrontDoor {
-    pub fn new(config: Arc<Config>, store: Store, shutdown: CancellationToken) -> Self {
+    pub fn new(config: Arc<Config>, store: Store, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
         let limiters = config
             .sources
             .iter()
             .filter_map(|source| Some((source.name.clone(), limiter(source.rate_limit?)?)))
             .collect();
-        Self { config, store, shutdown, limiters }
+        Self { config, store, shutdown, limiters, metrics }
     }
 
     /// Takes a token of the source's bucket, or says when to retry.
@@ -168,7 +170,10 @@ impl FrontDoor {
                 if req.method() != Method::POST {
                     return Err(Refusal::MethodNotAllowed("POST"));
                 }
-                self.webhook(req, source, kind, peer, request_id).await
+                let started = std::time::Instant::now();
+                let result = self.webhook(req, source, kind, peer, request_id).await;
+                self.record(&source.name, &result, started);
+                result.map(|outcome| outcome_response(&outcome, request_id))
             }
             _ => Err(Refusal::NotFound),
         }
@@ -191,7 +196,7 @@ impl FrontDoor {
         kind: Option<&str>,
         peer: SocketAddr,
         request_id: &str,
-    ) -> Result<Response<Full<Bytes>>, Refusal> {
+    ) -> Result<IngestOutcome, Refusal> {
         let limit = self.config.http.body_limit_bytes;
         let (parts, body) = req.into_parts();
         if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
@@ -231,7 +236,26 @@ impl FrontDoor {
         let mapped = ingest::map_raw(&raw);
         let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
         tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
-        Ok(outcome_response(&outcome, request_id))
+        Ok(outcome)
+    }
+
+    /// Counts the answer to a webhook of a configured source.
+    fn record(&self, source: &str, result: &Result<IngestOutcome, Refusal>, started: std::time::Instant) {
+        let outcome = match result {
+            Ok(IngestOutcome::Applied { .. }) => "applied",
+            Ok(IngestOutcome::Quarantined { .. }) => "quarantined",
+            Ok(IngestOutcome::Duplicate { .. }) => "duplicate",
+            Err(Refusal::Auth(_)) => "rejected_auth",
+            Err(Refusal::TooLarge(_)) => "too_large",
+            Err(Refusal::Timeout) => "timeout",
+            Err(Refusal::RateLimited(_)) => "rate_limited",
+            Err(Refusal::Unavailable(_)) => "storage_error",
+            Err(Refusal::BadRequest(_) | Refusal::NotFound | Refusal::MethodNotAllowed(_)) => "bad_request",
+        };
+        self.metrics.webhook(source, outcome);
+        if result.is_ok() {
+            self.metrics.ingest_latency(started.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -368,4 +392,52 @@ pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: Cance
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(?grace, "webhook connections still open after the grace period");
     }
+}
+
+// === The admin listener ===
+
+/// Serves `GET /metrics` (Prometheus text format) and `GET /healthz` until
+/// `shutdown`.
+pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let metrics = metrics.clone();
+        let service = service_fn(move |req: Request<Body>| {
+            let metrics = metrics.clone();
+            async move { Ok::<_, Infallible>(admin_response(&req, &metrics)) }
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn admin_response(req: &Request<Body>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+        }
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }

@@ -20,6 +20,7 @@
 //!   consistent snapshots.
 //! - [`api`]: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`.
+//! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`proto`]: the generated protobuf types (the public contract and the
 //!   storage schema).
@@ -48,6 +49,7 @@ pub mod api;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -160,7 +160,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let bind = |addr| async move {
         TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
     };
-    let listeners = Listeners { http: bind(config.http.addr).await?, grpc: bind(config.grpc.addr).await? };
+    let listeners = Listeners {
+        http: bind(config.http.addr).await?,
+        grpc: bind(config.grpc.addr).await?,
+        admin: bind(config.admin.addr).await?,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     server::run(config, listeners, shutdown).await?;

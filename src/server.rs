@@ -16,6 +16,7 @@ use tonic_health::server::HealthReporter;
 use crate::api::{AdminService, BearerAuth, OrderTrailService, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
 use crate::http::{self, FrontDoor};
+use crate::metrics::Metrics;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::order_trail_server::OrderTrailServer;
 use crate::store::{Store, StoreError};
@@ -26,6 +27,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// Internal gRPC.
     pub grpc: TcpListener,
+    /// Internal admin (metrics).
+    pub admin: TcpListener,
 }
 
 /// Why the server stopped with an error.
@@ -66,6 +69,7 @@ pub async fn run_with_store(
     tracing::info!(
         http = %local(&listeners.http),
         grpc = %local(&listeners.grpc),
+        admin = %local(&listeners.admin),
         data_dir = %config.store.data_dir.display(),
         durability = ?config.store.durability,
         head_sequence = store.head_sequence(),
@@ -75,22 +79,26 @@ pub async fn run_with_store(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = reflection()?;
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
+    let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
+    let metrics = Metrics::new(store.clone(), subscriptions.clone());
     let grpc = grpc_server(&config.grpc)?
         .add_service(health)
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
         .add_service(InterceptedService::new(reflection.1, auth))
-        .add_service(order_trail(&config.grpc, &store, &shutdown))
+        .add_service(order_trail(&config.grpc, &store, subscriptions))
         .add_service(admin(&config.grpc, &store))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     tokio::spawn(report_health(health_reporter, store.clone(), shutdown.clone()));
-    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone()));
+    let admin_task = tokio::spawn(http::serve_admin(listeners.admin, metrics.clone(), shutdown.clone()));
+    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone(), metrics));
     let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;
+    let _ = admin_task.await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")))??;
@@ -172,9 +180,8 @@ fn grpc_server(config: &GrpcConfig) -> Result<Server, ServerError> {
 fn order_trail(
     config: &GrpcConfig,
     store: &Store,
-    shutdown: &CancellationToken,
+    subscriptions: Subscriptions,
 ) -> InterceptedService<OrderTrailServer<OrderTrailService>, BearerAuth> {
-    let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), config);
     let service = OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

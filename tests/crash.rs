@@ -87,6 +87,7 @@ impl Harness {
             .args(["--config", self.config.to_str().unwrap()])
             .env("ORDERTRAIL_HTTP_ADDR", self.http.to_string())
             .env("ORDERTRAIL_GRPC_ADDR", self.grpc.to_string())
+            .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

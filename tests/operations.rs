@@ -94,3 +94,58 @@ async fn health_follows_storage_failures_and_shutdown() {
         .expect("a health watcher held shutdown open")
         .unwrap();
 }
+
+/// The value of one sample line of the metrics page.
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines().find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_what_happened() {
+    let server = TestServer::start_with(
+        "[http]\nbody_limit_bytes = 2048\n[[sources]]\nname = \"om\"\nprovider = \"ordermesh\"\n\
+         [[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"key\"] }\n",
+    )
+    .await;
+    let creation = common::fixture("ordermesh/order-creation.json");
+    for (body, status) in [
+        (creation.clone(), 200),
+        (common::fixture("ordermesh/order-update.json"), 200),
+        (creation, 200),
+        (b"garbage".to_vec(), 202),
+        (vec![b' '; 4096], 413),
+    ] {
+        assert_eq!(server.post_json("/webhooks/om", body).await.status, status);
+    }
+    assert_eq!(server.post_json("/webhooks/k/order", "{}").await.status, 401);
+    assert_eq!(server.post_json("/webhooks/k/order", "{}").await.status, 401);
+    let _stream = server.grpc().await.subscribe(ordertrail::proto::SubscribeRequest::default()).await.unwrap();
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let response = client.get(format!("http://{}/metrics", server.admin_addr).parse().unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    use http_body_util::BodyExt;
+    let page = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let expect = [
+        (r#"ordertrail_webhooks_total{source="om",outcome="applied"}"#, 2.0),
+        (r#"ordertrail_webhooks_total{source="om",outcome="duplicate"}"#, 1.0),
+        (r#"ordertrail_webhooks_total{source="om",outcome="quarantined"}"#, 1.0),
+        (r#"ordertrail_webhooks_total{source="om",outcome="too_large"}"#, 1.0),
+        (r#"ordertrail_webhooks_total{source="k",outcome="rejected_auth"}"#, 2.0),
+        (r#"ordertrail_events_total{kind="order_created"}"#, 1.0),
+        (r#"ordertrail_events_total{kind="order_status_changed"}"#, 1.0),
+        ("ordertrail_ingest_latency_seconds_count", 4.0),
+        ("ordertrail_quarantine_depth", 1.0),
+        ("ordertrail_orders", 1.0),
+        ("ordertrail_head_sequence", 2.0),
+        ("ordertrail_subscriptions_active", 1.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(sample(&page, name), Some(value), "{name} in:\n{page}");
+    }
+    assert!(sample(&page, "ordertrail_commit_batch_size_count").is_some_and(|n| n >= 1.0), "{page}");
+    assert!(sample(&page, "ordertrail_flush_seconds_count").is_some_and(|n| n >= 1.0), "{page}");
+    assert!(sample(&page, "ordertrail_store_size_bytes").is_some_and(|n| n > 0.0), "{page}");
+    assert!(page.contains("ordertrail_subscriber_lag_events{subscriber="), "{page}");
+}

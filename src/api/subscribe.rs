@@ -5,9 +5,11 @@
 //! lag by reading from the store. Shutdown ends every stream at once with a
 //! status that says where to resume.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +32,22 @@ pub struct Subscriptions {
     slots: Arc<Semaphore>,
     buffer: usize,
     progress_every: Duration,
+    /// Every open stream's position, for metrics.
+    positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Keeps a stream's position visible while the stream lives.
+struct Registration {
+    id: u64,
+    position: Arc<AtomicU64>,
+    positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.positions.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 impl Subscriptions {
@@ -40,7 +58,22 @@ impl Subscriptions {
             slots: Arc::new(Semaphore::new(config.max_subscriptions)),
             buffer: config.subscription_buffer,
             progress_every: config.progress_interval,
+            positions: Arc::default(),
+            next_id: Arc::default(),
         }
+    }
+
+    /// (stream id, position) of every open stream.
+    pub fn positions(&self) -> Vec<(u64, u64)> {
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        positions.iter().map(|(id, p)| (*id, p.load(Ordering::Relaxed))).collect()
+    }
+
+    fn register(&self, start: u64) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let position = Arc::new(AtomicU64::new(start));
+        self.positions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, position.clone());
+        Registration { id, position, positions: self.positions.clone() }
     }
 
     /// Starts a stream for `request`.
@@ -59,7 +92,9 @@ impl Subscriptions {
         }
         feed.restart_after(start);
         let (tx, rx) = mpsc::channel(self.buffer);
-        let task = Task { store: self.store.clone(), feed, filter, tx, progress_every: self.progress_every };
+        let registration = self.register(start);
+        let task =
+            Task { store: self.store.clone(), feed, filter, tx, progress_every: self.progress_every, registration };
         tokio::spawn(task.run(request.snapshot, permit));
         let resume = (!request.snapshot).then_some(start);
         Ok(Outbound { rx, shutdown: Box::pin(self.shutdown.clone().cancelled_owned()), resume, ended: false })
@@ -80,6 +115,7 @@ struct Task {
     filter: Filter,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
     progress_every: Duration,
+    registration: Registration,
 }
 
 impl Task {
@@ -95,6 +131,7 @@ impl Task {
                 _ = ticker.tick() => Ok(Some(Message::Progress(Progress { head_sequence: self.feed.position() }))),
                 item = self.feed.next() => self.on_item(item),
             };
+            self.registration.position.store(self.feed.position(), Ordering::Relaxed);
             match message {
                 Ok(Some(message)) => {
                     // A full buffer waits here: the feed falls behind the

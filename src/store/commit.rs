@@ -15,6 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::mark::{self, Mark};
@@ -29,6 +32,27 @@ const MARK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often an unhealthy store checks whether storage works again.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What the group commit measures; registered by [`crate::metrics`].
+#[derive(Clone)]
+pub struct CommitMetrics {
+    /// Deliveries answered by one commit.
+    pub batch_size: Histogram,
+    /// Time to make one commit durable.
+    pub flush_seconds: Histogram,
+    /// Committed events by kind.
+    pub events: Family<Vec<(&'static str, String)>, Counter>,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        Self {
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            flush_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            events: Family::default(),
+        }
+    }
+}
 
 /// A delivery written but not yet durable.
 struct Pending {
@@ -60,6 +84,7 @@ pub(super) struct Shared {
     fault: AtomicU8,
     /// How far the database is durable (for the durability mark).
     durable_mark: Mutex<Mark>,
+    pub metrics: CommitMetrics,
 }
 
 /// Where an injected storage fault strikes.
@@ -102,6 +127,7 @@ impl Shared {
             feed_lags: AtomicU64::new(0),
             fault: AtomicU8::new(0),
             durable_mark: Mutex::new(durable),
+            metrics: CommitMetrics::default(),
         }
     }
 
@@ -239,8 +265,13 @@ pub(super) struct Flusher {
 impl Flusher {
     pub fn run(mut self) {
         while let Some((waiting, marks)) = self.shared.take() {
+            let started = Instant::now();
             match self.make_durable() {
                 Ok(()) => {
+                    if !waiting.is_empty() {
+                        self.shared.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+                        self.shared.metrics.batch_size.observe(waiting.len() as f64);
+                    }
                     self.committed(waiting, marks);
                     self.maybe_write_mark();
                 }
@@ -271,6 +302,8 @@ impl Flusher {
         shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
         for pending in waiting {
             for event in pending.events {
+                let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
+                shared.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
                 // No subscriber is not an error.
                 let _ = shared.feed.send(Arc::new(event));
             }

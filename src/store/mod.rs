@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-pub use commit::FaultPoint;
+pub use commit::{CommitMetrics, FaultPoint};
 pub use export::{ExportedDelivery, ImportSummary, export, import};
 pub use feed::{Feed, FeedError, FeedItem};
 pub use keys::RefKind;
@@ -108,6 +108,14 @@ pub struct EventFilter {
     pub order_id: Option<u64>,
     pub sources: Vec<String>,
     pub kinds: Vec<EventKind>,
+}
+
+/// Counts of stored state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StateStats {
+    pub orders: u64,
+    pub quarantined: u64,
+    pub size_on_disk: u64,
 }
 
 /// A page of results and where the next page starts.
@@ -245,6 +253,22 @@ impl Store {
     /// then live ones.
     pub fn feed(&self, after: u64) -> Feed {
         Feed::new(self.clone(), self.inner.shared.subscribe(), after)
+    }
+
+    /// The group commit's metrics (shared handles).
+    pub fn commit_metrics(&self) -> CommitMetrics {
+        self.inner.shared.metrics.clone()
+    }
+
+    /// Counts of stored state, for metrics.
+    pub fn state_stats(&self) -> StateStats {
+        let tree = &self.inner.tree;
+        let orders = tree.get(keys::meta("last_order")).ok().flatten().map_or(0, |v| keys::trailing_u64(&v));
+        StateStats {
+            orders,
+            quarantined: tree.scan_prefix([keys::QUARANTINE]).keys().count() as u64,
+            size_on_disk: self.inner.db.size_on_disk().unwrap_or(0),
+        }
     }
 
     /// Live-feed statistics: (events kept for slow subscribers, times a

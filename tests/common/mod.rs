@@ -33,6 +33,7 @@ pub fn fixture(path: &str) -> Vec<u8> {
 pub struct TestServer {
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub dir: TempDir,
     /// The server's store, for fault injection.
     pub store: ordertrail::store::Store,
@@ -65,22 +66,24 @@ impl TestServer {
     pub async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        Self::start_on(dir, extra_toml, http, grpc).await
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        Self::start_on(dir, extra_toml, Listeners { http, grpc, admin }).await
     }
 
-    async fn start_on(dir: TempDir, extra_toml: &str, http: TcpListener, grpc: TcpListener) -> Self {
+    async fn start_on(dir: TempDir, extra_toml: &str, listeners: Listeners) -> Self {
         let data_dir = dir.path().display().to_string();
         let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
         let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
-        let http_addr = http.local_addr().unwrap();
-        let grpc_addr = grpc.local_addr().unwrap();
+        let http_addr = listeners.http.local_addr().unwrap();
+        let grpc_addr = listeners.grpc.local_addr().unwrap();
+        let admin_addr = listeners.admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let store = server::open_store(&config.store).await.expect("open store");
-        let task =
-            tokio::spawn(server::run_with_store(config, store.clone(), Listeners { http, grpc }, shutdown.clone()));
+        let task = tokio::spawn(server::run_with_store(config, store.clone(), listeners, shutdown.clone()));
         Self {
             http_addr,
             grpc_addr,
+            admin_addr,
             dir,
             store,
             extra_toml: extra_toml.to_string(),
@@ -102,11 +105,13 @@ impl TestServer {
     /// Stops and starts again on the same data dir and the same ports, so
     /// clients can reconnect.
     pub async fn restart(self) -> Self {
-        let (extra, http_addr, grpc_addr) = (self.extra_toml.clone(), self.http_addr, self.grpc_addr);
+        let (extra, http_addr, grpc_addr, admin_addr) =
+            (self.extra_toml.clone(), self.http_addr, self.grpc_addr, self.admin_addr);
         let dir = self.stop().await;
         let http = TcpListener::bind(http_addr).await.expect("rebind http");
         let grpc = TcpListener::bind(grpc_addr).await.expect("rebind grpc");
-        Self::start_on(dir, &extra, http, grpc).await
+        let admin = TcpListener::bind(admin_addr).await.expect("rebind admin");
+        Self::start_on(dir, &extra, Listeners { http, grpc, admin }).await
     }
 
     pub async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> Answer {

@@ -1,0 +1,132 @@
+//! Prometheus metrics, served as text on the admin listener (`GET /metrics`).
+//!
+//! Counters and histograms are updated where things happen (the front door,
+//! the group commit); gauges that describe stored state are read from the
+//! store when scraped.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::api::Subscriptions;
+use crate::store::{CommitMetrics, Store};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// Webhooks by source and outcome.
+    webhooks: Family<Labels, Counter>,
+    /// Receive to durable answer, for stored deliveries.
+    ingest_latency: Histogram,
+    unmapped: Family<Labels, Gauge>,
+    quarantine_depth: Gauge,
+    orders: Gauge,
+    head_sequence: Gauge,
+    store_bytes: Gauge,
+    subscriptions: Gauge,
+    subscriber_lag: Family<Labels, Gauge>,
+    feed_lags: Gauge,
+    store: Store,
+    subscriptions_source: Subscriptions,
+}
+
+impl Metrics {
+    pub fn new(store: Store, subscriptions: Subscriptions) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("ordertrail");
+        let commit: CommitMetrics = store.commit_metrics();
+        let webhooks = Family::<Labels, Counter>::default();
+        let ingest_latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let metrics = Self {
+            webhooks: webhooks.clone(),
+            ingest_latency: ingest_latency.clone(),
+            unmapped: Family::default(),
+            quarantine_depth: Gauge::default(),
+            orders: Gauge::default(),
+            head_sequence: Gauge::default(),
+            store_bytes: Gauge::default(),
+            subscriptions: Gauge::default(),
+            subscriber_lag: Family::default(),
+            feed_lags: Gauge::default(),
+            store,
+            subscriptions_source: subscriptions,
+            registry: Registry::default(),
+        };
+        registry.register("webhooks", "Webhooks received, by source and outcome", webhooks);
+        registry.register("ingest_latency_seconds", "From receiving a webhook to its durable answer", ingest_latency);
+        registry.register("commit_batch_size", "Deliveries answered by one group commit", commit.batch_size);
+        registry.register("flush_seconds", "Time to make one group commit durable", commit.flush_seconds);
+        registry.register("events", "Events committed, by kind", commit.events);
+        registry.register("unmapped_statuses", "Unknown provider status values seen", metrics.unmapped.clone());
+        registry.register("quarantine_depth", "Deliveries in quarantine", metrics.quarantine_depth.clone());
+        registry.register("orders", "Orders stored", metrics.orders.clone());
+        registry.register("head_sequence", "Newest durable event sequence", metrics.head_sequence.clone());
+        registry.register("store_size_bytes", "Database size on disk", metrics.store_bytes.clone());
+        registry.register("subscriptions_active", "Open Subscribe streams", metrics.subscriptions.clone());
+        registry.register(
+            "subscriber_lag_events",
+            "Events a subscriber is behind the head",
+            metrics.subscriber_lag.clone(),
+        );
+        registry.register(
+            "subscriber_store_reads",
+            "Times a subscriber fell behind and read from the store",
+            metrics.feed_lags.clone(),
+        );
+        Arc::new(Self { registry, ..metrics })
+    }
+
+    /// Counts one webhook answer.
+    pub fn webhook(&self, source: &str, outcome: &'static str) {
+        self.webhooks.get_or_create(&vec![("source", source.to_string()), ("outcome", outcome.to_string())]).inc();
+    }
+
+    /// Records how long a stored webhook took to be answered.
+    pub fn ingest_latency(&self, seconds: f64) {
+        self.ingest_latency.observe(seconds);
+    }
+
+    /// The text exposition, with the stored-state gauges read now.
+    pub fn render(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    fn refresh(&self) {
+        let store = &self.store;
+        let head = store.head_sequence();
+        self.head_sequence.set(as_gauge(head));
+        let state = store.state_stats();
+        self.quarantine_depth.set(as_gauge(state.quarantined));
+        self.orders.set(as_gauge(state.orders));
+        self.store_bytes.set(as_gauge(state.size_on_disk));
+        self.feed_lags.set(as_gauge(store.feed_stats().1));
+        self.unmapped.clear();
+        for (provider, applies_to, value, count) in store.unmapped_statuses().unwrap_or_default() {
+            let labels = vec![("provider", provider), ("applies_to", applies_to), ("value", value)];
+            self.unmapped.get_or_create(&labels).set(as_gauge(count));
+        }
+        let positions = self.subscriptions_source.positions();
+        self.subscriptions.set(as_gauge(positions.len() as u64));
+        self.subscriber_lag.clear();
+        for (id, position) in positions {
+            self.subscriber_lag
+                .get_or_create(&vec![("subscriber", id.to_string())])
+                .set(as_gauge(head.saturating_sub(position)));
+        }
+    }
+}
+
+fn as_gauge(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
