@@ -233,7 +233,7 @@ impl FrontDoor {
             body,
             ..RawDelivery::default()
         };
-        let mapped = ingest::map_raw(&raw);
+        let mapped = ingest::map_raw(&raw, &source.kind_aliases);
         let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
         tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
         Ok(outcome)

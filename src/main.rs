@@ -142,7 +142,8 @@ async fn import(config: &Config, file: PathBuf) -> anyhow::Result<()> {
         std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?,
     );
     let store = server::open_store(&config.store).await?;
-    let summary = ordertrail::store::import(&store, input).await;
+    let aliases = |source: &str| config.kind_aliases(source).clone();
+    let summary = ordertrail::store::import(&store, input, &aliases).await;
     tokio::task::spawn_blocking(move || store.close()).await??;
     let summary = summary?;
     eprintln!(

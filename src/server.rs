@@ -86,7 +86,7 @@ pub async fn run_with_store(
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
         .add_service(InterceptedService::new(reflection.1, auth))
         .add_service(order_trail(&config.grpc, &store, subscriptions))
-        .add_service(admin(&config.grpc, &store))
+        .add_service(admin(&config, &store))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
@@ -188,11 +188,12 @@ fn order_trail(
     InterceptedService::new(service, BearerAuth::new(config.bearer_tokens.clone()))
 }
 
-fn admin(config: &GrpcConfig, store: &Store) -> InterceptedService<AdminServer<AdminService>, BearerAuth> {
-    let service = AdminServer::new(AdminService::new(store.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    InterceptedService::new(service, BearerAuth::new(config.bearer_tokens.clone()))
+fn admin(config: &Arc<Config>, store: &Store) -> InterceptedService<AdminServer<AdminService>, BearerAuth> {
+    let grpc = &config.grpc;
+    let service = AdminServer::new(AdminService::new(store.clone(), config.clone()))
+        .max_decoding_message_size(grpc.max_message_bytes)
+        .max_encoding_message_size(grpc.max_message_bytes);
+    InterceptedService::new(service, BearerAuth::new(grpc.bearer_tokens.clone()))
 }
 
 /// Runs the gRPC server; once shutdown starts, gives it `grace` to drain.

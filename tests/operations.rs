@@ -149,3 +149,47 @@ async fn metrics_count_exactly_what_happened() {
     assert!(sample(&page, "ordertrail_store_size_bytes").is_some_and(|n| n > 0.0), "{page}");
     assert!(page.contains("ordertrail_subscriber_lag_events{subscriber="), "{page}");
 }
+
+#[tokio::test]
+async fn redrive_applies_what_the_mappers_learned_once() {
+    use ordertrail::proto::{GetOrderRequest, RedriveRequest, get_order_request::Reference};
+    let server = TestServer::start().await;
+    let order = common::fixture("winkelstraat/order.json");
+    // Winkelstraat starts posting orders to a URL name nobody configured.
+    let answer = server.post_json("/webhooks/winkelstraat/stock-order", order.clone()).await;
+    assert_eq!(answer.status, 202);
+    assert_eq!(answer.json["reason"], "unknown Winkelstraat kind `stock-order`");
+    let garbage = server.post_json("/webhooks/winkelstraat/order", "not json").await;
+    assert_eq!(garbage.status, 202);
+    let dir = server.stop().await;
+    // The operator teaches the mapper: stock-order carries an order.
+    let config = "[[sources]]\nname = \"winkelstraat\"\nprovider = \"winkelstraat\"\nkind_aliases = { stock-order = \"order\" }\n";
+    let server = TestServer::start_in(dir, config).await;
+    let mut admin = server.admin().await;
+    let all = |dry_run| RedriveRequest { raw_id: 0, received_after: None, dry_run };
+    let dry = admin.redrive(all(true)).await.unwrap().into_inner();
+    assert_eq!((dry.applied, dry.still_quarantined), (1, 1), "{dry:?}");
+    assert!(server.all_events().await.is_empty(), "a dry run changes nothing");
+    assert_eq!(server.quarantine().await.len(), 2);
+
+    let done = admin.redrive(all(false)).await.unwrap().into_inner();
+    assert_eq!((done.applied, done.still_quarantined), (1, 1), "{done:?}");
+    assert_eq!(done.results[0].sequences, [1]);
+    let request =
+        GetOrderRequest { reference: Some(Reference::PoNumber("YOUR_ORDER_REFERENCE".into())), source: String::new() };
+    let stored = server.grpc().await.get_order(request).await.unwrap().into_inner();
+    assert_eq!(stored.items.len(), 1);
+    let quarantine = server.quarantine().await;
+    assert_eq!(quarantine.len(), 1, "the garbage stays");
+    assert_eq!(&quarantine[0].body[..], b"not json");
+    let event = &server.all_events().await[0];
+    assert_eq!(event.provenance.as_ref().unwrap().raw_id, 1, "the event points at the original delivery");
+    assert_eq!(event.provenance.as_ref().unwrap().mapper_version, ordertrail::ingest::MAPPER_VERSION);
+
+    let again = admin.redrive(all(false)).await.unwrap().into_inner();
+    assert_eq!((again.applied, again.still_quarantined), (0, 1), "a second re-drive is a no-op");
+    assert_eq!(server.all_events().await.len(), 1);
+    // The original bytes resent are now a duplicate of an applied delivery.
+    let resent = server.post_json("/webhooks/winkelstraat/stock-order", order).await;
+    assert_eq!((resent.status.as_u16(), resent.json["outcome"].as_str()), (200, Some("duplicate")));
+}

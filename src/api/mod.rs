@@ -11,7 +11,8 @@ use crate::proto::{
     ListQuarantinedResponse, ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus,
     RawDelivery, Stats, SubscribeRequest, UnmappedStatus,
 };
-use crate::store::{EventFilter, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
+use crate::proto::{RedriveRequest, RedriveResponse, RedriveResult};
+use crate::store::{EventFilter, IngestOutcome, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
 /// Page size when the request names none.
 const DEFAULT_PAGE_SIZE: usize = 100;
@@ -35,11 +36,40 @@ impl OrderTrailService {
 #[derive(Clone)]
 pub struct AdminService {
     store: Store,
+    config: std::sync::Arc<crate::config::Config>,
 }
 
 impl AdminService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, config: std::sync::Arc<crate::config::Config>) -> Self {
+        Self { store, config }
+    }
+
+    /// The quarantined deliveries a re-drive covers.
+    async fn quarantined(&self, request: &RedriveRequest) -> Result<Vec<RawDelivery>, Status> {
+        if request.raw_id != 0 {
+            let id = request.raw_id;
+            let raw = blocking(&self.store, move |s| s.raw(id)).await?;
+            return match raw {
+                Some(raw) if raw.outcome() == proto::DeliveryOutcome::Quarantined => Ok(vec![raw]),
+                Some(_) => Ok(Vec::new()),
+                None => Err(Status::not_found(format!("no stored delivery {id}"))),
+            };
+        }
+        let after = request.received_after.map(|t| (t.seconds, t.nanos));
+        let mut all = Vec::new();
+        let mut position = 0;
+        loop {
+            let page = blocking(&self.store, move |s| s.list_quarantine(position, MAX_PAGE_SIZE)).await?;
+            all.extend(
+                page.items
+                    .into_iter()
+                    .filter(|r| after.is_none_or(|a| r.received_at.is_some_and(|t| (t.seconds, t.nanos) > a))),
+            );
+            match page.next_after {
+                Some(next) => position = next,
+                None => return Ok(all),
+            }
+        }
     }
 }
 
@@ -239,6 +269,46 @@ impl Admin for AdminService {
             feed_backlog: backlog as u64,
             feed_lags,
         }))
+    }
+
+    async fn redrive(&self, request: Request<RedriveRequest>) -> Result<Response<RedriveResponse>, Status> {
+        let request = request.into_inner();
+        let mut response = RedriveResponse::default();
+        for raw in self.quarantined(&request).await? {
+            let mapped = crate::ingest::map_raw(&raw, self.config.kind_aliases(&raw.source));
+            let mut result = RedriveResult { raw_id: raw.id, ..RedriveResult::default() };
+            match mapped {
+                Err(reason) => {
+                    result.outcome = "quarantined".into();
+                    result.reason = reason.0;
+                    response.still_quarantined += 1;
+                }
+                Ok(normalized) if request.dry_run => {
+                    result.outcome = "applied".into();
+                    result.events = normalized.observations.len() as u32;
+                    response.applied += 1;
+                }
+                Ok(normalized) => {
+                    result.events = normalized.observations.len() as u32;
+                    match self.store.redrive(raw.id, normalized).await.map_err(store_status)? {
+                        IngestOutcome::Applied { sequences, .. } => {
+                            result.outcome = "applied".into();
+                            result.sequences = sequences;
+                            response.applied += 1;
+                        }
+                        _ => result.outcome = "duplicate".into(),
+                    }
+                }
+            }
+            response.results.push(result);
+        }
+        tracing::info!(
+            applied = response.applied,
+            still_quarantined = response.still_quarantined,
+            dry_run = request.dry_run,
+            "re-drive"
+        );
+        Ok(Response::new(response))
     }
 
     async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {

@@ -110,6 +110,8 @@ pub(super) struct FileSource {
     #[serde(default = "open_auth")]
     pub(super) auth: AuthConfig,
     pub(super) rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub(super) kind_aliases: std::collections::BTreeMap<String, String>,
 }
 
 fn open_auth() -> AuthConfig {

@@ -4,6 +4,7 @@
 //! Environment variables are read through a lookup function so tests never
 //! touch the process environment.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -208,6 +209,9 @@ pub struct SourceConfig {
     /// Most authenticated deliveries accepted per second (token bucket);
     /// `None`: unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// Winkelstraat only: more URL kinds that carry a known kind's payload
+    /// (`{ "stock-order" = "order" }`), e.g. when a new URL name appears.
+    pub kind_aliases: BTreeMap<String, String>,
 }
 
 /// A token bucket: `per_second` tokens refill each second, up to `burst`.
@@ -270,7 +274,13 @@ impl Config {
         let sources = match file.sources {
             Some(list) => list
                 .into_iter()
-                .map(|s| SourceConfig { name: s.name, provider: s.provider, auth: s.auth, rate_limit: s.rate_limit })
+                .map(|s| SourceConfig {
+                    name: s.name,
+                    provider: s.provider,
+                    auth: s.auth,
+                    rate_limit: s.rate_limit,
+                    kind_aliases: s.kind_aliases,
+                })
                 .collect(),
             None => default_sources(),
         };
@@ -387,6 +397,12 @@ impl Config {
         Ok(())
     }
 
+    /// The kind aliases of the source called `name` (empty if none).
+    pub fn kind_aliases(&self, name: &str) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.source(name).map_or(&NONE, |s| &s.kind_aliases)
+    }
+
     /// The configured source called `name`.
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {
         self.sources.iter().find(|s| s.name == name)
@@ -397,7 +413,13 @@ impl Config {
 fn default_sources() -> Vec<SourceConfig> {
     Provider::ALL
         .iter()
-        .map(|p| SourceConfig { name: p.name().to_string(), provider: *p, auth: AuthConfig::None, rate_limit: None })
+        .map(|p| SourceConfig {
+            name: p.name().to_string(),
+            provider: *p,
+            auth: AuthConfig::None,
+            rate_limit: None,
+            kind_aliases: BTreeMap::new(),
+        })
         .collect()
 }
 

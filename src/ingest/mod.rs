@@ -168,11 +168,15 @@ pub fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unre
 /// Maps a stored (or about to be stored) raw delivery with the current
 /// mappers. A mapper that panics (a bug) quarantines the delivery instead of
 /// losing it.
-pub fn map_raw(raw: &proto::RawDelivery) -> Result<Normalized, Unrecognized> {
+/// `kind_aliases` maps URL kinds to the kind whose payload they carry.
+pub fn map_raw(
+    raw: &proto::RawDelivery,
+    kind_aliases: &std::collections::BTreeMap<String, String>,
+) -> Result<Normalized, Unrecognized> {
     let Some(provider) = Provider::from_proto(raw.provider()) else {
         return Err(Unrecognized("delivery of an unknown provider".into()));
     };
-    let kind = (!raw.kind.is_empty()).then_some(raw.kind.as_str());
+    let kind = (!raw.kind.is_empty()).then(|| kind_aliases.get(&raw.kind).unwrap_or(&raw.kind).as_str());
     let meta = DeliveryMeta { provider, kind, content_type: &raw.content_type };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| normalize(meta, &raw.body)))
         .unwrap_or_else(|_| Err(Unrecognized("the mapper failed on this delivery".into())))

@@ -137,7 +137,11 @@ fn imported(line: &str, number: usize) -> Result<RawDelivery, StoreError> {
 /// Stores every delivery of an export through the current mappers, in the
 /// order of the file, sharing group commits. Identical deliveries are stored
 /// once, so importing the same file twice changes nothing.
-pub async fn import(store: &Store, input: impl BufRead) -> Result<ImportSummary, StoreError> {
+pub async fn import(
+    store: &Store,
+    input: impl BufRead,
+    kind_aliases: &dyn Fn(&str) -> std::collections::BTreeMap<String, String>,
+) -> Result<ImportSummary, StoreError> {
     let mut summary = ImportSummary::default();
     let mut in_flight = tokio::task::JoinSet::new();
     for (index, line) in input.lines().enumerate() {
@@ -146,7 +150,7 @@ pub async fn import(store: &Store, input: impl BufRead) -> Result<ImportSummary,
             continue;
         }
         let raw = imported(&line, index + 1)?;
-        let mapped = ingest::map_raw(&raw);
+        let mapped = ingest::map_raw(&raw, &kind_aliases(&raw.source));
         // Submitted in file order; only the waits for durability overlap.
         let durable = store.submit(Incoming { raw, mapped }).await?;
         in_flight.spawn(durable);

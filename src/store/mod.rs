@@ -32,7 +32,7 @@ use crate::ingest::{Normalized, Unrecognized};
 use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
 use commit::{Flusher, Shared};
 use mark::Mark;
-use writer::{Command, Counters, Writer};
+use writer::{Command, Counters, Work, Writer};
 
 /// How many deliveries may wait for the writer before senders wait too.
 const WRITER_QUEUE: usize = 4096;
@@ -216,8 +216,19 @@ impl Store {
     ) -> Result<impl Future<Output = Result<IngestOutcome, StoreError>> + use<>, StoreError> {
         let sender = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        sender.send(Command { incoming, reply }).await.map_err(|_| StoreError::Closed)?;
+        sender.send(Command { work: Work::Ingest(incoming), reply }).await.map_err(|_| StoreError::Closed)?;
         Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    /// Applies a quarantined delivery with what the current mappers make of
+    /// it (`normalized`); waits until that is durable. `Duplicate` when it
+    /// was not quarantined (nothing done) or its content was applied meanwhile.
+    pub async fn redrive(&self, raw_id: u64, normalized: Normalized) -> Result<IngestOutcome, StoreError> {
+        let sender = self.sender().ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let work = Work::Redrive { raw_id, normalized };
+        sender.send(Command { work, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     fn sender(&self) -> Option<mpsc::Sender<Command>> {
@@ -391,8 +402,7 @@ impl Store {
     }
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
-        let value = self.inner.tree.get(keys::numbered(keys::RAW, id))?;
-        Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
+        load_raw(&self.inner.tree, id)
     }
 
     /// How often each unknown provider status value was seen:
@@ -451,6 +461,11 @@ fn page<T>(
         }
     }
     Ok(Page { items, next_after: None })
+}
+
+pub(crate) fn load_raw(tree: &sled::Tree, id: u64) -> Result<Option<RawDelivery>, StoreError> {
+    let value = tree.get(keys::numbered(keys::RAW, id))?;
+    Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
 }
 
 pub(crate) fn load_order(tree: &sled::Tree, id: u64) -> Result<Option<Order>, StoreError> {

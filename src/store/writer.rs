@@ -17,10 +17,17 @@ use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
 use crate::proto::{DeliveryOutcome, Event, Order, OrderReferences, Provenance, RawDelivery};
 use crate::state;
 
-/// A delivery handed to the writer.
+/// Work handed to the writer.
 pub(super) struct Command {
-    pub incoming: Incoming,
+    pub work: Work,
     pub reply: Reply,
+}
+
+pub(super) enum Work {
+    /// A new delivery.
+    Ingest(Incoming),
+    /// A quarantined delivery that the current mappers understand.
+    Redrive { raw_id: u64, normalized: Normalized },
 }
 
 /// The last ids handed out; persisted in every batch.
@@ -68,8 +75,12 @@ pub(super) struct Writer {
 impl Writer {
     /// Runs until every sender is gone, then lets the flusher drain.
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(Command { incoming, reply }) = commands.blocking_recv() {
-            match self.process_or_quarantine(incoming) {
+        while let Some(Command { work, reply }) = commands.blocking_recv() {
+            let result = match work {
+                Work::Ingest(incoming) => self.process_or_quarantine(incoming),
+                Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
+            };
+            match result {
                 Ok((outcome, events)) => {
                     self.shared.written(self.counters.last_sequence);
                     let reply = if self.ack_before_durable {
@@ -145,6 +156,53 @@ impl Writer {
         let mut dedup_value = raw.id.to_be_bytes().to_vec();
         dedup_value.push(raw.outcome as u8);
         batch.insert(dedup, dedup_value);
+        batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
+        counters.write(&mut batch);
+        self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.tree.apply_batch(batch)?;
+        self.counters = counters;
+        Ok((outcome, events))
+    }
+
+    /// Applies a quarantined delivery with what the mappers now make of it:
+    /// its events are committed, it leaves the quarantine, and its raw
+    /// record says so. A delivery that is not (or no longer) quarantined is
+    /// left alone, so re-driving twice is harmless.
+    fn redrive(&mut self, raw_id: u64, normalized: &Normalized) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
+        let quarantine = keys::numbered(keys::QUARANTINE, raw_id);
+        let Some(mut raw) =
+            super::load_raw(&self.tree, raw_id)?.filter(|_| self.tree.contains_key(quarantine).unwrap_or(false))
+        else {
+            return Ok((IngestOutcome::Duplicate { raw_id, quarantined: false }, Vec::new()));
+        };
+        let mut batch = sled::Batch::default();
+        let mut counters = self.counters;
+        batch.remove(&quarantine);
+        let dedup = keys::dedup(&raw.source, &normalized.dedup_key);
+        let (outcome, events) = match self.tree.get(&dedup)? {
+            Some(value) => {
+                // The same content was applied meanwhile: nothing to add.
+                let original = keys::trailing_u64(&value[..8.min(value.len())]);
+                raw.quarantine_reason = format!("duplicate of delivery {original}");
+                (IngestOutcome::Duplicate { raw_id: original, quarantined: false }, Vec::new())
+            }
+            None => {
+                raw.dedup_key = normalized.dedup_key.clone();
+                let events = self.plan_events(&mut batch, &mut counters, &raw, normalized)?;
+                raw.event_sequences = events.iter().map(|e| e.sequence).collect();
+                raw.quarantine_reason.clear();
+                let mut dedup_value = raw.id.to_be_bytes().to_vec();
+                dedup_value.push(DeliveryOutcome::Applied as u8);
+                batch.insert(dedup, dedup_value);
+                (IngestOutcome::Applied { raw_id, sequences: raw.event_sequences.clone() }, events)
+            }
+        };
+        raw.outcome = DeliveryOutcome::Applied as i32;
+        raw.mapper_version = MAPPER_VERSION;
+        // A resend of the same bytes is now a duplicate of an applied delivery.
+        let mut raw_dedup = raw.id.to_be_bytes().to_vec();
+        raw_dedup.push(DeliveryOutcome::Applied as u8);
+        batch.insert(keys::dedup(&raw.source, &format!("raw:{}", raw.body_sha256)), raw_dedup);
         batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
         counters.write(&mut batch);
         self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
