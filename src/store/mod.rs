@@ -216,7 +216,7 @@ impl Store {
     ) -> Result<impl Future<Output = Result<IngestOutcome, StoreError>> + use<>, StoreError> {
         let sender = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
-        sender.send(Command { work: Work::Ingest(incoming), reply }).await.map_err(|_| StoreError::Closed)?;
+        sender.send(Command { work: Work::Ingest(Box::new(incoming)), reply }).await.map_err(|_| StoreError::Closed)?;
         Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
     }
 

@@ -25,7 +25,7 @@ pub(super) struct Command {
 
 pub(super) enum Work {
     /// A new delivery.
-    Ingest(Incoming),
+    Ingest(Box<Incoming>),
     /// A quarantined delivery that the current mappers understand.
     Redrive { raw_id: u64, normalized: Normalized },
 }
@@ -77,7 +77,7 @@ impl Writer {
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         while let Some(Command { work, reply }) = commands.blocking_recv() {
             let result = match work {
-                Work::Ingest(incoming) => self.process_or_quarantine(incoming),
+                Work::Ingest(incoming) => self.process_or_quarantine(*incoming),
                 Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
             };
             match result {
