@@ -22,13 +22,14 @@
 //!   gRPC `Status`.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
+//! - [`send`]: `ordertrail send`, posting a captured webhook (an HTTP client).
 //! - [`proto`]: the generated protobuf types (the public contract and the
 //!   storage schema).
 //!
 //! # Architecture invariants
 //!
-//! - Only `store` imports sled; only `http` imports hyper; only `api`
-//!   implements tonic services. Provider JSON/form shapes never leave their
+//! - Only `store` imports sled; only `http` (and the `send` client) imports
+//!   hyper; only `api` implements tonic services. Provider JSON/form shapes never leave their
 //!   provider module in `ingest`.
 //! - A webhook is answered 2xx only after the store reported its raw bytes
 //!   (and everything derived from them) durable. Every reply, including one
@@ -50,6 +51,7 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod send;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -56,6 +56,30 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Rebuild all orders, events and indexes of the (stopped) instance's data
+    /// dir from its raw deliveries with the current mappers. The old database
+    /// is kept beside the new one.
+    Rebuild,
+    /// POST a captured webhook body to a running instance, as the provider
+    /// would: handy for local testing and replays.
+    Send {
+        /// The source to post to (`/webhooks/{source}`).
+        source: String,
+        /// The body to send.
+        file: PathBuf,
+        /// Winkelstraat kind (`/webhooks/{source}/{kind}`).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Content-Type; default: JSON if the body looks like JSON, else a form.
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Extra header `name: value` (repeatable), e.g. `x-api-key: …`.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
+        /// Webhook address; default: http.addr from the config.
+        #[arg(long, value_name = "HOST:PORT")]
+        http: Option<String>,
+    },
     /// Store the deliveries of an export through the current mappers into
     /// the configured data dir (the instance must be stopped). Identical
     /// deliveries are stored once.
@@ -111,6 +135,16 @@ fn main() -> ExitCode {
         Command::Tail(args) => run_async(tail(args, &config)),
         Command::Export { out } => export(&config, out),
         Command::Import { file } => run_async(import(&config, file)),
+        Command::Rebuild => run_async(rebuild(&config)),
+        Command::Send { source, file, kind, content_type, headers, http } => {
+            let target = http.unwrap_or_else(|| config.http.addr.to_string());
+            let path = match kind {
+                Some(kind) => format!("/webhooks/{source}/{kind}"),
+                None => format!("/webhooks/{source}"),
+            };
+            let url = format!("http://{target}{path}");
+            run_async(async move { Ok(ordertrail::send::send(&url, &file, content_type, &headers).await?) })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +168,20 @@ fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
         None => ordertrail::store::export(&config.store, &mut std::io::stdout().lock())?,
     };
     eprintln!("ordertrail: exported {count} deliveries");
+    Ok(())
+}
+
+async fn rebuild(config: &Config) -> anyhow::Result<()> {
+    let aliases = |source: &str| config.kind_aliases(source).clone();
+    let (summary, kept) = ordertrail::store::rebuild(&config.store, &aliases).await?;
+    eprintln!(
+        "ordertrail: rebuilt from {} deliveries ({} applied, {} quarantined, {} duplicates); the old database is in {}",
+        summary.applied + summary.quarantined + summary.duplicates,
+        summary.applied,
+        summary.quarantined,
+        summary.duplicates,
+        kept.display()
+    );
     Ok(())
 }
 

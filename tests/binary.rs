@@ -298,3 +298,80 @@ fn json_logs_are_one_object_per_line() {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_posts_a_captured_webhook() {
+    let server = common::TestServer::start_with(
+        "[[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"key-1\"] }\n",
+    )
+    .await;
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/winkelstraat/shipment.json");
+    let http = server.http_addr.to_string();
+    let send = |extra: &[&str]| {
+        let mut args = vec!["send", "k", file, "--kind", "shipment", "--http", &http];
+        args.extend_from_slice(extra);
+        tokio::process::Command::new(BIN).args(args).env_remove("ORDERTRAIL_CONFIG").output()
+    };
+    let refused = send(&[]).await.unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).starts_with("401"), "{refused:?}");
+    let sent = send(&["--header", "x-api-key: key-1"]).await.unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(String::from_utf8_lossy(&sent.stdout).contains(r#""outcome":"applied""#));
+    assert_eq!(server.all_events().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_from_raw_deliveries_gives_identical_state() {
+    let server = common::TestServer::start().await;
+    for name in ["order-creation", "order-update", "shipment-created", "shipment-update"] {
+        assert_eq!(
+            server.post_json("/webhooks/ordermesh", common::fixture(&format!("ordermesh/{name}.json"))).await.status,
+            200
+        );
+    }
+    for kind in ["order", "shipment", "rma"] {
+        let body = common::fixture(&format!("winkelstraat/{kind}.json"));
+        assert_eq!(server.post_json(&format!("/webhooks/winkelstraat/{kind}"), body).await.status, 200);
+    }
+    assert_eq!(server.post_json("/webhooks/ordermesh", "oops").await.status, 202);
+    let events = server.all_events().await;
+    let quarantine = server.quarantine().await;
+    let orders = server
+        .grpc()
+        .await
+        .list_orders(ordertrail::proto::ListOrdersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .orders;
+    let dir = server.stop().await;
+    let output = tokio::process::Command::new(BIN)
+        .arg("rebuild")
+        .env_remove("ORDERTRAIL_CONFIG")
+        .env("ORDERTRAIL_DATA_DIR", dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("rebuilt from 8 deliveries (7 applied, 1 quarantined, 0 duplicates)"), "{stderr}");
+    let kept = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("sled.before-rebuild-"));
+    assert!(kept, "the old database is kept");
+    let rebuilt = common::TestServer::start_in(dir, "").await;
+    assert_eq!(rebuilt.all_events().await, events, "byte-identical events");
+    assert_eq!(rebuilt.quarantine().await, quarantine);
+    let again = rebuilt
+        .grpc()
+        .await
+        .list_orders(ordertrail::proto::ListOrdersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .orders;
+    assert_eq!(again, orders, "identical orders");
+    rebuilt.stop().await;
+}

@@ -6,6 +6,7 @@
 //! mappers, dedup, group commit), keeping its bytes and provenance.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 
 use base64::Engine;
 use prost::Message;
@@ -140,16 +141,79 @@ fn imported(line: &str, number: usize) -> Result<RawDelivery, StoreError> {
 pub async fn import(
     store: &Store,
     input: impl BufRead,
-    kind_aliases: &dyn Fn(&str) -> std::collections::BTreeMap<String, String>,
+    kind_aliases: &Aliases<'_>,
+) -> Result<ImportSummary, StoreError> {
+    let deliveries = input.lines().enumerate().filter_map(|(index, line)| match line {
+        Ok(line) if line.trim().is_empty() => None,
+        Ok(line) => Some(imported(&line, index + 1)),
+        Err(e) => Some(Err(StoreError::Unavailable(format!("cannot read the import: {e}")))),
+    });
+    store_all(store, deliveries, kind_aliases).await
+}
+
+/// The kind aliases of a source, by name.
+pub type Aliases<'a> = dyn Fn(&str) -> std::collections::BTreeMap<String, String> + 'a;
+
+/// Rebuilds all derived state of a (stopped) data dir from its raw
+/// deliveries with the current mappers: a new database is built beside the
+/// old one, then swapped in; the old one is kept as `sled.before-rebuild-*`.
+/// Returns the summary and where the old database went.
+pub async fn rebuild(config: &StoreConfig, kind_aliases: &Aliases<'_>) -> Result<(ImportSummary, PathBuf), StoreError> {
+    let current = config.data_dir.join("sled");
+    if !current.join("db").exists() {
+        return Err(StoreError::Unavailable(format!("no database in {}", current.display())));
+    }
+    let work = config.data_dir.join("rebuild.partial");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(io_error)?;
+    }
+    let summary = {
+        let old = Store::open(config)?;
+        let fresh = Store::open(&StoreConfig { data_dir: work.clone(), ..config.clone() })?;
+        let deliveries = old.inner.tree.scan_prefix([keys::RAW]).map(|entry| {
+            let (_, value) = entry?;
+            let mut raw = RawDelivery::decode(&*value)?;
+            // Only what arrived is kept; what was made of it is made again.
+            raw.id = 0;
+            raw.outcome = 0;
+            raw.quarantine_reason.clear();
+            raw.dedup_key.clear();
+            raw.event_sequences.clear();
+            raw.mapper_version = 0;
+            Ok(raw)
+        });
+        let summary = store_all(&fresh, deliveries, kind_aliases).await;
+        let (old_close, fresh_close) = (old.clone(), fresh.clone());
+        tokio::task::spawn_blocking(move || old_close.close().and(fresh_close.close()))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        summary?
+    };
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let kept = config.data_dir.join(format!("sled.before-rebuild-{stamp}"));
+    std::fs::rename(&current, &kept).map_err(io_error)?;
+    std::fs::rename(work.join("sled"), &current).map_err(io_error)?;
+    std::fs::rename(work.join("ordertrail-state.json"), config.data_dir.join("ordertrail-state.json"))
+        .map_err(io_error)?;
+    std::fs::remove_dir_all(&work).map_err(io_error)?;
+    Ok((summary, kept))
+}
+
+fn io_error(e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Stores deliveries in order through the current mappers, sharing group
+/// commits.
+async fn store_all(
+    store: &Store,
+    deliveries: impl Iterator<Item = Result<RawDelivery, StoreError>>,
+    kind_aliases: &Aliases<'_>,
 ) -> Result<ImportSummary, StoreError> {
     let mut summary = ImportSummary::default();
     let mut in_flight = tokio::task::JoinSet::new();
-    for (index, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| StoreError::Unavailable(format!("cannot read the import: {e}")))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let raw = imported(&line, index + 1)?;
+    for raw in deliveries {
+        let raw = raw?;
         let mapped = ingest::map_raw(&raw, &kind_aliases(&raw.source));
         // Submitted in file order; only the waits for durability overlap.
         let durable = store.submit(Incoming { raw, mapped }).await?;
