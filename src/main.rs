@@ -189,7 +189,7 @@ async fn import(config: &Config, file: PathBuf) -> anyhow::Result<()> {
     let input = std::io::BufReader::new(
         std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?,
     );
-    let store = server::open_store(&config.store).await?;
+    let store = server::open_store(config).await?;
     let aliases = |source: &str| config.kind_aliases(source).clone();
     let summary = ordertrail::store::import(&store, input, &aliases).await;
     tokio::task::spawn_blocking(move || store.close()).await??;

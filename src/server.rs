@@ -46,12 +46,22 @@ pub enum ServerError {
 /// accepting, lets in-flight work finish within the grace period, and
 /// closes the store (which flushes it).
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let store = open_store(&config.store).await?;
+    let store = open_store(&config).await?;
     run_with_store(config, store, listeners, shutdown).await
 }
 
+/// Completes a rebuild prepared by `Admin/Rebuild`, if any, then opens the
+/// store.
+pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
+    let aliases = |source: &str| config.kind_aliases(source).clone();
+    if let Some(kept) = crate::store::finish_pending_rebuild(&config.store, &aliases).await? {
+        tracing::info!(old = %kept.display(), "the rebuilt database is in place");
+    }
+    open_store_only(&config.store).await
+}
+
 /// Opens the store off the async runtime.
-pub async fn open_store(config: &StoreConfig) -> Result<Store, StoreError> {
+pub async fn open_store_only(config: &StoreConfig) -> Result<Store, StoreError> {
     let config = config.clone();
     tokio::task::spawn_blocking(move || Store::open(&config))
         .await

@@ -11,7 +11,7 @@ use crate::proto::{
     ListQuarantinedResponse, ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus,
     RawDelivery, Stats, SubscribeRequest, UnmappedStatus,
 };
-use crate::proto::{RedriveRequest, RedriveResponse, RedriveResult};
+use crate::proto::{RebuildRequest, RebuildResponse, RedriveRequest, RedriveResponse, RedriveResult};
 use crate::store::{EventFilter, IngestOutcome, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
 
 /// Page size when the request names none.
@@ -309,6 +309,20 @@ impl Admin for AdminService {
             "re-drive"
         );
         Ok(Response::new(response))
+    }
+
+    async fn rebuild(&self, _request: Request<RebuildRequest>) -> Result<Response<RebuildResponse>, Status> {
+        let config = self.config.clone();
+        let aliases = |source: &str| config.kind_aliases(source).clone();
+        let (summary, up_to_raw_id) =
+            self.store.prepare_rebuild(&self.config.store, &aliases).await.map_err(store_status)?;
+        tracing::info!(up_to_raw_id, "rebuild prepared; it is swapped in at the next start");
+        Ok(Response::new(RebuildResponse {
+            applied: summary.applied,
+            quarantined: summary.quarantined,
+            duplicates: summary.duplicates,
+            up_to_raw_id,
+        }))
     }
 
     async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {

@@ -152,43 +152,119 @@ pub async fn import(
 }
 
 /// The kind aliases of a source, by name.
-pub type Aliases<'a> = dyn Fn(&str) -> std::collections::BTreeMap<String, String> + 'a;
+pub type Aliases<'a> = dyn Fn(&str) -> std::collections::BTreeMap<String, String> + Send + Sync + 'a;
 
 /// Rebuilds all derived state of a (stopped) data dir from its raw
 /// deliveries with the current mappers: a new database is built beside the
 /// old one, then swapped in; the old one is kept as `sled.before-rebuild-*`.
 /// Returns the summary and where the old database went.
 pub async fn rebuild(config: &StoreConfig, kind_aliases: &Aliases<'_>) -> Result<(ImportSummary, PathBuf), StoreError> {
-    let current = config.data_dir.join("sled");
-    if !current.join("db").exists() {
-        return Err(StoreError::Unavailable(format!("no database in {}", current.display())));
+    if !config.data_dir.join("sled").join("db").exists() {
+        return Err(StoreError::Unavailable(format!("no database in {}", config.data_dir.display())));
     }
-    let work = config.data_dir.join("rebuild.partial");
+    let work = config.data_dir.join(REBUILD_DIR);
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io_error)?;
     }
-    let summary = {
-        let old = Store::open(config)?;
-        let fresh = Store::open(&StoreConfig { data_dir: work.clone(), ..config.clone() })?;
-        let deliveries = old.inner.tree.scan_prefix([keys::RAW]).map(|entry| {
-            let (_, value) = entry?;
-            let mut raw = RawDelivery::decode(&*value)?;
-            // Only what arrived is kept; what was made of it is made again.
-            raw.id = 0;
-            raw.outcome = 0;
-            raw.quarantine_reason.clear();
-            raw.dedup_key.clear();
-            raw.event_sequences.clear();
-            raw.mapper_version = 0;
-            Ok(raw)
-        });
-        let summary = store_all(&fresh, deliveries, kind_aliases).await;
-        let (old_close, fresh_close) = (old.clone(), fresh.clone());
-        tokio::task::spawn_blocking(move || old_close.close().and(fresh_close.close()))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
-        summary?
+    let old = Store::open(config)?;
+    let summary = build_into(&old, 0, u64::MAX, config, kind_aliases).await;
+    close(old).await?;
+    let summary = summary?;
+    Ok((summary, swap_in(config)?))
+}
+
+/// Where a rebuild is prepared, beside the live database.
+const REBUILD_DIR: &str = "rebuild.partial";
+/// Written into [`REBUILD_DIR`] once a rebuild is complete up to a raw id.
+const READY_FILE: &str = "READY";
+
+impl Store {
+    /// Rebuilds, beside the running database, everything derived from the
+    /// raw deliveries durable now (while ingest goes on); the next start
+    /// adds the deliveries that arrived meanwhile and swaps it in. Returns
+    /// the summary and the last raw delivery it covers.
+    pub async fn prepare_rebuild(
+        &self,
+        config: &StoreConfig,
+        kind_aliases: &Aliases<'_>,
+    ) -> Result<(ImportSummary, u64), StoreError> {
+        let work = config.data_dir.join(REBUILD_DIR);
+        if work.exists() {
+            std::fs::remove_dir_all(&work).map_err(io_error)?;
+        }
+        let upto = self.inner.shared.durable_mark().durable_raw;
+        let summary = build_into(self, 0, upto, config, kind_aliases).await?;
+        std::fs::write(work.join(READY_FILE), upto.to_string()).map_err(io_error)?;
+        Ok((summary, upto))
+    }
+}
+
+/// Completes a rebuild prepared by [`Store::prepare_rebuild`], if there is
+/// one: adds what arrived after it, then swaps it in. Call before opening the
+/// store. Returns where the old database went.
+pub async fn finish_pending_rebuild(
+    config: &StoreConfig,
+    kind_aliases: &Aliases<'_>,
+) -> Result<Option<PathBuf>, StoreError> {
+    let work = config.data_dir.join(REBUILD_DIR);
+    let ready = match std::fs::read_to_string(work.join(READY_FILE)) {
+        Ok(text) => {
+            text.trim().parse::<u64>().map_err(|e| StoreError::Corrupt(format!("{REBUILD_DIR}/{READY_FILE}: {e}")))?
+        }
+        Err(_) => {
+            // An interrupted preparation: start over next time.
+            if work.exists() {
+                std::fs::remove_dir_all(&work).map_err(io_error)?;
+            }
+            return Ok(None);
+        }
     };
+    let live = Store::open(config)?;
+    let summary = build_into(&live, ready, u64::MAX, config, kind_aliases).await;
+    close(live).await?;
+    let summary = summary?;
+    tracing::info!(after = ready, added = summary.applied + summary.quarantined, "prepared rebuild completed");
+    std::fs::remove_file(work.join(READY_FILE)).map_err(io_error)?;
+    swap_in(config).map(Some)
+}
+
+/// Stores the raw deliveries of `source` with ids in `(after, upto]` into
+/// the rebuild database (created if needed), through the current mappers.
+async fn build_into(
+    source: &Store,
+    after: u64,
+    upto: u64,
+    config: &StoreConfig,
+    kind_aliases: &Aliases<'_>,
+) -> Result<ImportSummary, StoreError> {
+    let fresh = Store::open(&StoreConfig { data_dir: config.data_dir.join(REBUILD_DIR), ..config.clone() })?;
+    let start = keys::numbered(keys::RAW, after.saturating_add(1));
+    let end = keys::numbered(keys::RAW, upto.max(after.saturating_add(1)));
+    let range = (after < upto).then(|| source.inner.tree.range(start..=end)).into_iter().flatten();
+    let deliveries = range.map(|entry| {
+        let (_, value) = entry?;
+        let mut raw = RawDelivery::decode(&*value)?;
+        // Only what arrived is kept; what was made of it is made again.
+        raw.id = 0;
+        raw.outcome = 0;
+        raw.quarantine_reason.clear();
+        raw.dedup_key.clear();
+        raw.event_sequences.clear();
+        raw.mapper_version = 0;
+        Ok(raw)
+    });
+    let summary = store_all(&fresh, deliveries, kind_aliases).await;
+    close(fresh).await?;
+    summary
+}
+
+async fn close(store: Store) -> Result<(), StoreError> {
+    tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| StoreError::Unavailable(e.to_string()))?
+}
+
+/// Moves the rebuilt database into place, keeping the old one.
+fn swap_in(config: &StoreConfig) -> Result<PathBuf, StoreError> {
+    let (current, work) = (config.data_dir.join("sled"), config.data_dir.join(REBUILD_DIR));
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let kept = config.data_dir.join(format!("sled.before-rebuild-{stamp}"));
     std::fs::rename(&current, &kept).map_err(io_error)?;
@@ -196,7 +272,7 @@ pub async fn rebuild(config: &StoreConfig, kind_aliases: &Aliases<'_>) -> Result
     std::fs::rename(work.join("ordertrail-state.json"), config.data_dir.join("ordertrail-state.json"))
         .map_err(io_error)?;
     std::fs::remove_dir_all(&work).map_err(io_error)?;
-    Ok((summary, kept))
+    Ok(kept)
 }
 
 fn io_error(e: std::io::Error) -> StoreError {

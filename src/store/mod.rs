@@ -23,7 +23,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 pub use commit::{CommitMetrics, FaultPoint};
-pub use export::{Aliases, ExportedDelivery, ImportSummary, export, import, rebuild};
+pub use export::{Aliases, ExportedDelivery, ImportSummary, export, finish_pending_rebuild, import, rebuild};
 pub use feed::{Feed, FeedError, FeedItem};
 pub use keys::RefKind;
 

@@ -78,7 +78,7 @@ impl TestServer {
         let grpc_addr = listeners.grpc.local_addr().unwrap();
         let admin_addr = listeners.admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let store = server::open_store(&config.store).await.expect("open store");
+        let store = server::open_store(&config).await.expect("open store");
         let task = tokio::spawn(server::run_with_store(config, store.clone(), listeners, shutdown.clone()));
         Self {
             http_addr,
