@@ -97,7 +97,7 @@ fn print_row(name: &str, connections: usize, samples: &[Sample], baseline: f64) 
     let rate = median(samples);
     let min = samples.iter().map(|s| s.per_second).fold(f64::INFINITY, f64::min);
     let max = samples.iter().map(|s| s.per_second).fold(0.0, f64::max);
-    let last = samples.last().cloned().unwrap_or_else(|| Sample {
+    let last = samples.last().cloned().unwrap_or(Sample {
         per_second: 0.0,
         p50_ms: 0.0,
         p99_ms: 0.0,
