@@ -153,15 +153,20 @@ impl Writer {
                 IngestOutcome::Quarantined { raw_id: raw.id, reason: reason.0 }
             }
         };
-        let mut dedup_value = raw.id.to_be_bytes().to_vec();
-        dedup_value.push(raw.outcome as u8);
-        batch.insert(dedup, dedup_value);
+        batch.insert(dedup, dedup_entry(raw.id, raw.outcome()));
+        self.commit(batch, &raw, counters)?;
+        Ok((outcome, events))
+    }
+
+    /// Adds the raw record and the counters to `batch` and applies it
+    /// atomically; only then do the in-memory counters move.
+    fn commit(&mut self, mut batch: sled::Batch, raw: &RawDelivery, counters: Counters) -> Result<(), StoreError> {
         batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
         counters.write(&mut batch);
         self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.tree.apply_batch(batch)?;
         self.counters = counters;
-        Ok((outcome, events))
+        Ok(())
     }
 
     /// Applies a quarantined delivery with what the mappers now make of it:
@@ -191,23 +196,16 @@ impl Writer {
                 let events = self.plan_events(&mut batch, &mut counters, &raw, normalized)?;
                 raw.event_sequences = events.iter().map(|e| e.sequence).collect();
                 raw.quarantine_reason.clear();
-                let mut dedup_value = raw.id.to_be_bytes().to_vec();
-                dedup_value.push(DeliveryOutcome::Applied as u8);
-                batch.insert(dedup, dedup_value);
+                batch.insert(dedup, dedup_entry(raw_id, DeliveryOutcome::Applied));
                 (IngestOutcome::Applied { raw_id, sequences: raw.event_sequences.clone() }, events)
             }
         };
         raw.outcome = DeliveryOutcome::Applied as i32;
         raw.mapper_version = MAPPER_VERSION;
         // A resend of the same bytes is now a duplicate of an applied delivery.
-        let mut raw_dedup = raw.id.to_be_bytes().to_vec();
-        raw_dedup.push(DeliveryOutcome::Applied as u8);
-        batch.insert(keys::dedup(&raw.source, &format!("raw:{}", raw.body_sha256)), raw_dedup);
-        batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
-        counters.write(&mut batch);
-        self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        self.tree.apply_batch(batch)?;
-        self.counters = counters;
+        let raw_dedup = keys::dedup(&raw.source, &format!("raw:{}", raw.body_sha256));
+        batch.insert(raw_dedup, dedup_entry(raw.id, DeliveryOutcome::Applied));
+        self.commit(batch, &raw, counters)?;
         Ok((outcome, events))
     }
 
@@ -322,6 +320,13 @@ impl Writer {
         )?;
         Ok(ids.into_iter().find(|id| *id != order.id).unwrap_or(0))
     }
+}
+
+/// A dedup entry: the raw id the key belongs to and what became of it.
+fn dedup_entry(raw_id: u64, outcome: DeliveryOutcome) -> Vec<u8> {
+    let mut value = raw_id.to_be_bytes().to_vec();
+    value.push(outcome as u8);
+    value
 }
 
 fn reference_of(order: &Order, kind: RefKind) -> Option<&str> {
