@@ -1,0 +1,88 @@
+//! Tests of the store: group commit, durability across reopen, closing.
+use super::*;
+use crate::config::Durability;
+use crate::ingest::{self, DeliveryMeta, Provider};
+
+fn open(dir: &Path) -> Store {
+    let config = StoreConfig {
+        data_dir: dir.to_path_buf(),
+        durability: Durability::Fsync,
+        cache_capacity_bytes: 16 * 1024 * 1024,
+        retain_events: 0,
+        feed_buffer_events: 64,
+        unsafe_ack_before_durable: false,
+    };
+    Store::open(&config).unwrap()
+}
+
+fn delivery(n: usize) -> Incoming {
+    let body =
+        format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#);
+    let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
+    let raw = RawDelivery {
+        source: "ordermesh".into(),
+        provider: Provider::OrderMesh.to_proto() as i32,
+        body_sha256: ingest::sha256_hex(body.as_bytes()),
+        body: body.clone().into_bytes().into(),
+        ..RawDelivery::default()
+    };
+    Incoming { raw, mapped: ingest::normalize(meta, body.as_bytes()) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_wait_for_a_shared_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.hold_commits(true);
+    let tasks: Vec<_> = (0..64)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.ingest(delivery(n)).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.inner.shared.queued() < 64 {
+        assert!(std::time::Instant::now() < deadline, "writer never queued the deliveries");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(tasks.iter().all(|t| !t.is_finished()), "a reply was sent before its flush");
+    assert_eq!(store.commit_stats(), (0, 0));
+    store.hold_commits(false);
+    let mut sequences = Vec::new();
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            IngestOutcome::Applied { sequences: s, .. } => sequences.extend(s),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=64).collect::<Vec<u64>>(), "gap-free, each once");
+    assert_eq!(store.commit_stats(), (1, 64), "one flush answered all 64");
+    assert_eq!(store.head_sequence(), 64);
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn nothing_is_answered_before_it_is_durable_and_reopen_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let outcome = store.ingest(delivery(1)).await.unwrap();
+    assert!(matches!(outcome, IngestOutcome::Applied { raw_id: 1, .. }));
+    assert_eq!(store.commit_stats(), (1, 1), "the reply came from a flush");
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.head_sequence(), 1);
+    assert_eq!(store.raw(1).unwrap().unwrap().body, delivery(1).raw.body);
+    assert!(matches!(store.ingest(delivery(1)).await.unwrap(), IngestOutcome::Duplicate { raw_id: 1, .. }));
+    assert!(matches!(store.ingest(delivery(2)).await.unwrap(), IngestOutcome::Applied { raw_id: 2, .. }));
+    assert_eq!(store.head_sequence(), 2);
+}
+
+#[tokio::test]
+async fn closed_store_refuses_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.close().unwrap();
+    assert!(matches!(store.ingest(delivery(1)).await, Err(StoreError::Closed)));
+}
