@@ -40,19 +40,26 @@ fn bad_config_exits_64_with_one_line() {
     }
 }
 
-#[test]
-fn starts_from_the_environment_and_exits_cleanly_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
+/// Starts the binary on ephemeral loopback ports with `data_dir`, stderr
+/// piped (the start-up line names the addresses).
+fn spawn_server(args: &[&str], data_dir: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(args)
         .env_remove("ORDERTRAIL_CONFIG")
         .env("RUST_LOG", "info")
         .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
         .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
         .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
-        .env("ORDERTRAIL_DATA_DIR", dir.path())
+        .env("ORDERTRAIL_DATA_DIR", data_dir)
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start ordertrail");
+        .expect("start ordertrail")
+}
+
+#[test]
+fn starts_from_the_environment_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_server(&[], dir.path());
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let serving =
         lines.by_ref().map_while(Result::ok).find(|line| line.contains("ordertrail serving")).expect("a start-up line");
@@ -139,19 +146,7 @@ async fn tail_prints_events_and_resumes_after_a_server_restart() {
 #[test]
 fn a_damaged_database_is_refused_not_recreated() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .env_remove("ORDERTRAIL_CONFIG")
-            .env("RUST_LOG", "info")
-            .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
-            .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
-            .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
-            .env("ORDERTRAIL_DATA_DIR", dir.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let run = |args: &[&str]| spawn_server(args, dir.path());
     // Store some deliveries, then stop cleanly.
     let mut child = run(&[]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -279,17 +274,7 @@ fn check_config_prints_the_effective_config_without_secrets() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json"])
-        .env_remove("ORDERTRAIL_CONFIG")
-        .env("RUST_LOG", "info")
-        .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
-        .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
-        .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
-        .env("ORDERTRAIL_DATA_DIR", dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_server(&["--log-format", "json"], dir.path());
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let log: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first}: {e}"));
