@@ -322,14 +322,7 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
     assert_eq!(server.post_json("/webhooks/ordermesh", "oops").await.status, 202);
     let events = server.all_events().await;
     let quarantine = server.quarantine().await;
-    let orders = server
-        .grpc()
-        .await
-        .list_orders(ordertrail::proto::ListOrdersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .orders;
+    let orders = server.all_orders().await;
     let dir = server.stop().await;
     let output = tokio::process::Command::new(BIN)
         .arg("rebuild")
@@ -349,14 +342,7 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
     let rebuilt = common::TestServer::start_in(dir, "").await;
     assert_eq!(rebuilt.all_events().await, events, "byte-identical events");
     assert_eq!(rebuilt.quarantine().await, quarantine);
-    let again = rebuilt
-        .grpc()
-        .await
-        .list_orders(ordertrail::proto::ListOrdersRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .orders;
+    let again = rebuilt.all_orders().await;
     assert_eq!(again, orders, "identical orders");
     rebuilt.stop().await;
 }

@@ -143,6 +143,12 @@ impl TestServer {
         AdminClient::connect(format!("http://{}", self.grpc_addr)).await.expect("gRPC connect")
     }
 
+    /// Every order (one page; tests store few).
+    pub async fn all_orders(&self) -> Vec<ordertrail::proto::Order> {
+        let request = ordertrail::proto::ListOrdersRequest { page_size: 1000, ..Default::default() };
+        self.grpc().await.list_orders(request).await.expect("ListOrders").into_inner().orders
+    }
+
     /// The newest durable sequence.
     pub async fn head(&self) -> u64 {
         let request = ListEventsRequest { page_size: 1, ..Default::default() };
