@@ -77,6 +77,11 @@ pub(super) struct Shared {
     pub flushes: AtomicU64,
     /// Replies answered by those commits.
     pub flushed_replies: AtomicU64,
+    /// Batches the writer applied (each holds one or more deliveries).
+    pub turns: AtomicU64,
+    /// Held by a test to make the writer wait before each turn.
+    #[cfg(test)]
+    pub writer_gate: Mutex<()>,
     /// Times a subscriber fell behind the live feed and went back to the store.
     pub feed_lags: AtomicU64,
     /// An injected storage fault (fault-injection tests): 0 none, else a
@@ -124,6 +129,9 @@ impl Shared {
             healthy: AtomicBool::new(true),
             flushes: AtomicU64::new(0),
             flushed_replies: AtomicU64::new(0),
+            turns: AtomicU64::new(0),
+            #[cfg(test)]
+            writer_gate: Mutex::new(()),
             feed_lags: AtomicU64::new(0),
             fault: AtomicU8::new(0),
             durable_mark: Mutex::new(durable),
@@ -180,15 +188,18 @@ impl Shared {
         self.written.store(sequence, Ordering::SeqCst);
     }
 
-    pub fn enqueue(&self, reply: Reply, outcome: IngestOutcome, events: Vec<Event>) {
+    /// Queues a turn's replies (in sequence order) for the next flush.
+    pub fn enqueue(&self, turn: impl IntoIterator<Item = (Reply, IngestOutcome, Vec<Event>)>) {
         let mut queue = self.lock();
-        if let Some(last) = events.last() {
-            queue.last_sequence = last.sequence;
+        for (reply, outcome, events) in turn {
+            if let Some(last) = events.last() {
+                queue.last_sequence = last.sequence;
+            }
+            if let IngestOutcome::Applied { raw_id, .. } | IngestOutcome::Quarantined { raw_id, .. } = &outcome {
+                queue.last_raw = queue.last_raw.max(*raw_id);
+            }
+            queue.waiting.push(Pending { reply, outcome, events });
         }
-        if let IngestOutcome::Applied { raw_id, .. } | IngestOutcome::Quarantined { raw_id, .. } = &outcome {
-            queue.last_raw = queue.last_raw.max(*raw_id);
-        }
-        queue.waiting.push(Pending { reply, outcome, events });
         self.wake.notify_one();
     }
 

@@ -11,6 +11,7 @@ mod export;
 mod feed;
 mod keys;
 mod mark;
+mod overlay;
 mod snapshot;
 mod writer;
 
@@ -38,7 +39,7 @@ use writer::{Command, Counters, Work, Writer};
 const WRITER_QUEUE: usize = 4096;
 
 /// A storage problem. Ingest answers 503; queries answer UNAVAILABLE.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -171,6 +172,7 @@ impl Store {
         }
         let writer = Writer {
             tree: tree.clone(),
+            overlay: overlay::Overlay::new(tree.clone()),
             counters,
             shared: shared.clone(),
             retain_events: config.retain_events,

@@ -79,6 +79,54 @@ async fn nothing_is_answered_before_it_is_durable_and_reopen_sees_it() {
     assert_eq!(store.head_sequence(), 2);
 }
 
+/// Deliveries applied in one writer turn (one sled batch) see each other:
+/// a duplicate is caught, a second delivery for an order finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_in_one_turn_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let update = |n: usize, status: &str| {
+        let mut incoming = delivery(n);
+        let body = format!(
+            r#"{{"EventType":"OrderUpdate","OrderId":"o{n}","ExternalOrderId":"E{n}","OldStatus":"Open","NewStatus":"{status}"}}"#
+        );
+        incoming.raw.body_sha256 = ingest::sha256_hex(body.as_bytes());
+        let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
+        incoming.mapped = ingest::normalize(meta, body.as_bytes());
+        incoming.raw.body = body.into_bytes().into();
+        incoming
+    };
+    let gate = store.inner.shared.writer_gate.lock().unwrap();
+    let mut answers = Vec::new();
+    for incoming in [delivery(1), delivery(1), update(1, "ReadyForFulfillment"), delivery(2), update(1, "Shipped")] {
+        answers.push(store.submit(incoming).await.unwrap());
+    }
+    drop(gate);
+    let mut outcomes = Vec::new();
+    for answer in answers {
+        outcomes.push(answer.await.unwrap());
+    }
+    assert!(store.inner.shared.turns.load(Ordering::Relaxed) <= 2, "the deliveries shared a turn");
+    assert!(matches!(outcomes[1], IngestOutcome::Duplicate { raw_id: 1, .. }), "{outcomes:?}");
+    let sequences: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| match o {
+            IngestOutcome::Applied { sequences, .. } => sequences.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4], "gap-free, in order");
+    let page = store.list_orders(&OrderFilter::default(), 0, 10).unwrap();
+    assert_eq!(page.items.len(), 2, "o1's three deliveries made one order: {:?}", page.items);
+    let o1 = page.items.iter().find(|o| o.references.as_ref().unwrap().provider_order_id == "o1").unwrap();
+    assert_eq!(o1.status(), OrderStatus::Shipped);
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.list_orders(&OrderFilter::default(), 0, 10).unwrap().items.len(), 2);
+    assert_eq!(store.head_sequence(), 4);
+}
+
 #[tokio::test]
 async fn closed_store_refuses_deliveries() {
     let dir = tempfile::tempdir().unwrap();

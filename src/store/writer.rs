@@ -1,17 +1,25 @@
-//! The single writer: takes deliveries one at a time, turns each into one
-//! atomic sled batch (raw record, events, orders, indexes, dedup entry,
-//! counters) and hands its reply and events to the group commit
+//! The single writer: takes the deliveries queued for it, processes them one
+//! at a time in order (raw record, events, orders, indexes, dedup entry),
+//! applies the whole turn as one atomic sled batch (with the counters), and
+//! hands each reply and its events to the group commit
 //! ([`super::commit`]), which answers only once the batch is durable.
+//!
+//! sled charges a fixed cost per applied batch, so one batch per turn
+//! rather than per delivery is what lets the writer keep up with a burst.
+//! Reads go through the turn's [`Overlay`], so each delivery sees the
+//! ones before it.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tokio::sync::mpsc;
 
 use super::commit::{FaultPoint, Reply, Shared};
 use super::keys::{self, RefKind};
+use super::overlay::Overlay;
 use super::{Incoming, IngestOutcome, StoreError};
 use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
 use crate::proto::{DeliveryOutcome, Event, Order, OrderReferences, Provenance, RawDelivery};
@@ -52,18 +60,24 @@ impl Counters {
         })
     }
 
-    fn write(&self, batch: &mut sled::Batch) {
+    fn write(&self, overlay: &mut Overlay) {
         let values = [self.last_sequence, self.last_raw, self.last_order];
         for (name, value) in Self::NAMES.iter().zip(values) {
-            batch.insert(keys::meta(name), &value.to_be_bytes());
+            overlay.insert(keys::meta(name), value.to_be_bytes().as_slice());
         }
     }
 }
 
 // === impl Writer ===
 
+/// Most deliveries applied in one turn.
+const TURN_DELIVERIES: usize = 512;
+/// A turn ends early once it has written this many bytes.
+const TURN_BYTES: usize = 16 << 20;
+
 pub(super) struct Writer {
     pub tree: sled::Tree,
+    pub overlay: Overlay,
     pub counters: Counters,
     pub shared: Arc<Shared>,
     /// Keep only this many newest events (0: all).
@@ -72,43 +86,93 @@ pub(super) struct Writer {
     pub ack_before_durable: bool,
 }
 
+/// A processed delivery waiting for its turn's batch to be applied.
+type Done = (Reply, IngestOutcome, Vec<Event>);
+
 impl Writer {
-    /// Runs until every sender is gone, then lets the flusher drain.
+    /// Runs until every sender is gone, then lets the flusher drain. Each
+    /// turn takes what is queued (at least one command, waiting for it).
     pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(Command { work, reply }) = commands.blocking_recv() {
-            let result = match work {
-                Work::Ingest(incoming) => self.process_or_quarantine(*incoming),
-                Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
-            };
-            match result {
-                Ok((outcome, events)) => {
-                    self.shared.written(self.counters.last_sequence);
-                    let reply = if self.ack_before_durable {
-                        let _ = reply.send(Ok(outcome.clone()));
-                        tokio::sync::oneshot::channel().0
-                    } else {
-                        reply
-                    };
-                    self.shared.enqueue(reply, outcome, events);
+        while let Some(first) = commands.blocking_recv() {
+            #[cfg(test)]
+            let shared = self.shared.clone();
+            #[cfg(test)]
+            let _gate = shared.writer_gate.lock().unwrap_or_else(|e| e.into_inner());
+            let before = self.counters;
+            let mut done = Vec::new();
+            let mut next = Some(first);
+            while let Some(Command { work, reply }) = next.take() {
+                let result = match work {
+                    Work::Ingest(incoming) => self.process_or_quarantine(*incoming),
+                    Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
+                };
+                match result {
+                    Ok((outcome, events)) => done.push((reply, outcome, events)),
+                    Err(e) => {
+                        self.overlay.discard();
+                        tracing::error!(error = %e, "storage read failed; answering 503");
+                        self.shared.mark_unhealthy();
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "storage write failed; answering 503");
-                    self.shared.mark_unhealthy();
-                    let _ = reply.send(Err(e));
+                if done.len() < TURN_DELIVERIES && self.overlay.bytes() < TURN_BYTES {
+                    next = commands.try_recv().ok();
                 }
             }
+            self.apply_turn(done, before);
         }
         self.shared.close();
     }
 
+    /// Applies the turn's writes as one atomic batch, then queues the
+    /// replies for the group commit in order. If the batch cannot be
+    /// applied, nothing of the turn was written: every delivery in it is
+    /// answered 503 and the counters go back.
+    fn apply_turn(&mut self, done: Vec<Done>, before: Counters) {
+        if done.is_empty() {
+            return;
+        }
+        self.counters.write(&mut self.overlay);
+        self.overlay.keep();
+        let applied = self
+            .shared
+            .fault(FaultPoint::Write)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .and_then(|()| Ok(self.tree.apply_batch(self.overlay.take_batch())?));
+        match applied {
+            Ok(()) => {
+                self.shared.turns.fetch_add(1, Ordering::Relaxed);
+                self.shared.written(self.counters.last_sequence);
+                let ack_early = self.ack_before_durable;
+                self.shared.enqueue(done.into_iter().map(|(reply, outcome, events)| {
+                    if !ack_early {
+                        return (reply, outcome, events);
+                    }
+                    let _ = reply.send(Ok(outcome.clone()));
+                    (tokio::sync::oneshot::channel().0, outcome, events)
+                }));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "storage write failed; answering 503");
+                self.overlay.clear();
+                self.counters = before;
+                self.shared.mark_unhealthy();
+                for (reply, _, _) in done {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
     /// Processes a delivery; should applying it panic (a bug), the delivery
-    /// is still kept, in quarantine, rather than lost. `process` changes
-    /// nothing before its batch is applied, so the retry starts clean.
+    /// is still kept, in quarantine, rather than lost. `process` keeps its
+    /// writes only once complete, so the retry starts clean.
     fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
         let raw = incoming.raw.clone();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.process(incoming))) {
             Ok(result) => result,
             Err(_) => {
+                self.overlay.discard();
                 tracing::error!(request_id = %raw.request_id, "applying a delivery failed; keeping it in quarantine");
                 let reason = Unrecognized("internal error while applying; kept for re-drive".into());
                 self.process(Incoming { raw, mapped: Err(reason) })
@@ -124,7 +188,7 @@ impl Writer {
             Err(_) => format!("raw:{}", raw.body_sha256),
         };
         let dedup = keys::dedup(&raw.source, &dedup_key);
-        if let Some(value) = self.tree.get(&dedup)? {
+        if let Some(value) = self.overlay.get(&dedup)? {
             let duplicate = IngestOutcome::Duplicate {
                 raw_id: keys::trailing_u64(&value[..8.min(value.len())]),
                 quarantined: value.get(8) == Some(&(DeliveryOutcome::Quarantined as u8)),
@@ -136,11 +200,10 @@ impl Writer {
         raw.id = counters.last_raw;
         raw.dedup_key = dedup_key;
         raw.mapper_version = MAPPER_VERSION;
-        let mut batch = sled::Batch::default();
         let mut events = Vec::new();
         let outcome = match mapped {
             Ok(normalized) => {
-                events = self.plan_events(&mut batch, &mut counters, &raw, &normalized)?;
+                events = self.plan_events(&mut counters, &raw, &normalized)?;
                 let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
                 raw.outcome = DeliveryOutcome::Applied as i32;
                 raw.event_sequences = sequences.clone();
@@ -149,24 +212,21 @@ impl Writer {
             Err(reason) => {
                 raw.outcome = DeliveryOutcome::Quarantined as i32;
                 raw.quarantine_reason = reason.0.clone();
-                batch.insert(&keys::numbered(keys::QUARANTINE, raw.id), &[]);
+                self.overlay.insert(keys::numbered(keys::QUARANTINE, raw.id), &[]);
                 IngestOutcome::Quarantined { raw_id: raw.id, reason: reason.0 }
             }
         };
-        batch.insert(dedup, dedup_entry(raw.id, raw.outcome()));
-        self.commit(batch, &raw, counters)?;
+        self.overlay.insert(dedup, dedup_entry(raw.id, raw.outcome()));
+        self.keep(&raw, counters);
         Ok((outcome, events))
     }
 
-    /// Adds the raw record and the counters to `batch` and applies it
-    /// atomically; only then do the in-memory counters move.
-    fn commit(&mut self, mut batch: sled::Batch, raw: &RawDelivery, counters: Counters) -> Result<(), StoreError> {
-        batch.insert(&keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
-        counters.write(&mut batch);
-        self.shared.fault(FaultPoint::Write).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        self.tree.apply_batch(batch)?;
+    /// Adds the raw record and keeps the delivery's writes in the turn;
+    /// only then do the in-memory counters move.
+    fn keep(&mut self, raw: &RawDelivery, counters: Counters) {
+        self.overlay.insert(keys::numbered(keys::RAW, raw.id), raw.encode_to_vec());
+        self.overlay.keep();
         self.counters = counters;
-        Ok(())
     }
 
     /// Applies a quarantined delivery with what the mappers now make of it:
@@ -175,16 +235,14 @@ impl Writer {
     /// left alone, so re-driving twice is harmless.
     fn redrive(&mut self, raw_id: u64, normalized: &Normalized) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
         let quarantine = keys::numbered(keys::QUARANTINE, raw_id);
-        let Some(mut raw) =
-            super::load_raw(&self.tree, raw_id)?.filter(|_| self.tree.contains_key(quarantine).unwrap_or(false))
+        let Some(mut raw) = self.load_raw(raw_id)?.filter(|_| self.overlay.contains_key(&quarantine).unwrap_or(false))
         else {
             return Ok((IngestOutcome::Duplicate { raw_id, quarantined: false }, Vec::new()));
         };
-        let mut batch = sled::Batch::default();
         let mut counters = self.counters;
-        batch.remove(&quarantine);
+        self.overlay.remove(quarantine);
         let dedup = keys::dedup(&raw.source, &normalized.dedup_key);
-        let (outcome, events) = match self.tree.get(&dedup)? {
+        let (outcome, events) = match self.overlay.get(&dedup)? {
             Some(value) => {
                 // The same content was applied meanwhile: nothing to add.
                 let original = keys::trailing_u64(&value[..8.min(value.len())]);
@@ -193,10 +251,10 @@ impl Writer {
             }
             None => {
                 raw.dedup_key = normalized.dedup_key.clone();
-                let events = self.plan_events(&mut batch, &mut counters, &raw, normalized)?;
+                let events = self.plan_events(&mut counters, &raw, normalized)?;
                 raw.event_sequences = events.iter().map(|e| e.sequence).collect();
                 raw.quarantine_reason.clear();
-                batch.insert(dedup, dedup_entry(raw_id, DeliveryOutcome::Applied));
+                self.overlay.insert(dedup, dedup_entry(raw_id, DeliveryOutcome::Applied));
                 (IngestOutcome::Applied { raw_id, sequences: raw.event_sequences.clone() }, events)
             }
         };
@@ -204,16 +262,15 @@ impl Writer {
         raw.mapper_version = MAPPER_VERSION;
         // A resend of the same bytes is now a duplicate of an applied delivery.
         let raw_dedup = keys::dedup(&raw.source, &format!("raw:{}", raw.body_sha256));
-        batch.insert(raw_dedup, dedup_entry(raw.id, DeliveryOutcome::Applied));
-        self.commit(batch, &raw, counters)?;
+        self.overlay.insert(raw_dedup, dedup_entry(raw.id, DeliveryOutcome::Applied));
+        self.keep(&raw, counters);
         Ok((outcome, events))
     }
 
     /// Applies every observation to its order and puts events, history,
-    /// orders and new index entries into `batch`. Returns the events.
+    /// orders and new index entries into the overlay. Returns the events.
     fn plan_events(
-        &self,
-        batch: &mut sled::Batch,
+        &mut self,
         counters: &mut Counters,
         raw: &RawDelivery,
         normalized: &Normalized,
@@ -231,7 +288,7 @@ impl Writer {
             let current = match found {
                 Some(id) => match touched.remove(&id) {
                     Some(order) => Some(order),
-                    None => super::load_order(&self.tree, id)?,
+                    None => self.load_order(id)?,
                 },
                 None => None,
             };
@@ -257,22 +314,22 @@ impl Writer {
             }
             event.provenance = Some(provenance.clone());
             for key in index_keys(Some(&order)).difference(&before) {
-                batch.insert(key.as_slice(), &[]);
+                self.overlay.insert(key.clone(), &[]);
             }
-            batch.insert(&keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
-            batch.insert(&keys::history(order_id, event.sequence), &[]);
+            self.overlay.insert(keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
+            self.overlay.insert(keys::history(order_id, event.sequence), &[]);
             if self.retain_events > 0 && event.sequence > self.retain_events {
-                batch.remove(&keys::numbered(keys::EVENT, event.sequence - self.retain_events));
+                self.overlay.remove(keys::numbered(keys::EVENT, event.sequence - self.retain_events));
             }
             events.push(event);
             touched.insert(order_id, order);
         }
         for (id, order) in touched {
-            batch.insert(&keys::numbered(keys::ORDER, id), order.encode_to_vec());
+            self.overlay.insert(keys::numbered(keys::ORDER, id), order.encode_to_vec());
         }
         for (key, added) in unmapped {
-            let count = self.tree.get(&key)?.map(|v| keys::trailing_u64(&v)).unwrap_or(0);
-            batch.insert(key, &(count + added).to_be_bytes());
+            let count = self.overlay.get(&key)?.map(|v| keys::trailing_u64(&v)).unwrap_or(0);
+            self.overlay.insert(key, (count + added).to_be_bytes().as_slice());
         }
         Ok(events)
     }
@@ -297,8 +354,8 @@ impl Writer {
             {
                 return Ok(Some(order.id));
             }
-            for id in super::index_lookup(&self.tree, kind, value, Some(source))? {
-                let matches = super::load_order(&self.tree, id)?.is_some_and(|o| compatible(&o, refs));
+            for id in self.index_lookup(kind, value, source)? {
+                let matches = self.load_order(id)?.is_some_and(|o| compatible(&o, refs));
                 if matches {
                     return Ok(Some(id));
                 }
@@ -312,13 +369,24 @@ impl Writer {
     /// The order a replacement replaces: same source, its merchant
     /// reference is the replacement's original reference. 0 if not known.
     fn original_of(&self, order: &Order) -> Result<u64, StoreError> {
-        let ids = super::index_lookup(
-            &self.tree,
-            RefKind::Merchant,
-            &order.original_merchant_reference,
-            Some(&order.source),
-        )?;
+        let ids = self.index_lookup(RefKind::Merchant, &order.original_merchant_reference, &order.source)?;
         Ok(ids.into_iter().find(|id| *id != order.id).unwrap_or(0))
+    }
+
+    fn load_order(&self, id: u64) -> Result<Option<Order>, StoreError> {
+        let value = self.overlay.get(&keys::numbered(keys::ORDER, id))?;
+        Ok(value.map(|v| Order::decode(&*v)).transpose()?)
+    }
+
+    fn load_raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
+        let value = self.overlay.get(&keys::numbered(keys::RAW, id))?;
+        Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
+    }
+
+    /// Ids of the orders indexed under `value` in `source`.
+    fn index_lookup(&self, kind: RefKind, value: &str, source: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = keys::index_source_prefix(kind, value, source);
+        Ok(self.overlay.keys_with_prefix(&prefix)?.iter().map(|key| keys::trailing_u64(key)).collect())
     }
 }
 
