@@ -57,7 +57,13 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
     if let Some(kept) = crate::store::finish_pending_rebuild(&config.store, &aliases).await? {
         tracing::info!(old = %kept.display(), "the rebuilt database is in place");
     }
-    open_store_only(&config.store).await
+    let store = open_store_only(&config.store).await?;
+    if let Err(e) = store.check_format() {
+        let closing = store.clone();
+        let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+        return Err(e);
+    }
+    Ok(store)
 }
 
 /// Opens the store off the async runtime.

@@ -346,3 +346,33 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
     assert_eq!(again, orders, "identical orders");
     rebuilt.stop().await;
 }
+
+/// A data dir whose derived state is in an older storage format is refused
+/// with one line naming the fix; `ordertrail rebuild` converts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_storage_format_is_refused_until_rebuilt() {
+    use ordertrail::proto::GetOrderRequest;
+    use ordertrail::proto::get_order_request::Reference;
+    let server = common::TestServer::start().await;
+    let body = common::fixture("ordermesh/order-creation.json");
+    assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
+    let dir = server.stop().await;
+    // What an older build leaves: the same data without the format key.
+    {
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        assert!(db.remove(b"mformat").unwrap().is_some(), "this build records its format");
+        db.flush().unwrap();
+    }
+    let refused = spawn_server(&[], dir.path()).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("storage format 1") && stderr.contains("ordertrail rebuild"), "{stderr}");
+    let rebuilt = run_with(&["rebuild"], &[("ORDERTRAIL_DATA_DIR", dir.path().to_str().unwrap())]);
+    assert!(rebuilt.status.success(), "{}", String::from_utf8_lossy(&rebuilt.stderr));
+    let server = common::TestServer::start_in(dir, "").await;
+    let request =
+        GetOrderRequest { reference: Some(Reference::ExternalOrderId("WBTEST22".into())), source: String::new() };
+    let order = server.grpc().await.get_order(request).await.unwrap().into_inner();
+    assert_eq!(order.references.unwrap().provider_order_id, "670e58fe7741035996cf7d20");
+    server.stop().await;
+}

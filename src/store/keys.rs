@@ -11,7 +11,8 @@ pub const EVENT: u8 = b'e';
 pub const ORDER: u8 = b'o';
 /// One order's history: `h` + order id + sequence -> ().
 pub const HISTORY: u8 = b'h';
-/// Reference indexes: `i` + ref kind + ref + source + order id -> ().
+/// Reference indexes: `i` + ref kind + ref + source -> the ids of the
+/// orders with that reference (ascending u64s), so a lookup is one read.
 pub const INDEX: u8 = b'i';
 /// Permanent dedup: `d` + source + dedup key -> raw id + outcome.
 pub const DEDUP: u8 = b'd';
@@ -92,10 +93,27 @@ pub fn index_source_prefix(kind: RefKind, reference: &str, source: &str) -> Vec<
     key
 }
 
-pub fn index(kind: RefKind, reference: &str, source: &str, order_id: u64) -> Vec<u8> {
-    let mut key = index_source_prefix(kind, reference, source);
-    key.extend_from_slice(&order_id.to_be_bytes());
-    key
+/// The index entry of `reference` in `source`.
+pub fn index(kind: RefKind, reference: &str, source: &str) -> Vec<u8> {
+    index_source_prefix(kind, reference, source)
+}
+
+/// The order ids in an index entry's value.
+pub fn ids(value: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    value.chunks_exact(8).map(trailing_u64)
+}
+
+/// An index entry's value with `id` added in order; `None` if it is there.
+pub fn with_id(value: &[u8], id: u64) -> Option<Vec<u8>> {
+    let position = ids(value).position(|present| present >= id).unwrap_or(value.len() / 8);
+    if ids(value).nth(position) == Some(id) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(value.len() + 8);
+    out.extend_from_slice(&value[..position * 8]);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&value[position * 8..]);
+    Some(out)
 }
 
 pub fn dedup(source: &str, dedup_key: &str) -> Vec<u8> {
@@ -152,7 +170,7 @@ mod tests {
     #[test]
     fn a_reference_cannot_reach_into_another() {
         // "ab" in source "c" must not share a prefix with "a" in source "bc".
-        let a = index(RefKind::Merchant, "ab", "c", 1);
+        let a = index(RefKind::Merchant, "ab", "c");
         let b = index_source_prefix(RefKind::Merchant, "a", "bc");
         assert!(!a.starts_with(&b));
         assert!(!a.starts_with(&index_prefix(RefKind::Merchant, "a")));

@@ -38,6 +38,12 @@ use writer::{Command, Counters, Work, Writer};
 /// How many deliveries may wait for the writer before senders wait too.
 const WRITER_QUEUE: usize = 4096;
 
+/// The layout of derived state (keys and values) this build writes. Format
+/// 1 had one index key per order; format 2 one key per reference. Raw
+/// deliveries are the same in every format, so `ordertrail rebuild`
+/// converts any data dir.
+const FORMAT: u64 = 2;
+
 /// A storage problem. Ingest answers 503; queries answer UNAVAILABLE.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -142,6 +148,8 @@ struct Inner {
     data_dir: std::path::PathBuf,
     durability: Durability,
     tree: sled::Tree,
+    /// The data dir's storage format (see [`FORMAT`]).
+    format: u64,
     shared: Arc<Shared>,
     retain_events: u64,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
@@ -163,6 +171,14 @@ impl Store {
             .map_err(|e| open_error(&dir, e))?;
         let tree: sled::Tree = (*db).clone();
         let counters = Counters::load(&tree)?;
+        let format = match tree.get(keys::meta("format"))? {
+            Some(value) => keys::trailing_u64(&value),
+            None if counters.last_raw == 0 => {
+                tree.insert(keys::meta("format"), &FORMAT.to_be_bytes())?;
+                FORMAT
+            }
+            None => 1,
+        };
         let recovered = Mark { durable_sequence: counters.last_sequence, durable_raw: counters.last_raw };
         mark::check(&config.data_dir, known, recovered)?;
         let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events));
@@ -197,12 +213,26 @@ impl Store {
                 data_dir: config.data_dir.clone(),
                 durability: config.durability,
                 tree,
+                format,
                 shared,
                 retain_events: config.retain_events,
                 commands: Mutex::new(Some(tx)),
                 threads: Mutex::new(threads),
             }),
         })
+    }
+
+    /// Whether this build can serve the data dir: its derived state must be
+    /// in this build's format (the raw deliveries always are).
+    pub fn check_format(&self) -> Result<(), StoreError> {
+        match self.inner.format {
+            FORMAT => Ok(()),
+            found => Err(StoreError::Corrupt(format!(
+                "{} holds storage format {found}, this build serves format {FORMAT}: stop it and run \
+                 `ordertrail rebuild` to rebuild it from its raw deliveries",
+                self.inner.data_dir.display()
+            ))),
+        }
     }
 
     /// Stores a delivery and waits until it is durable.
@@ -482,11 +512,18 @@ pub(crate) fn index_lookup(
     value: &str,
     source: Option<&str>,
 ) -> Result<Vec<u64>, StoreError> {
-    let prefix = match source {
-        Some(source) => keys::index_source_prefix(kind, value, source),
-        None => keys::index_prefix(kind, value),
-    };
-    tree.scan_prefix(prefix).keys().map(|key| Ok(keys::trailing_u64(&key?))).collect()
+    match source {
+        Some(source) => {
+            Ok(tree.get(keys::index(kind, value, source))?.map(|v| keys::ids(&v).collect()).unwrap_or_default())
+        }
+        None => {
+            let mut ids = Vec::new();
+            for entry in tree.scan_prefix(keys::index_prefix(kind, value)).values() {
+                ids.extend(keys::ids(&entry?));
+            }
+            Ok(ids)
+        }
+    }
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {

@@ -12,7 +12,6 @@
 //! panics), [`Overlay::discard`] drops its writes and nothing else.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
 use sled::IVec;
 
@@ -55,21 +54,6 @@ impl Overlay {
 
     pub fn remove(&mut self, key: impl Into<Vec<u8>>) {
         self.delivery.insert(key.into(), None);
-    }
-
-    /// Every present key starting with `prefix`, in order.
-    pub fn keys_with_prefix(&self, prefix: &[u8]) -> sled::Result<Vec<Vec<u8>>> {
-        let mut keys = BTreeMap::new();
-        for key in self.tree.scan_prefix(prefix).keys() {
-            keys.insert(key?.to_vec(), true);
-        }
-        for layer in [&self.turn, &self.delivery] {
-            let range = layer.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded));
-            for (key, value) in range.take_while(|(k, _)| k.starts_with(prefix)) {
-                keys.insert(key.clone(), value.is_some());
-            }
-        }
-        Ok(keys.into_iter().filter_map(|(key, present)| present.then_some(key)).collect())
     }
 
     /// The delivery is complete: its writes join the turn.
@@ -132,7 +116,6 @@ mod tests {
         assert_eq!(overlay.get(b"a1").unwrap(), None);
         assert_eq!(overlay.get(b"a2").unwrap().as_deref(), Some(b"tree".as_slice()));
         assert_eq!(overlay.get(b"a3").unwrap().as_deref(), Some(b"mine".as_slice()));
-        assert_eq!(overlay.keys_with_prefix(b"a").unwrap(), vec![b"a2".to_vec(), b"a3".to_vec()]);
     }
 
     #[test]

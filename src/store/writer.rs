@@ -314,7 +314,10 @@ impl Writer {
             }
             event.provenance = Some(provenance.clone());
             for key in index_keys(Some(&order)).difference(&before) {
-                self.overlay.insert(key.clone(), &[]);
+                let present = self.overlay.get(key)?.unwrap_or_default();
+                if let Some(value) = keys::with_id(&present, order_id) {
+                    self.overlay.insert(key.clone(), value);
+                }
             }
             self.overlay.insert(keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
             self.overlay.insert(keys::history(order_id, event.sequence), &[]);
@@ -385,8 +388,8 @@ impl Writer {
 
     /// Ids of the orders indexed under `value` in `source`.
     fn index_lookup(&self, kind: RefKind, value: &str, source: &str) -> Result<Vec<u64>, StoreError> {
-        let prefix = keys::index_source_prefix(kind, value, source);
-        Ok(self.overlay.keys_with_prefix(&prefix)?.iter().map(|key| keys::trailing_u64(key)).collect())
+        let value = self.overlay.get(&keys::index(kind, value, source))?;
+        Ok(value.map(|v| keys::ids(&v).collect()).unwrap_or_default())
     }
 }
 
@@ -420,11 +423,11 @@ fn index_keys(order: Option<&Order>) -> HashSet<Vec<u8>> {
     let mut out = HashSet::new();
     for kind in [RefKind::Merchant, RefKind::ProviderOrder, RefKind::Safe] {
         if let Some(value) = reference_of(order, kind).filter(|v| !v.is_empty()) {
-            out.insert(keys::index(kind, value, &order.source, order.id));
+            out.insert(keys::index(kind, value, &order.source));
         }
     }
     for shipment in order.shipments.iter().filter(|s| !s.tracking_number.is_empty()) {
-        out.insert(keys::index(RefKind::Tracking, &shipment.tracking_number, &order.source, order.id));
+        out.insert(keys::index(RefKind::Tracking, &shipment.tracking_number, &order.source));
     }
     out
 }
