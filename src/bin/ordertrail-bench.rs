@@ -2,28 +2,42 @@
 //! measures itself, on loopback, and always measures against a baseline in
 //! the same run, alternating A/B/A/B so ratios hold on a noisy machine.
 //!
-//! Scenarios (so far):
-//! - `ingest`: durable webhooks/s and ack latency of ordertrail (default
-//!   `fsync` durability) against a bare hyper server that reads the body
-//!   and answers 200, with the same load generator and connection counts.
-//! - `durability`: the same load against ordertrail in `fsync` and `flush`
-//!   mode, against the bare server.
+//! The servers run on their own runtime (threads `bench-server`), the load
+//! generator on another (`bench-client`), so server CPU can be told apart:
+//! "CPU ms/1000" is server CPU-seconds per 1000 acknowledged requests.
+//!
+//! Webhooks are unique and authenticated, taken in turn from the three
+//! providers' documented payloads (OrderMesh JSON with an HMAC signature,
+//! Winkelstraat JSON with an API key, Withings form with an IP allowlist and
+//! token), so neither the duplicate path nor the auth rejection path is
+//! what gets measured.
+//!
+//! Scenarios: `ingest`, `ingest-latency`, `durability`, `lookup`,
+//! `fan-out`, `catch-up`, `scale` (see `--help` and BENCHMARKS.md).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ordertrail::config::Config;
+use ordertrail::proto::get_order_request::Reference;
+use ordertrail::proto::order_trail_client::OrderTrailClient;
+use ordertrail::proto::subscribe_response::Message as Streamed;
+use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
 use ordertrail::server::{self, Listeners};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(name = "ordertrail-bench", about = "Benchmarks ordertrail against a baseline measured in the same run")]
@@ -34,123 +48,445 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Concurrent connections to measure at (comma separated).
+    /// Concurrent connections (ingest, durability) or lookups in flight
+    /// (lookup, scale), comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = [16, 64, 256])]
     connections: Vec<usize>,
     /// A/B rounds per point (each round measures the baseline and the subject).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Orders (and events) stored first (lookup, catch-up, scale: the large case).
+    #[arg(long, default_value_t = 1_000_000)]
+    orders: u64,
+    /// The small case of `scale`.
+    #[arg(long, default_value_t = 10_000)]
+    small_orders: u64,
+    /// Subscriber counts for `fan-out`, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 10, 100, 1000])]
+    subscribers: Vec<usize>,
+    /// Webhooks per second offered in `fan-out`.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    /// Durable webhooks/s and ack latency vs a bare hyper server, closed loop.
     Ingest,
+    /// Open-loop ack latency at 25/50/80 % of the measured maximum.
+    IngestLatency,
+    /// `fsync` vs `flush` vs non-durable (bench-only) ingest.
     Durability,
+    /// GetOrder by each reference kind with `--orders` stored vs a bare tonic unary call.
+    Lookup,
+    /// Ingest at `--rate` with 0/10/100/1000 live subscribers.
+    FanOut,
+    /// Replay of `--orders` stored events to one subscriber vs a raw sled scan.
+    CatchUp,
+    /// GetOrder p99, RSS and start-up time with `--small-orders` vs `--orders`.
+    Scale,
+}
+
+fn main() {
+    let args = Args::parse();
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client.block_on(async move {
+        match args.scenario {
+            Scenario::Ingest => ingest(&args, &[("ordertrail fsync", Mode::Fsync)]).await,
+            Scenario::Durability => {
+                let modes =
+                    [("ordertrail fsync", Mode::Fsync), ("ordertrail flush", Mode::Flush), ("non-durable", Mode::None)];
+                ingest(&args, &modes).await
+            }
+            Scenario::IngestLatency => ingest_latency(&args).await,
+            Scenario::Lookup => lookup(&args).await,
+            Scenario::FanOut => fan_out(&args).await,
+            Scenario::CatchUp => catch_up(&args).await,
+            Scenario::Scale => scale(&args).await,
+        }
+    });
+}
+
+// === the load ===
+
+const HMAC_KEY: &str = "bench-ordermesh-signing-key-32-bytes!!";
+const API_KEY: &str = "bench-winkelstraat-api-key";
+const TOKEN: &str = "bench-withings-token";
+
+/// The sources every ordertrail under test is configured with.
+fn sources_toml() -> String {
+    format!(
+        r#"
+[[sources]]
+name = "ordermesh"
+provider = "ordermesh"
+auth = {{ scheme = "hmac", header = "x-signature", secrets = ["{HMAC_KEY}"], encoding = "hex" }}
+[[sources]]
+name = "winkelstraat"
+provider = "winkelstraat"
+auth = {{ scheme = "header", header = "x-api-key", secrets = ["{API_KEY}"] }}
+[[sources]]
+name = "withings"
+provider = "withings"
+auth = {{ scheme = "ip_allowlist", allow = ["127.0.0.1/32"], second_factor = {{ query = "token", secrets = ["{TOKEN}"] }} }}
+"#
+    )
+}
+
+const ORDERMESH: &str = include_str!("../../tests/fixtures/ordermesh/order-creation.json");
+const WINKELSTRAAT: &str = include_str!("../../tests/fixtures/winkelstraat/order.json");
+const WITHINGS: &str = include_str!("../../tests/fixtures/withings/documented-example.form");
+
+/// Webhook `n` of a run: provider `n % 3`, references derived from
+/// `(run, n)` so a lookup can name them later.
+struct Webhook {
+    path: String,
+    content_type: &'static str,
+    header: Option<(&'static str, String)>,
+    body: Bytes,
+}
+
+fn webhook(run: u64, n: u64) -> Webhook {
+    match n % 3 {
+        0 => {
+            let body = ORDERMESH
+                .replace("670e58fe7741035996cf7d20", &ordermesh_id(run, n))
+                .replace("WBTEST22", &merchant_ref(run, n))
+                .replace("WebhooksTest22", &safe_id(run, n));
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(HMAC_KEY.as_bytes()).expect("key");
+            mac.update(body.as_bytes());
+            let signature = hex::encode(mac.finalize().into_bytes());
+            Webhook {
+                path: "/webhooks/ordermesh".into(),
+                content_type: "application/json",
+                header: Some(("x-signature", signature)),
+                body: body.into(),
+            }
+        }
+        1 => Webhook {
+            path: "/webhooks/winkelstraat/order".into(),
+            content_type: "application/json",
+            header: Some(("x-api-key", API_KEY.into())),
+            body: WINKELSTRAAT
+                .replace("000000549", &format!("{run}{n:012}"))
+                .replace("YOUR_ORDER_REFERENCE", &format!("PO-{run}-{n}"))
+                .into(),
+        },
+        _ => Webhook {
+            path: format!("/webhooks/withings?token={TOKEN}"),
+            content_type: "application/x-www-form-urlencoded",
+            header: None,
+            body: WITHINGS
+                .trim()
+                .replace("MREF-1001", &format!("MREF-{run}-{n}"))
+                .replace("D12345678", &format!("D{run}-{n}"))
+                .replace("1ZY1111111", &tracking(run, n))
+                .into(),
+        },
+    }
+}
+
+fn ordermesh_id(run: u64, n: u64) -> String {
+    format!("om{run}-{n}")
+}
+fn merchant_ref(run: u64, n: u64) -> String {
+    format!("E{run}-{n}")
+}
+fn safe_id(run: u64, n: u64) -> String {
+    format!("S{run}-{n}")
+}
+fn tracking(run: u64, n: u64) -> String {
+    format!("1Z{run}X{n}")
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client(connections: usize) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(connections).build(connector)
+}
+
+/// Sends webhook `n`; true on a 2xx answer.
+async fn send(client: &HttpClient, address: SocketAddr, run: u64, n: u64) -> bool {
+    let hook = webhook(run, n);
+    let mut request = hyper::Request::post(format!("http://{address}{}", hook.path))
+        .header("content-type", hook.content_type)
+        .header("content-length", hook.body.len());
+    if let Some((name, value)) = hook.header {
+        request = request.header(name, value);
+    }
+    let request = request.body(Full::new(hook.body)).expect("request");
+    match client.request(request).await {
+        Ok(response) if response.status().is_success() => response.into_body().collect().await.is_ok(),
+        _ => false,
+    }
+}
+
+fn next_run() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed) * 1000 + std::process::id() as u64 % 1000
 }
 
 /// One measurement.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Sample {
     per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
     errors: u64,
+    /// Server CPU milliseconds per 1000 acknowledged requests.
+    cpu_per_1000_ms: f64,
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    let seconds = Duration::from_secs(args.seconds.max(1));
-    let subjects: Vec<(&str, Option<&str>)> = match args.scenario {
-        Scenario::Ingest => vec![("ordertrail fsync", Some("fsync"))],
-        Scenario::Durability => vec![("ordertrail fsync", Some("fsync")), ("ordertrail flush", Some("flush"))],
+fn sample(mut latencies: Vec<Duration>, errors: u64, elapsed: Duration, cpu: Duration) -> Sample {
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    println!(
-        "| subject | connections | webhooks/s (median, min–max) | p50 ms | p99 ms | p99.9 ms | ratio to baseline |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for &connections in &args.connections {
-        let mut baseline = Vec::new();
-        let mut measured: Vec<Vec<Sample>> = vec![Vec::new(); subjects.len()];
-        for _ in 0..args.rounds.max(1) {
-            baseline.push(measure(None, connections, seconds).await);
-            for (i, (_, durability)) in subjects.iter().enumerate() {
-                measured[i].push(measure(*durability, connections, seconds).await);
-            }
-        }
-        let base = median(&baseline);
-        print_row("bare hyper (baseline)", connections, &baseline, base);
-        for (i, (name, _)) in subjects.iter().enumerate() {
-            print_row(name, connections, &measured[i], base);
-        }
+    let done = latencies.len().max(1) as f64;
+    Sample {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        p999_ms: percentile(0.999),
+        errors,
+        cpu_per_1000_ms: cpu.as_secs_f64() * 1000.0 * 1000.0 / done,
     }
 }
 
-fn median(samples: &[Sample]) -> f64 {
-    let mut rates: Vec<f64> = samples.iter().map(|s| s.per_second).collect();
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
-
-fn print_row(name: &str, connections: usize, samples: &[Sample], baseline: f64) {
-    let rate = median(samples);
-    let min = samples.iter().map(|s| s.per_second).fold(f64::INFINITY, f64::min);
-    let max = samples.iter().map(|s| s.per_second).fold(0.0, f64::max);
-    let last = samples.last().cloned().unwrap_or(Sample {
-        per_second: 0.0,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-        p999_ms: 0.0,
-        errors: 0,
-    });
-    let errors: u64 = samples.iter().map(|s| s.errors).sum();
-    let note = if errors > 0 { format!(" ({errors} errors)") } else { String::new() };
-    println!(
-        "| {name}{note} | {connections} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {:.2} | {:.2} |",
-        last.p50_ms,
-        last.p99_ms,
-        last.p999_ms,
-        rate / baseline
-    );
-}
-
-/// Starts the subject (`None`: the bare baseline), drives it, stops it.
-async fn measure(durability: Option<&str>, connections: usize, duration: Duration) -> Sample {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let stop = CancellationToken::new();
-    let (task, data_dir) = match durability {
-        None => (tokio::spawn(bare_server(listener, stop.clone())), None),
-        Some(mode) => {
-            let dir = std::env::temp_dir().join(format!("ordertrail-bench-{}-{}", std::process::id(), unique()));
-            let text = format!("[store]\ndata_dir = {:?}\ndurability = \"{mode}\"\n", dir.display().to_string());
-            let config = Config::from_toml(&text, &|_| None).expect("bench config");
-            let listeners = Listeners {
-                http: listener,
-                grpc: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-                admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            };
-            let stop = stop.clone();
-            let task = tokio::spawn(async move {
-                if let Err(e) = server::run(config, listeners, stop).await {
-                    eprintln!("ordertrail-bench: server failed: {e}");
+/// `connections` workers send webhooks back to back for `duration`.
+async fn closed_loop(address: SocketAddr, connections: usize, duration: Duration) -> Sample {
+    let client = http_client(connections);
+    let run = next_run();
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu = ServerCpu::start();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, next) = (client.clone(), next.clone());
+        workers.spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < deadline {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                if send(&client, address, run, n).await {
+                    latencies.push(sent.elapsed());
+                } else {
+                    errors += 1;
                 }
-            });
-            (task, Some(dir))
-        }
-    };
-    let sample = drive(address, connections, duration).await;
-    stop.cancel();
-    let _ = task.await;
-    if let Some(dir) = data_dir {
-        let _ = std::fs::remove_dir_all(dir);
+            }
+            (latencies, errors)
+        });
     }
-    sample
+    let (latencies, errors) = join_latencies(workers).await;
+    let elapsed = started.elapsed();
+    sample(latencies, errors, elapsed, cpu.used())
 }
 
-/// A bare hyper server: reads the body, answers 200.
-async fn bare_server(listener: TcpListener, stop: CancellationToken) {
+/// Webhooks at a fixed `rate`, each sent at its scheduled time however long
+/// earlier ones take; latency counts from the scheduled time, so a stall
+/// shows up in every request it delays (no coordinated omission).
+async fn open_loop(address: SocketAddr, rate: f64, duration: Duration) -> Sample {
+    let client = http_client(1024);
+    let run = next_run();
+    let cpu = ServerCpu::start();
+    let started = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()) as u64;
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let client = client.clone();
+        requests.spawn(async move {
+            let ok = send(&client, address, run, n).await;
+            (due.elapsed(), ok)
+        });
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    while let Some(result) = requests.join_next().await {
+        match result {
+            Ok((latency, true)) => latencies.push(latency),
+            _ => errors += 1,
+        }
+    }
+    sample(latencies, errors, started.elapsed(), cpu.used())
+}
+
+async fn join_latencies(workers: tokio::task::JoinSet<(Vec<Duration>, u64)>) -> (Vec<Duration>, u64) {
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for (mut l, e) in workers.join_all().await {
+        latencies.append(&mut l);
+        errors += e;
+    }
+    (latencies, errors)
+}
+
+/// Stores webhooks `0..count` of `run` (as many connections as useful).
+async fn populate(address: SocketAddr, run: u64, count: u64) {
+    let client = http_client(128);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..128 {
+        let (client, next) = (client.clone(), next.clone());
+        workers.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    return;
+                }
+                while !send(&client, address, run, n).await {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+    }
+    workers.join_all().await;
+    eprintln!("ordertrail-bench: stored {count} webhooks in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+// === CPU and memory of the servers ===
+
+/// Server CPU over an interval: the process's CPU time minus that of the
+/// load generator's threads (the servers run on their own threads, and
+/// sled's short-lived I/O threads are counted by the process total).
+struct ServerCpu {
+    process: Duration,
+    client: Duration,
+}
+
+impl ServerCpu {
+    fn start() -> Self {
+        Self { process: process_cpu(), client: client_cpu() }
+    }
+
+    fn used(&self) -> Duration {
+        (process_cpu().saturating_sub(self.process)).saturating_sub(client_cpu().saturating_sub(self.client))
+    }
+}
+
+fn process_cpu() -> Duration {
+    std::fs::read_to_string("/proc/self/stat").map(|s| stat_cpu(&s)).unwrap_or_default()
+}
+
+/// CPU of the threads that are not the servers': the load generator's
+/// runtime and the main thread.
+fn client_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Duration::ZERO };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(bench-client)") || stat.contains("(ordertrail-benc)"))
+        .map(|stat| stat_cpu(&stat))
+        .sum()
+}
+
+/// utime + stime of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> Duration {
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    Duration::from_secs_f64(ticks as f64 / 100.0)
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+// === the servers ===
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Fsync,
+    Flush,
+    /// Acknowledges before the flush: bench only, never for real use.
+    None,
+}
+
+/// A running server on its own runtime and threads.
+struct Subject {
+    http: SocketAddr,
+    grpc: SocketAddr,
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Subject {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::task::spawn_blocking(move || self.thread.join()).await.expect("join").expect("server thread");
+    }
+}
+
+fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-server")
+        .enable_all()
+        .build()
+        .expect("server runtime")
+}
+
+fn loopback() -> std::net::TcpListener {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    listener
+}
+
+/// The baseline: a bare hyper server that reads the body and answers 200,
+/// and a bare tonic server with only `grpc.health.v1` (its unary `Check`).
+fn start_bare() -> Subject {
+    let (http, grpc) = (loopback(), loopback());
+    let addresses = (http.local_addr().expect("address"), grpc.local_addr().expect("address"));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let thread = std::thread::spawn(move || {
+        server_runtime().block_on(async move {
+            let http = tokio::net::TcpListener::from_std(http).expect("listener");
+            let grpc = tokio_stream::wrappers::TcpListenerStream::new(
+                tokio::net::TcpListener::from_std(grpc).expect("listener"),
+            );
+            let (_reporter, health) = tonic_health::server::health_reporter();
+            let tonic = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(health)
+                .serve_with_incoming_shutdown(grpc, token.clone().cancelled_owned());
+            tokio::join!(bare_http(http, token), async {
+                let _ = tonic.await;
+            });
+        });
+    });
+    Subject { http: addresses.0, grpc: addresses.1, stop, thread }
+}
+
+async fn bare_http(listener: tokio::net::TcpListener, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -177,62 +513,466 @@ async fn bare_server(listener: TcpListener, stop: CancellationToken) {
     }
 }
 
-fn unique() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+fn fresh_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("ordertrail-bench-{}-{}", std::process::id(), next_run()))
 }
 
-/// `connections` workers send unique OrderMesh webhooks back to back for
-/// `duration`; returns the rate and latency percentiles of 2xx answers.
-async fn drive(address: SocketAddr, connections: usize, duration: Duration) -> Sample {
-    let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(connections).build_http::<Full<Bytes>>();
-    let deadline = Instant::now() + duration;
-    let run = unique();
+/// ordertrail with `mode` on `dir`; returns once it answers `/readyz`.
+async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str) -> (Subject, Duration) {
+    let durability = if mode == Mode::Fsync { "fsync" } else { "flush" };
+    let unsafe_ack = mode == Mode::None;
+    let text = format!(
+        "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n{extra}\n{}",
+        dir.display().to_string(),
+        sources_toml()
+    );
+    let config = Config::from_toml(&text, &|_| None).expect("bench config");
+    let (http, grpc, admin) = (loopback(), loopback(), loopback());
+    let (http_addr, grpc_addr) = (http.local_addr().expect("address"), grpc.local_addr().expect("address"));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let started = Instant::now();
+    let thread = std::thread::spawn(move || {
+        server_runtime().block_on(async move {
+            let listeners = Listeners {
+                http: tokio::net::TcpListener::from_std(http).expect("listener"),
+                grpc: tokio::net::TcpListener::from_std(grpc).expect("listener"),
+                admin: tokio::net::TcpListener::from_std(admin).expect("listener"),
+            };
+            if let Err(e) = server::run(config, listeners, token).await {
+                eprintln!("ordertrail-bench: server failed: {e}");
+            }
+        });
+    });
+    let client = http_client(1);
+    loop {
+        let request = hyper::Request::get(format!("http://{http_addr}/readyz")).body(Full::default()).expect("request");
+        if let Ok(response) = client.request(request).await
+            && response.status().is_success()
+        {
+            break;
+        }
+        assert!(!thread.is_finished(), "ordertrail did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let startup = started.elapsed();
+    (Subject { http: http_addr, grpc: grpc_addr, stop, thread }, startup)
+}
+
+async fn grpc_client(address: SocketAddr) -> OrderTrailClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
+    OrderTrailClient::new(channel.connect().await.expect("connect")).max_decoding_message_size(64 << 20)
+}
+
+// === output ===
+
+fn median(samples: &[Sample], value: impl Fn(&Sample) -> f64) -> (f64, f64, f64) {
+    let mut values: Vec<f64> = samples.iter().map(value).collect();
+    values.sort_by(f64::total_cmp);
+    let min = values.first().copied().unwrap_or(0.0);
+    let max = values.last().copied().unwrap_or(0.0);
+    (values.get(values.len() / 2).copied().unwrap_or(0.0), min, max)
+}
+
+fn header(what: &str) {
+    println!(
+        "| subject | {what} | per second (median, min–max) | p50 ms | p99 ms | p99.9 ms | ratio to baseline | server CPU ms per 1000 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+}
+
+/// One table row: medians over the rounds (latencies too), min–max of the rate.
+fn row(name: &str, point: &str, samples: &[Sample], baseline: f64) {
+    let (rate, min, max) = median(samples, |s| s.per_second);
+    let errors: u64 = samples.iter().map(|s| s.errors).sum();
+    let note = if errors > 0 { format!(" ({errors} errors)") } else { String::new() };
+    println!(
+        "| {name}{note} | {point} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+        median(samples, |s| s.p50_ms).0,
+        median(samples, |s| s.p99_ms).0,
+        median(samples, |s| s.p999_ms).0,
+        if baseline > 0.0 { rate / baseline } else { 0.0 },
+        median(samples, |s| s.cpu_per_1000_ms).0,
+    );
+}
+
+// === scenarios ===
+
+async fn ingest(args: &Args, subjects: &[(&str, Mode)]) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    header("connections");
+    let mut disk = Vec::new();
+    for &connections in &args.connections {
+        let mut baseline = Vec::new();
+        let mut measured: Vec<Vec<Sample>> = vec![Vec::new(); subjects.len()];
+        for _ in 0..args.rounds.max(1) {
+            let bare = start_bare();
+            baseline.push(closed_loop(bare.http, connections, seconds).await);
+            bare.stop().await;
+            for (i, (_, mode)) in subjects.iter().enumerate() {
+                let dir = fresh_dir();
+                let (subject, _) = start_ordertrail(&dir, *mode, "").await;
+                let sample = closed_loop(subject.http, connections, seconds).await;
+                subject.stop().await;
+                let acked = sample.per_second * seconds.as_secs_f64();
+                disk.push(dir_bytes(&dir) as f64 / (acked * average_body_bytes()));
+                let _ = std::fs::remove_dir_all(&dir);
+                measured[i].push(sample);
+            }
+        }
+        let base = median(&baseline, |s| s.per_second).0;
+        row("bare hyper (baseline)", &connections.to_string(), &baseline, base);
+        for (i, (name, _)) in subjects.iter().enumerate() {
+            row(name, &connections.to_string(), &measured[i], base);
+        }
+    }
+    disk.sort_by(f64::total_cmp);
+    println!(
+        "\nBytes on disk per raw webhook byte (data dir after a clean stop, median of {} runs): {:.1}",
+        disk.len(),
+        disk.get(disk.len() / 2).copied().unwrap_or(0.0)
+    );
+}
+
+/// Mean body size of the generated webhooks.
+fn average_body_bytes() -> f64 {
+    (0..3).map(|n| webhook(1, n).body.len() as f64).sum::<f64>() / 3.0
+}
+
+async fn ingest_latency(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    let dir = fresh_dir();
+    let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
+    let max_ordertrail = closed_loop(subject.http, 64, seconds).await.per_second;
+    subject.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("Measured maximum (64 connections, closed loop): ordertrail {max_ordertrail:.0} webhooks/s.\n");
+    println!("Open loop; latency from each request's scheduled send time. The baseline gets the same offered rates.\n");
+    header("offered rate");
+    for share in [0.25, 0.5, 0.8] {
+        let rate = max_ordertrail * share;
+        let (mut baseline, mut measured) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let bare = start_bare();
+            baseline.push(open_loop(bare.http, rate, seconds).await);
+            bare.stop().await;
+            let dir = fresh_dir();
+            let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
+            measured.push(open_loop(subject.http, rate, seconds).await);
+            subject.stop().await;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let point = format!("{:.0} % ({rate:.0}/s)", share * 100.0);
+        let base = median(&baseline, |s| s.per_second).0;
+        row("bare hyper (baseline)", &point, &baseline, base);
+        row("ordertrail fsync", &point, &measured, base);
+    }
+}
+
+/// A reference kind to look orders up by, and the request for order `n`.
+type LookupKind = (&'static str, fn(u64, u64) -> Option<Reference>);
+
+const LOOKUPS: [LookupKind; 4] = [
+    ("external_order_id", |run, n| Some(Reference::ExternalOrderId(merchant_ref(run, n - n % 3)))),
+    ("provider_order_id", |run, n| Some(Reference::ProviderOrderId(ordermesh_id(run, n - n % 3)))),
+    ("safe_id", |run, n| Some(Reference::SafeId(safe_id(run, n - n % 3)))),
+    ("tracking_number", |run, n| {
+        let n = n - n % 3 + 2;
+        Some(Reference::TrackingNumber(tracking(run, n)))
+    }),
+];
+
+/// `concurrency` callers for `duration`: GetOrder for random stored orders
+/// (`kind`), or the baseline's bare unary call when `kind` is `None`.
+async fn unary_load(
+    address: SocketAddr,
+    kind: Option<LookupKind>,
+    run: u64,
+    orders: u64,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
+    let channel = channel.connect().await.expect("connect");
+    let cpu = ServerCpu::start();
+    let started = Instant::now();
+    let deadline = started + duration;
     let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..connections {
-        let client = client.clone();
+    for worker in 0..concurrency {
+        let channel = channel.clone();
         workers.spawn(async move {
-            let (mut latencies, mut errors, mut n) = (Vec::new(), 0u64, 0u64);
+            let mut orders_client = OrderTrailClient::new(channel.clone());
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let mut random = 0x9E37_79B9_7F4A_7C15u64 ^ (worker as u64 + 1) * 0x2545_F491_4F6C_DD1D;
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
             while Instant::now() < deadline {
-                n += 1;
-                let body = format!(
-                    r#"{{"NewStatus":"ReadyForFulfillment","OldStatus":"Open","OrderId":"b{run}-{worker}-{n}","ExternalOrderId":"E{run}-{worker}-{n}","SafeId":"S{run}-{worker}-{n}","Description":"Order updated: status updated from Open to ReadyForFulfillment","SubscriberId":"261c6102-0b72-4506-9a84-98a80a03e7f0","RequestId":"0HN7A6B4H3FDT:00000009","EventType":"OrderUpdate"}}"#
-                );
-                let request = hyper::Request::post(format!("http://{address}/webhooks/ordermesh"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("request");
-                let started = Instant::now();
-                match client.request(request).await {
-                    Ok(response) if response.status().is_success() => {
-                        let _ = response.into_body().collect().await;
-                        latencies.push(started.elapsed());
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                let n = random % orders.saturating_sub(3).max(1);
+                let sent = Instant::now();
+                let ok = match kind {
+                    Some((_, reference)) => {
+                        let request = GetOrderRequest { reference: reference(run, n), source: String::new() };
+                        orders_client.get_order(request).await.is_ok()
                     }
-                    _ => errors += 1,
+                    None => health.check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok(),
+                };
+                if ok {
+                    latencies.push(sent.elapsed());
+                } else {
+                    errors += 1;
                 }
             }
             (latencies, errors)
         });
     }
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for (mut l, e) in workers.join_all().await {
-        latencies.append(&mut l);
-        errors += e;
+    let (latencies, errors) = join_latencies(workers).await;
+    sample(latencies, errors, started.elapsed(), cpu.used())
+}
+
+/// Stores `orders` webhooks in a fresh data dir; returns it and the run id.
+async fn prepared(orders: u64) -> (PathBuf, u64) {
+    let dir = fresh_dir();
+    let run = next_run();
+    let (subject, _) = start_ordertrail(&dir, Mode::Flush, "").await;
+    populate(subject.http, run, orders).await;
+    subject.stop().await;
+    (dir, run)
+}
+
+async fn lookup(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    let (dir, run) = prepared(args.orders).await;
+    println!("GetOrder with {} webhooks stored (a third each per provider).\n", args.orders);
+    header("in flight");
+    for &concurrency in &args.connections {
+        let mut baseline = Vec::new();
+        let mut measured: Vec<Vec<Sample>> = vec![Vec::new(); LOOKUPS.len()];
+        for _ in 0..args.rounds.max(1) {
+            let bare = start_bare();
+            baseline.push(unary_load(bare.grpc, None, run, args.orders, concurrency, seconds).await);
+            bare.stop().await;
+            let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
+            for (i, kind) in LOOKUPS.iter().enumerate() {
+                measured[i].push(unary_load(subject.grpc, Some(*kind), run, args.orders, concurrency, seconds).await);
+            }
+            subject.stop().await;
+        }
+        let base = median(&baseline, |s| s.per_second).0;
+        row("bare tonic unary (baseline)", &concurrency.to_string(), &baseline, base);
+        for (i, (name, _)) in LOOKUPS.iter().enumerate() {
+            row(&format!("GetOrder by {name}"), &concurrency.to_string(), &measured[i], base);
+        }
     }
-    let elapsed = started.elapsed().max(duration).as_secs_f64();
-    latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    Sample {
-        per_second: latencies.len() as f64 / elapsed,
-        p50_ms: percentile(0.50),
-        p99_ms: percentile(0.99),
-        p999_ms: percentile(0.999),
-        errors,
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn scale(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    println!("GetOrder by external_order_id, 16 in flight; start-up = open + recovery until /readyz answers.\n");
+    println!("| orders stored | GetOrder/s | p50 ms | p99 ms | p99 ratio to the small case | start-up s | RSS MiB (process, after the lookups) | data dir MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut small_p99 = 0.0;
+    for orders in [args.small_orders, args.orders] {
+        let (dir, run) = prepared(orders).await;
+        let mut samples = Vec::new();
+        let mut startups = Vec::new();
+        let mut rss = 0.0;
+        for _ in 0..args.rounds.max(1) {
+            let (subject, startup) = start_ordertrail(&dir, Mode::Fsync, "").await;
+            startups.push(startup.as_secs_f64());
+            samples.push(unary_load(subject.grpc, Some(LOOKUPS[0]), run, orders, 16, seconds).await);
+            rss = rss_mib();
+            subject.stop().await;
+        }
+        let p99 = median(&samples, |s| s.p99_ms).0;
+        if orders == args.small_orders {
+            small_p99 = p99;
+        }
+        startups.sort_by(f64::total_cmp);
+        println!(
+            "| {orders} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {rss:.0} | {:.0} |",
+            median(&samples, |s| s.per_second).0,
+            median(&samples, |s| s.p50_ms).0,
+            p99 / small_p99,
+            startups[startups.len() / 2],
+            dir_bytes(&dir) as f64 / (1 << 20) as f64,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+async fn catch_up(args: &Args) {
+    let (dir, _) = prepared(args.orders).await;
+    println!("Replay of {} stored events to one subscriber from sequence 0 until `caught_up`.\n", args.orders);
+    println!("| subject | events | events/s (median, min–max) | ratio to baseline |");
+    println!("|---|---|---|---|");
+    let (mut baseline, mut measured) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds.max(1) {
+        let db = dir.join("sled");
+        let scan = tokio::task::spawn_blocking(move || {
+            let tree = sled::open(db).expect("open sled");
+            let started = Instant::now();
+            let mut count = 0u64;
+            for entry in tree.scan_prefix(b"e") {
+                let (_, value) = entry.expect("read");
+                count += u64::from(!value.is_empty());
+            }
+            Sample { per_second: count as f64 / started.elapsed().as_secs_f64(), ..Sample::default() }
+        });
+        baseline.push(scan.await.expect("scan"));
+        let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
+        let mut client = grpc_client(subject.grpc).await;
+        let started = Instant::now();
+        let request = SubscribeRequest { after_sequence: Some(0), ..SubscribeRequest::default() };
+        let mut stream = client.subscribe(request).await.expect("subscribe").into_inner();
+        let mut count = 0u64;
+        while let Some(message) = stream.message().await.expect("stream") {
+            match message.message {
+                Some(Streamed::Event(event)) => {
+                    count += 1;
+                    assert_eq!(event.sequence, count, "gap-free replay");
+                }
+                Some(Streamed::CaughtUp(_)) => break,
+                _ => {}
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        measured.push(Sample { per_second: count as f64 / elapsed, ..Sample::default() });
+        drop(stream);
+        subject.stop().await;
+    }
+    let base = median(&baseline, |s| s.per_second);
+    let ours = median(&measured, |s| s.per_second);
+    println!("| raw sled scan of the event keys (baseline) | {} | {:.0} ({:.0}–{:.0}) | 1.00 |", args.orders, base.0, base.1, base.2);
+    println!(
+        "| Subscribe replay | {} | {:.0} ({:.0}–{:.0}) | {:.2} |",
+        args.orders,
+        ours.0,
+        ours.1,
+        ours.2,
+        ours.0 / base.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What the subscribers of one fan-out run saw.
+#[derive(Default)]
+struct Fanned {
+    /// Per subscriber: events received, and whether they were gap-free.
+    counts: Vec<(u64, bool)>,
+    /// Webhook received → event at a (sampled) subscriber.
+    latencies: Vec<Duration>,
+}
+
+async fn fan_out(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    let extra = "[grpc]\nmax_subscriptions = 5000\nmax_concurrent_streams = 1024\n";
+    println!(
+        "Open-loop ingest at {} webhooks/s; each subscriber follows every event live.\n",
+        args.rate
+    );
+    println!("| subscribers | acknowledged webhooks/s (median, min–max) | ratio to 0 subscribers | ack p99 ms | every subscriber got every event | webhook → subscriber p50 / p99 ms | server CPU ms per 1000 |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut base = 0.0;
+    for &subscribers in &args.subscribers {
+        let (mut samples, mut complete, mut latencies) = (Vec::new(), true, Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let dir = fresh_dir();
+            let (subject, _) = start_ordertrail(&dir, Mode::Fsync, extra).await;
+            let stop = CancellationToken::new();
+            let listeners = start_subscribers(subject.grpc, subscribers, stop.clone()).await;
+            let sample = open_loop(subject.http, args.rate as f64, seconds).await;
+            let acked = (sample.per_second * seconds.as_secs_f64()).round() as u64;
+            // Let the subscribers drain what was committed, then stop them.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.cancel();
+            let seen = listeners.await.expect("subscribers");
+            complete &= seen.counts.iter().all(|&(count, gap_free)| gap_free && count >= acked);
+            latencies.extend(seen.latencies);
+            subject.stop().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            samples.push(sample);
+        }
+        let (rate, min, max) = median(&samples, |s| s.per_second);
+        if subscribers == args.subscribers[0] {
+            base = rate;
+        }
+        latencies.sort();
+        let percentile = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        let delivered = if subscribers == 0 { "—".to_string() } else { if complete { "yes" } else { "NO" }.to_string() };
+        let latency = if subscribers == 0 {
+            "—".to_string()
+        } else {
+            format!("{:.2} / {:.2}", percentile(0.5), percentile(0.99))
+        };
+        println!(
+            "| {subscribers} | {rate:.0} ({min:.0}–{max:.0}) | {:.2} | {:.2} | {delivered} | {latency} | {:.0} |",
+            rate / base,
+            median(&samples, |s| s.p99_ms).0,
+            median(&samples, |s| s.cpu_per_1000_ms).0,
+        );
+    }
+}
+
+/// Starts `count` live subscribers (from now) spread over several
+/// connections; the returned task ends once `stop` is cancelled. The first
+/// ten measure webhook-received → event-here latency from the event's
+/// `received_at` (same clock).
+async fn start_subscribers(
+    address: SocketAddr,
+    count: usize,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Fanned> {
+    let mut channels = Vec::new();
+    for _ in 0..count.div_ceil(200) {
+        let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
+        channels.push(channel.connect().await.expect("connect"));
+    }
+    let mut streams = Vec::new();
+    for i in 0..count {
+        let mut client = OrderTrailClient::new(channels[i / 200].clone());
+        let request = SubscribeRequest::default();
+        streams.push(client.subscribe(request).await.expect("subscribe").into_inner());
+    }
+    tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, mut stream) in streams.into_iter().enumerate() {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let (mut count, mut gap_free, mut last, mut latencies) = (0u64, true, 0u64, Vec::new());
+                loop {
+                    let message = tokio::select! {
+                        message = stream.message() => message,
+                        () = stop.cancelled() => break,
+                    };
+                    let Ok(Some(message)) = message else { break };
+                    if let Some(Streamed::Event(event)) = message.message {
+                        gap_free &= last == 0 || event.sequence == last + 1;
+                        last = event.sequence;
+                        count += 1;
+                        if i < 10
+                            && let Some(received) = event.received_at
+                        {
+                            let at = SystemTime::UNIX_EPOCH
+                                + Duration::new(received.seconds as u64, received.nanos as u32);
+                            latencies.push(SystemTime::now().duration_since(at).unwrap_or_default());
+                        }
+                    }
+                }
+                (count, gap_free, latencies)
+            });
+        }
+        let mut fanned = Fanned::default();
+        while let Some(Ok((count, gap_free, mut latencies))) = tasks.join_next().await {
+            fanned.counts.push((count, gap_free));
+            fanned.latencies.append(&mut latencies);
+        }
+        fanned
+    })
 }
