@@ -67,6 +67,9 @@ struct Args {
     /// Webhooks per second offered in `fan-out`.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
+    /// (internal, `serve`) the data dir.
+    #[arg(long, hide = true)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +88,10 @@ enum Scenario {
     CatchUp,
     /// GetOrder p99, RSS and start-up time with `--small-orders` vs `--orders`.
     Scale,
+    /// (internal) serve `--data-dir` until stdin closes; `scale` runs it as
+    /// a separate process to measure its memory alone.
+    #[value(hide = true)]
+    Serve,
 }
 
 fn main() {
@@ -108,6 +115,7 @@ fn main() {
             Scenario::FanOut => fan_out(&args).await,
             Scenario::CatchUp => catch_up(&args).await,
             Scenario::Scale => scale(&args).await,
+            Scenario::Serve => serve(args.data_dir.as_deref().expect("--data-dir")).await,
         }
     });
 }
@@ -241,6 +249,8 @@ struct Sample {
     p99_ms: f64,
     p999_ms: f64,
     errors: u64,
+    /// Requests answered successfully.
+    acknowledged: u64,
     /// Server CPU milliseconds per 1000 acknowledged requests.
     cpu_per_1000_ms: f64,
 }
@@ -259,6 +269,7 @@ fn sample(mut latencies: Vec<Duration>, errors: u64, elapsed: Duration, cpu: Dur
         p99_ms: percentile(0.99),
         p999_ms: percentile(0.999),
         errors,
+        acknowledged: latencies.len() as u64,
         cpu_per_1000_ms: cpu.as_secs_f64() * 1000.0 * 1000.0 / done,
     }
 }
@@ -398,8 +409,8 @@ fn stat_cpu(stat: &str) -> Duration {
     Duration::from_secs_f64(ticks as f64 / 100.0)
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+fn rss_mib(status_file: &str) -> f64 {
+    let status = std::fs::read_to_string(status_file).unwrap_or_default();
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -614,8 +625,7 @@ async fn ingest(args: &Args, subjects: &[(&str, Mode)]) {
                 let (subject, _) = start_ordertrail(&dir, *mode, "").await;
                 let sample = closed_loop(subject.http, connections, seconds).await;
                 subject.stop().await;
-                let acked = sample.per_second * seconds.as_secs_f64();
-                disk.push(dir_bytes(&dir) as f64 / (acked * average_body_bytes()));
+                disk.push(dir_bytes(&dir) as f64 / (sample.acknowledged as f64 * average_body_bytes()));
                 let _ = std::fs::remove_dir_all(&dir);
                 measured[i].push(sample);
             }
@@ -770,36 +780,90 @@ async fn lookup(args: &Args) {
 
 async fn scale(args: &Args) {
     let seconds = Duration::from_secs(args.seconds.max(1));
-    println!("GetOrder by external_order_id, 16 in flight; start-up = open + recovery until /readyz answers.\n");
-    println!("| orders stored | GetOrder/s | p50 ms | p99 ms | p99 ratio to the small case | start-up s | RSS MiB (process, after the lookups) | data dir MiB |");
+    println!(
+        "ordertrail as its own process; GetOrder by external_order_id, 16 in flight; start-up = process start to \
+         /readyz answering (open + recovery).\n"
+    );
+    println!(
+        "| orders stored | GetOrder/s | p50 ms | p99 ms | p99 ratio to the small case | start-up s | RSS MiB after the lookups | data dir MiB |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut small_p99 = 0.0;
     for orders in [args.small_orders, args.orders] {
         let (dir, run) = prepared(orders).await;
-        let mut samples = Vec::new();
-        let mut startups = Vec::new();
-        let mut rss = 0.0;
+        let (mut samples, mut startups, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds.max(1) {
-            let (subject, startup) = start_ordertrail(&dir, Mode::Fsync, "").await;
-            startups.push(startup.as_secs_f64());
-            samples.push(unary_load(subject.grpc, Some(LOOKUPS[0]), run, orders, 16, seconds).await);
-            rss = rss_mib();
-            subject.stop().await;
+            let child = ServeProcess::start(&dir).await;
+            startups.push(child.startup.as_secs_f64());
+            samples.push(unary_load(child.grpc, Some(LOOKUPS[0]), run, orders, 16, seconds).await);
+            rss.push(child.rss_mib());
+            child.stop().await;
         }
         let p99 = median(&samples, |s| s.p99_ms).0;
         if orders == args.small_orders {
             small_p99 = p99;
         }
         startups.sort_by(f64::total_cmp);
+        rss.sort_by(f64::total_cmp);
         println!(
-            "| {orders} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {rss:.0} | {:.0} |",
+            "| {orders} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
             median(&samples, |s| s.per_second).0,
             median(&samples, |s| s.p50_ms).0,
             p99 / small_p99,
             startups[startups.len() / 2],
+            rss[rss.len() / 2],
             dir_bytes(&dir) as f64 / (1 << 20) as f64,
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `ordertrail-bench serve`: ordertrail alone in this process.
+async fn serve(dir: &Path) {
+    let (subject, _) = start_ordertrail(dir, Mode::Fsync, "").await;
+    println!("{} {}", subject.http, subject.grpc);
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1])).await;
+    subject.stop().await;
+}
+
+/// ordertrail in a child process (this binary's `serve`), for memory and
+/// start-up measured without the load generator.
+struct ServeProcess {
+    child: std::process::Child,
+    grpc: SocketAddr,
+    startup: Duration,
+}
+
+impl ServeProcess {
+    async fn start(dir: &Path) -> Self {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let started = Instant::now();
+            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+                .args(["serve", "--data-dir"])
+                .arg(dir)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the serve process");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("addresses");
+            let startup = started.elapsed();
+            let grpc = line.split_whitespace().nth(1).and_then(|a| a.parse().ok()).expect("grpc address");
+            Self { child, grpc, startup }
+        })
+        .await
+        .expect("serve process")
+    }
+
+    fn rss_mib(&self) -> f64 {
+        rss_mib(&format!("/proc/{}/status", self.child.id()))
+    }
+
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
     }
 }
 
@@ -884,7 +948,7 @@ async fn fan_out(args: &Args) {
             let stop = CancellationToken::new();
             let listeners = start_subscribers(subject.grpc, subscribers, stop.clone()).await;
             let sample = open_loop(subject.http, args.rate as f64, seconds).await;
-            let acked = (sample.per_second * seconds.as_secs_f64()).round() as u64;
+            let acked = sample.acknowledged;
             // Let the subscribers drain what was committed, then stop them.
             tokio::time::sleep(Duration::from_millis(500)).await;
             stop.cancel();
