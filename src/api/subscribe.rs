@@ -151,7 +151,11 @@ impl Task {
 
     fn on_item(&mut self, item: Result<FeedItem, FeedError>) -> Result<Option<Message>, Status> {
         match item {
-            Ok(FeedItem::Event(event)) => Ok(self.filter.event(&event).then(|| Message::Event((*event).clone()))),
+            Ok(FeedItem::Event(event)) => Ok(self
+                .filter
+                .event(&event)
+                // Replayed events are this feed's own; live ones are shared.
+                .then(|| Message::Event(Arc::try_unwrap(event).unwrap_or_else(|shared| (*shared).clone())))),
             Ok(FeedItem::CaughtUp(sequence)) => Ok(Some(Message::CaughtUp(CaughtUp { sequence }))),
             Err(FeedError::OutOfRange { requested, oldest }) => Err(out_of_range(requested, oldest)),
             Err(FeedError::Store(e)) => Err(store_status(e)),

@@ -404,7 +404,8 @@ fn client_cpu() -> Duration {
 
 /// utime + stime of a `/proc/.../stat` line.
 fn stat_cpu(stat: &str) -> Duration {
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
     Duration::from_secs_f64(ticks as f64 / 100.0)
 }
@@ -481,12 +482,20 @@ fn start_bare() -> Subject {
     let thread = std::thread::spawn(move || {
         server_runtime().block_on(async move {
             let http = tokio::net::TcpListener::from_std(http).expect("listener");
-            let grpc = tokio_stream::wrappers::TcpListenerStream::new(
-                tokio::net::TcpListener::from_std(grpc).expect("listener"),
+            // Custom incoming: tonic's own tcp_nodelay applies only to
+            // listeners it binds, so set it here (else Nagle stalls replies).
+            let grpc = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(
+                    tokio::net::TcpListener::from_std(grpc).expect("listener"),
+                ),
+                |stream| {
+                    stream.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                },
             );
             let (_reporter, health) = tonic_health::server::health_reporter();
             let tonic = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(health)
                 .serve_with_incoming_shutdown(grpc, token.clone().cancelled_owned());
             tokio::join!(bare_http(http, token), async {
@@ -713,7 +722,7 @@ async fn unary_load(
         workers.spawn(async move {
             let mut orders_client = OrderTrailClient::new(channel.clone());
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let mut random = 0x9E37_79B9_7F4A_7C15u64 ^ (worker as u64 + 1) * 0x2545_F491_4F6C_DD1D;
+            let mut random = 0x9E37_79B9_7F4A_7C15u64 ^ (worker as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
             let (mut latencies, mut errors) = (Vec::new(), 0u64);
             while Instant::now() < deadline {
                 random ^= random << 13;
@@ -872,7 +881,7 @@ async fn catch_up(args: &Args) {
     println!("Replay of {} stored events to one subscriber from sequence 0 until `caught_up`.\n", args.orders);
     println!("| subject | events | events/s (median, min–max) | ratio to baseline |");
     println!("|---|---|---|---|");
-    let (mut baseline, mut measured) = (Vec::new(), Vec::new());
+    let (mut baseline, mut measured, mut replayed) = (Vec::new(), Vec::new(), 0);
     for _ in 0..args.rounds.max(1) {
         let db = dir.join("sled");
         let scan = tokio::task::spawn_blocking(move || {
@@ -904,15 +913,18 @@ async fn catch_up(args: &Args) {
         }
         let elapsed = started.elapsed().as_secs_f64();
         measured.push(Sample { per_second: count as f64 / elapsed, ..Sample::default() });
+        replayed = count;
         drop(stream);
         subject.stop().await;
     }
     let base = median(&baseline, |s| s.per_second);
     let ours = median(&measured, |s| s.per_second);
-    println!("| raw sled scan of the event keys (baseline) | {} | {:.0} ({:.0}–{:.0}) | 1.00 |", args.orders, base.0, base.1, base.2);
     println!(
-        "| Subscribe replay | {} | {:.0} ({:.0}–{:.0}) | {:.2} |",
-        args.orders,
+        "| raw sled scan of the event keys (baseline) | {replayed} | {:.0} ({:.0}–{:.0}) | 1.00 |",
+        base.0, base.1, base.2
+    );
+    println!(
+        "| Subscribe replay | {replayed} | {:.0} ({:.0}–{:.0}) | {:.2} |",
         ours.0,
         ours.1,
         ours.2,
@@ -934,10 +946,12 @@ async fn fan_out(args: &Args) {
     let seconds = Duration::from_secs(args.seconds.max(1));
     let extra = "[grpc]\nmax_subscriptions = 5000\nmax_concurrent_streams = 1024\n";
     println!(
-        "Open-loop ingest at {} webhooks/s; each subscriber follows every event live.\n",
+        "Open-loop ingest at {} webhooks/s; each subscriber follows every event live; after the load, up to 30 s for every subscriber to receive every event.\n",
         args.rate
     );
-    println!("| subscribers | acknowledged webhooks/s (median, min–max) | ratio to 0 subscribers | ack p99 ms | every subscriber got every event | webhook → subscriber p50 / p99 ms | server CPU ms per 1000 |");
+    println!(
+        "| subscribers | acknowledged webhooks/s (median, min–max) | ratio to 0 subscribers | ack p99 ms | every subscriber got every event | webhook → subscriber p50 / p99 ms | server CPU ms per 1000 |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let mut base = 0.0;
     for &subscribers in &args.subscribers {
@@ -946,11 +960,18 @@ async fn fan_out(args: &Args) {
             let dir = fresh_dir();
             let (subject, _) = start_ordertrail(&dir, Mode::Fsync, extra).await;
             let stop = CancellationToken::new();
-            let listeners = start_subscribers(subject.grpc, subscribers, stop.clone()).await;
+            let progress = Arc::new(AtomicU64::new(0));
+            let listeners = start_subscribers(subject.grpc, subscribers, stop.clone(), progress.clone()).await;
             let sample = open_loop(subject.http, args.rate as f64, seconds).await;
             let acked = sample.acknowledged;
-            // Let the subscribers drain what was committed, then stop them.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Let the subscribers drain what was committed (up to 30 s), then stop them.
+            let head = Instant::now() + Duration::from_secs(30);
+            while subscribers > 0
+                && progress.load(Ordering::Relaxed) < acked * subscribers as u64
+                && Instant::now() < head
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             stop.cancel();
             let seen = listeners.await.expect("subscribers");
             complete &= seen.counts.iter().all(|&(count, gap_free)| gap_free && count >= acked);
@@ -969,7 +990,8 @@ async fn fan_out(args: &Args) {
                 .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
         };
-        let delivered = if subscribers == 0 { "—".to_string() } else { if complete { "yes" } else { "NO" }.to_string() };
+        let delivered =
+            if subscribers == 0 { "—".to_string() } else { if complete { "yes" } else { "NO" }.to_string() };
         let latency = if subscribers == 0 {
             "—".to_string()
         } else {
@@ -985,13 +1007,15 @@ async fn fan_out(args: &Args) {
 }
 
 /// Starts `count` live subscribers (from now) spread over several
-/// connections; the returned task ends once `stop` is cancelled. The first
+/// connections, counting every event they get into `progress`; the
+/// returned task ends once `stop` is cancelled. The first
 /// ten measure webhook-received → event-here latency from the event's
 /// `received_at` (same clock).
 async fn start_subscribers(
     address: SocketAddr,
     count: usize,
     stop: CancellationToken,
+    progress: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<Fanned> {
     let mut channels = Vec::new();
     for _ in 0..count.div_ceil(200) {
@@ -1007,7 +1031,7 @@ async fn start_subscribers(
     tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
         for (i, mut stream) in streams.into_iter().enumerate() {
-            let stop = stop.clone();
+            let (stop, progress) = (stop.clone(), progress.clone());
             tasks.spawn(async move {
                 let (mut count, mut gap_free, mut last, mut latencies) = (0u64, true, 0u64, Vec::new());
                 loop {
@@ -1020,11 +1044,12 @@ async fn start_subscribers(
                         gap_free &= last == 0 || event.sequence == last + 1;
                         last = event.sequence;
                         count += 1;
+                        progress.fetch_add(1, Ordering::Relaxed);
                         if i < 10
                             && let Some(received) = event.received_at
                         {
-                            let at = SystemTime::UNIX_EPOCH
-                                + Duration::new(received.seconds as u64, received.nanos as u32);
+                            let at =
+                                SystemTime::UNIX_EPOCH + Duration::new(received.seconds as u64, received.nanos as u32);
                             latencies.push(SystemTime::now().duration_since(at).unwrap_or_default());
                         }
                     }
