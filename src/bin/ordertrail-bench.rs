@@ -67,10 +67,20 @@ struct Args {
     /// Webhooks per second offered in `fan-out`.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
+    /// sled's cache for every ordertrail started (MiB; default: ordertrail's default).
+    #[arg(long)]
+    cache_mib: Option<u64>,
+    /// Keep the stored data sets of lookup, catch-up and scale under this
+    /// directory and reuse them in later runs (filling 1M orders takes minutes).
+    #[arg(long)]
+    keep_data: Option<PathBuf>,
     /// (internal, `serve`) the data dir.
     #[arg(long, hide = true)]
     data_dir: Option<PathBuf>,
 }
+
+/// `--cache-mib` and `--keep-data`, for code far from `main`.
+static SETTINGS: std::sync::OnceLock<(Option<u64>, Option<PathBuf>)> = std::sync::OnceLock::new();
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -96,6 +106,7 @@ enum Scenario {
 
 fn main() {
     let args = Args::parse();
+    SETTINGS.set((args.cache_mib, args.keep_data.clone())).expect("settings");
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("bench-client")
@@ -541,9 +552,11 @@ fn fresh_dir() -> PathBuf {
 async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str) -> (Subject, Duration) {
     let durability = if mode == Mode::Fsync { "fsync" } else { "flush" };
     let unsafe_ack = mode == Mode::None;
+    let cache = SETTINGS.get().and_then(|s| s.0).map(|mib| format!("cache_capacity_bytes = {}\n", mib << 20));
     let text = format!(
-        "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n{extra}\n{}",
+        "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n{}{extra}\n{}",
         dir.display().to_string(),
+        cache.unwrap_or_default(),
         sources_toml()
     );
     let config = Config::from_toml(&text, &|_| None).expect("bench config");
@@ -750,14 +763,31 @@ async fn unary_load(
     sample(latencies, errors, started.elapsed(), cpu.used())
 }
 
-/// Stores `orders` webhooks in a fresh data dir; returns it and the run id.
+/// A data dir with `orders` webhooks stored; returns it and the run id.
+/// With `--keep-data` it is kept and reused by later runs.
 async fn prepared(orders: u64) -> (PathBuf, u64) {
-    let dir = fresh_dir();
+    let kept = SETTINGS.get().and_then(|s| s.1.clone()).map(|keep| keep.join(format!("orders-{orders}")));
+    if let Some(dir) = &kept
+        && let Ok(run) = std::fs::read_to_string(dir.join("bench-run"))
+    {
+        return (dir.clone(), run.trim().parse().expect("bench-run"));
+    }
+    let dir = kept.clone().unwrap_or_else(fresh_dir);
+    let _ = std::fs::remove_dir_all(&dir);
     let run = next_run();
     let (subject, _) = start_ordertrail(&dir, Mode::Flush, "").await;
     populate(subject.http, run, orders).await;
     subject.stop().await;
+    std::fs::write(dir.join("bench-run"), run.to_string()).expect("write bench-run");
     (dir, run)
+}
+
+/// Removes a data dir unless `--keep-data` keeps it.
+fn discard(dir: &Path) {
+    let keep = SETTINGS.get().and_then(|s| s.1.as_deref());
+    if !keep.is_some_and(|keep| dir.starts_with(keep)) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 async fn lookup(args: &Args) {
@@ -784,7 +814,7 @@ async fn lookup(args: &Args) {
             row(&format!("GetOrder by {name}"), &concurrency.to_string(), &measured[i], base);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    discard(&dir);
 }
 
 async fn scale(args: &Args) {
@@ -823,7 +853,7 @@ async fn scale(args: &Args) {
             rss[rss.len() / 2],
             dir_bytes(&dir) as f64 / (1 << 20) as f64,
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        discard(&dir);
     }
 }
 
@@ -849,9 +879,12 @@ impl ServeProcess {
         tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
             let started = Instant::now();
-            let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
-                .args(["serve", "--data-dir"])
-                .arg(dir)
+            let mut command = std::process::Command::new(std::env::current_exe().expect("own path"));
+            command.args(["serve", "--data-dir"]).arg(dir);
+            if let Some(mib) = SETTINGS.get().and_then(|s| s.0) {
+                command.args(["--cache-mib", &mib.to_string()]);
+            }
+            let mut child = command
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
@@ -930,7 +963,7 @@ async fn catch_up(args: &Args) {
         ours.2,
         ours.0 / base.0
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    discard(&dir);
 }
 
 /// What the subscribers of one fan-out run saw.
