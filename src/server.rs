@@ -13,7 +13,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::{AdminService, BearerAuth, OrderTrailService, Subscriptions};
+use crate::api::{AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
 use crate::http::{self, FrontDoor};
 use crate::metrics::Metrics;
@@ -193,15 +193,24 @@ fn grpc_server(config: &GrpcConfig) -> Result<Server, ServerError> {
     Ok(server)
 }
 
+/// The `OrderTrail` service; `Subscribe` is served by [`SubscribeRoute`]
+/// (events sent as encoded once), the rest by the generated server.
 fn order_trail(
     config: &GrpcConfig,
     store: &Store,
     subscriptions: Subscriptions,
-) -> InterceptedService<OrderTrailServer<OrderTrailService>, BearerAuth> {
-    let service = OrderTrailServer::new(OrderTrailService::new(store.clone(), subscriptions))
+) -> InterceptedService<SubscribeRoute, BearerAuth> {
+    let service = Arc::new(OrderTrailService::new(store.clone(), subscriptions));
+    let generated = OrderTrailServer::from_arc(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    InterceptedService::new(service, BearerAuth::new(config.bearer_tokens.clone()))
+    let route = SubscribeRoute {
+        generated,
+        service,
+        max_decoding: config.max_message_bytes,
+        max_encoding: config.max_message_bytes,
+    };
+    InterceptedService::new(route, BearerAuth::new(config.bearer_tokens.clone()))
 }
 
 fn admin(config: &Arc<Config>, store: &Store) -> InterceptedService<AdminServer<AdminService>, BearerAuth> {

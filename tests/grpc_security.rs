@@ -149,6 +149,20 @@ async fn oversized_messages_are_refused_both_ways() {
     let status = client.get_order(get("BIG")).await.unwrap_err();
     assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status}");
     assert_eq!(client.get_order(get("small")).await.unwrap_err().code(), Code::NotFound, "normal calls still work");
+    // Subscribe sends stored events as they are: the limit holds there too.
+    let request = SubscribeRequest { after_sequence: Some(0), ..SubscribeRequest::default() };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let status = loop {
+        match stream.message().await {
+            Err(status) => break status,
+            Ok(Some(message)) => assert!(
+                !matches!(message.message, Some(ordertrail::proto::subscribe_response::Message::Event(_))),
+                "an event over the limit was sent"
+            ),
+            Ok(None) => panic!("the stream ended without an error"),
+        }
+    };
+    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status}");
 }
 
 #[tokio::test]

@@ -116,9 +116,11 @@ macro_rules! lookup_from {
 
 mod auth;
 mod subscribe;
+mod wire;
 
 pub use auth::BearerAuth;
-pub use subscribe::{Outbound, Subscriptions};
+pub use subscribe::{Outbound, Subscriptions, TypedOutbound};
+pub use wire::SubscribeRoute;
 
 fn lookup(parts: Option<(RefKind, String, Option<proto::Provider>)>) -> Result<Lookup, Status> {
     match parts {
@@ -220,10 +222,12 @@ impl OrderTrail for OrderTrailService {
         Ok(Response::new(ListEventsResponse { events: page.items, next_page_token, head_sequence }))
     }
 
-    type SubscribeStream = Outbound;
+    type SubscribeStream = TypedOutbound;
 
+    /// Not reached by clients: [`wire::SubscribeRoute`] serves `Subscribe`
+    /// without re-encoding events. Kept equivalent for completeness.
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        self.subscriptions.open(request.into_inner()).await.map(Response::new)
+        self.subscriptions.open(request.into_inner()).await.map(|outbound| Response::new(TypedOutbound(outbound)))
     }
 }
 

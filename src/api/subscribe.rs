@@ -18,11 +18,12 @@ use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
+use super::wire::Outgoing;
 use super::{lookup, store_status};
 use crate::config::GrpcConfig;
 use crate::proto::subscribe_response::Message;
 use crate::proto::{self, CaughtUp, Event, Order, Progress, SnapshotComplete, SubscribeRequest, SubscribeResponse};
-use crate::store::{Feed, FeedError, FeedItem, Lookup, RefKind, Store};
+use crate::store::{Feed, FeedError, FeedItem, Lookup, Published, RefKind, Store};
 
 /// Opens and limits `Subscribe` streams.
 #[derive(Clone)]
@@ -85,6 +86,9 @@ impl Subscriptions {
         filter.seed(&self.store).await?;
         // The feed subscribes to live events before the head is read.
         let mut feed = self.store.feed(0);
+        if filter.takes_everything() {
+            feed.skip_decoding();
+        }
         let start = request.after_sequence.unwrap_or_else(|| self.store.head_sequence());
         let oldest = self.store.oldest_retained();
         if start + 1 < oldest {
@@ -113,7 +117,7 @@ struct Task {
     store: Store,
     feed: Feed,
     filter: Filter,
-    tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
     progress_every: Duration,
     registration: Registration,
 }
@@ -128,7 +132,7 @@ impl Task {
         loop {
             let message = tokio::select! {
                 () = self.tx.closed() => return,
-                _ = ticker.tick() => Ok(Some(Message::Progress(Progress { head_sequence: self.feed.position() }))),
+                _ = ticker.tick() => Ok(Some(message(Message::Progress(Progress { head_sequence: self.feed.position() })))),
                 item = self.feed.next() => self.on_item(item),
             };
             self.registration.position.store(self.feed.position(), Ordering::Relaxed);
@@ -136,7 +140,7 @@ impl Task {
                 Ok(Some(message)) => {
                     // A full buffer waits here: the feed falls behind the
                     // broadcast and later catches up from the store.
-                    if self.tx.send(Ok(SubscribeResponse { message: Some(message) })).await.is_err() {
+                    if self.tx.send(Ok(message)).await.is_err() {
                         return;
                     }
                 }
@@ -149,14 +153,14 @@ impl Task {
         }
     }
 
-    fn on_item(&mut self, item: Result<FeedItem, FeedError>) -> Result<Option<Message>, Status> {
+    fn on_item(&mut self, item: Result<FeedItem, FeedError>) -> Result<Option<Outgoing>, Status> {
         match item {
-            Ok(FeedItem::Event(event)) => Ok(self
-                .filter
-                .event(&event)
-                // Replayed events are this feed's own; live ones are shared.
-                .then(|| Message::Event(Arc::try_unwrap(event).unwrap_or_else(|shared| (*shared).clone())))),
-            Ok(FeedItem::CaughtUp(sequence)) => Ok(Some(Message::CaughtUp(CaughtUp { sequence }))),
+            Ok(FeedItem::Event(published)) => Ok(self.filter.published(&published).then(|| Outgoing::Event {
+                sequence: published.sequence,
+                // Shared by every subscriber of a live event: no copy.
+                encoded: published.encoded.clone(),
+            })),
+            Ok(FeedItem::CaughtUp(sequence)) => Ok(Some(message(Message::CaughtUp(CaughtUp { sequence })))),
             Err(FeedError::OutOfRange { requested, oldest }) => Err(out_of_range(requested, oldest)),
             Err(FeedError::Store(e)) => Err(store_status(e)),
         }
@@ -178,14 +182,18 @@ impl Task {
         };
         for order in orders {
             self.filter.orders.insert(order.id);
-            if self.tx.send(Ok(SubscribeResponse { message: Some(Message::SnapshotOrder(order)) })).await.is_err() {
+            if self.tx.send(Ok(message(Message::SnapshotOrder(order)))).await.is_err() {
                 return false;
             }
         }
         self.feed.restart_after(cut);
         let complete = Message::SnapshotComplete(SnapshotComplete { sequence: cut });
-        self.tx.send(Ok(SubscribeResponse { message: Some(complete) })).await.is_ok()
+        self.tx.send(Ok(message(complete))).await.is_ok()
     }
+}
+
+fn message(message: Message) -> Outgoing {
+    Outgoing::Message(Box::new(SubscribeResponse { message: Some(message) }))
 }
 
 // === Filters ===
@@ -226,6 +234,18 @@ impl Filter {
             .map_err(store_status)?;
         self.orders.extend(orders.iter().map(|o| o.id));
         Ok(())
+    }
+
+    /// Whether every event passes (the feed need not decode them).
+    fn takes_everything(&self) -> bool {
+        self.sources.is_empty() && self.providers.is_empty() && self.kinds.is_empty() && self.reference.is_none()
+    }
+
+    fn published(&mut self, published: &Published) -> bool {
+        match &published.event {
+            Some(event) => self.event(event),
+            None => self.takes_everything(),
+        }
     }
 
     fn event(&mut self, event: &Event) -> bool {
@@ -289,7 +309,7 @@ fn reference(refs: &proto::OrderReferences, kind: RefKind) -> &str {
 /// UNAVAILABLE naming the last position it delivered, so the client resumes
 /// exactly there; anything still buffered is not lost, only not sent.
 pub struct Outbound {
-    rx: mpsc::Receiver<Result<SubscribeResponse, Status>>,
+    rx: mpsc::Receiver<Result<Outgoing, Status>>,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The `after_sequence` to resume with (`None` during a snapshot).
     resume: Option<u64>,
@@ -297,7 +317,7 @@ pub struct Outbound {
 }
 
 impl Stream for Outbound {
-    type Item = Result<SubscribeResponse, Status>;
+    type Item = Result<Outgoing, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.ended {
@@ -326,12 +346,28 @@ impl Stream for Outbound {
 }
 
 /// The resume position a response establishes, if any.
-fn position_after(response: &SubscribeResponse) -> Option<u64> {
+fn position_after(response: &Outgoing) -> Option<u64> {
+    let response = match response {
+        Outgoing::Event { sequence, .. } => return Some(*sequence),
+        Outgoing::Message(response) => response,
+    };
     match response.message.as_ref()? {
         Message::Event(event) => Some(event.sequence),
         Message::CaughtUp(c) => Some(c.sequence),
         Message::Progress(p) => Some(p.head_sequence),
         Message::SnapshotComplete(s) => Some(s.sequence),
         Message::SnapshotOrder(_) => None,
+    }
+}
+
+/// [`Outbound`] as typed messages, for the generated service's signature
+/// (the server itself sends through [`super::wire::SubscribeRoute`]).
+pub struct TypedOutbound(pub Outbound);
+
+impl Stream for TypedOutbound {
+    type Item = Result<SubscribeResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0).poll_next(cx).map(|item| item.map(|r| r.and_then(Outgoing::into_message)))
     }
 }

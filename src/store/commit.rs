@@ -20,6 +20,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
+use prost::Message;
+
+use super::feed::Published;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
 use crate::config::Durability;
@@ -68,7 +71,7 @@ pub(super) struct Shared {
     /// The newest durable sequence; readers can wait on it.
     durable: watch::Sender<u64>,
     /// Durable events, in sequence order.
-    feed: broadcast::Sender<Arc<Event>>,
+    feed: broadcast::Sender<Arc<Published>>,
     /// The newest sequence written (durable or not).
     written: AtomicU64,
     /// False after a storage failure, until a flush succeeds again.
@@ -171,7 +174,7 @@ impl Shared {
         self.durable.subscribe()
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.feed.subscribe()
     }
 
@@ -315,8 +318,14 @@ impl Flusher {
             for event in pending.events {
                 let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
                 shared.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
+                // Encoded once here, sent as is to every subscriber.
+                let published = Published {
+                    sequence: event.sequence,
+                    encoded: bytes::Bytes::from(event.encode_to_vec()),
+                    event: Some(event),
+                };
                 // No subscriber is not an error.
-                let _ = shared.feed.send(Arc::new(event));
+                let _ = shared.feed.send(Arc::new(published));
             }
             let _ = pending.reply.send(Ok(pending.outcome));
         }

@@ -7,19 +7,31 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use prost::Message;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{EventFilter, Store, StoreError};
+use super::{Store, StoreError};
 use crate::proto::Event;
 
 /// Events read from the store at a time.
 const PAGE: usize = 256;
 
+/// A durable event as subscribers get it: its protobuf encoding (made once,
+/// shared by every subscriber) and, unless the feed skips decoding, the
+/// decoded event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Published {
+    pub sequence: u64,
+    pub event: Option<Event>,
+    pub encoded: Bytes,
+}
+
 /// What the feed yields.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FeedItem {
     /// The next event, in sequence order.
-    Event(Arc<Event>),
+    Event(Arc<Published>),
     /// The replay from the store reached the live head (sent once): every
     /// event up to this sequence has been yielded.
     CaughtUp(u64),
@@ -45,19 +57,35 @@ enum Mode {
 /// One subscriber's position in the event log.
 pub struct Feed {
     store: Store,
-    live: broadcast::Receiver<Arc<Event>>,
+    live: broadcast::Receiver<Arc<Published>>,
     /// The next sequence to yield.
     next: u64,
-    buffer: VecDeque<Event>,
+    buffer: VecDeque<Published>,
     mode: Mode,
     caught_up_sent: bool,
+    /// Whether stored events are decoded (a subscriber that filters needs
+    /// them; one that takes everything sends the stored bytes as they are).
+    decode: bool,
 }
 
 impl Feed {
     /// `live` must be subscribed before anything about the head is read, so
     /// every event after the head read is in it (unless it lags).
-    pub(super) fn new(store: Store, live: broadcast::Receiver<Arc<Event>>, after: u64) -> Self {
-        Self { store, live, next: after + 1, buffer: VecDeque::new(), mode: Mode::Replay, caught_up_sent: false }
+    pub(super) fn new(store: Store, live: broadcast::Receiver<Arc<Published>>, after: u64) -> Self {
+        Self {
+            store,
+            live,
+            next: after + 1,
+            buffer: VecDeque::new(),
+            mode: Mode::Replay,
+            caught_up_sent: false,
+            decode: true,
+        }
+    }
+
+    /// Stored events are yielded without `event` (only their encoding).
+    pub fn skip_decoding(&mut self) {
+        self.decode = false;
     }
 
     /// Every event up to this sequence has been yielded.
@@ -76,9 +104,9 @@ impl Feed {
     /// The next item. Cancel-safe: state changes only after each await.
     pub async fn next(&mut self) -> Result<FeedItem, FeedError> {
         loop {
-            if let Some(event) = self.buffer.pop_front() {
-                self.next = event.sequence + 1;
-                return Ok(FeedItem::Event(Arc::new(event)));
+            if let Some(published) = self.buffer.pop_front() {
+                self.next = published.sequence + 1;
+                return Ok(FeedItem::Event(Arc::new(published)));
             }
             match self.mode {
                 Mode::Replay => {
@@ -117,18 +145,25 @@ impl Feed {
             }
             return Ok(None);
         }
-        let (store, after) = (self.store.clone(), self.next - 1);
-        let page = tokio::task::spawn_blocking(move || store.list_events(&EventFilter::default(), after, PAGE))
-            .await
-            .map_err(|_| StoreError::Unavailable("event read failed".into()))??;
-        match page.items.first() {
+        let (store, after, decode) = (self.store.clone(), self.next - 1, self.decode);
+        let page = tokio::task::spawn_blocking(move || -> Result<Vec<Published>, StoreError> {
+            let mut page = Vec::with_capacity(PAGE);
+            for (sequence, encoded) in store.list_events_encoded(after, PAGE)? {
+                let event = if decode { Some(Event::decode(encoded.as_ref())?) } else { None };
+                page.push(Published { sequence, event, encoded });
+            }
+            Ok(page)
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable("event read failed".into()))??;
+        match page.first() {
             Some(first) if first.sequence == self.next => {}
             _ => {
                 let oldest = self.store.oldest_retained();
                 return Err(FeedError::OutOfRange { requested: self.next - 1, oldest });
             }
         }
-        self.buffer.extend(page.items);
+        self.buffer.extend(page);
         Ok(None)
     }
 }

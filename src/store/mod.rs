@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use commit::{CommitMetrics, FaultPoint};
 pub use export::{Aliases, ExportedDelivery, ImportSummary, export, finish_pending_rebuild, import, rebuild};
-pub use feed::{Feed, FeedError, FeedItem};
+pub use feed::{Feed, FeedError, FeedItem, Published};
 pub use keys::RefKind;
 
 use crate::config::{Durability, StoreConfig};
@@ -426,6 +426,26 @@ impl Store {
                 page(events, limit, |e: &Event| e.sequence, matches)
             }
         }
+    }
+
+    /// Up to `limit` stored events after `after` (up to the durable head),
+    /// as stored: (sequence, protobuf encoding), not decoded.
+    pub fn list_events_encoded(&self, after: u64, limit: usize) -> Result<Vec<(u64, bytes::Bytes)>, StoreError> {
+        let head = self.head_sequence();
+        if after >= head {
+            return Ok(Vec::new());
+        }
+        let start = keys::numbered(keys::EVENT, after.saturating_add(1));
+        let end = keys::numbered(keys::EVENT, head);
+        self.inner
+            .tree
+            .range(start..=end)
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((keys::trailing_u64(&key), bytes::Bytes::copy_from_slice(&value)))
+            })
+            .collect()
     }
 
     pub fn event(&self, sequence: u64) -> Result<Option<Event>, StoreError> {
