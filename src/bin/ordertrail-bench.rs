@@ -119,7 +119,8 @@ fn main() {
             Scenario::Durability => {
                 let modes =
                     [("ordertrail fsync", Mode::Fsync), ("ordertrail flush", Mode::Flush), ("non-durable", Mode::None)];
-                ingest(&args, &modes).await
+                ingest(&args, &modes).await;
+                sled_alone(&args).await;
             }
             Scenario::IngestLatency => ingest_latency(&args).await,
             Scenario::Lookup => lookup(&args).await,
@@ -663,6 +664,63 @@ async fn ingest(args: &Args, subjects: &[(&str, Mode)]) {
         "\nBytes on disk per raw webhook byte (data dir after a clean stop, median of {} runs): {:.1}",
         disk.len(),
         disk.get(disk.len() / 2).copied().unwrap_or(0.0)
+    );
+}
+
+/// The storage engine's own ceiling: one thread doing, per delivery, the
+/// sled reads and writes ordertrail's writer does for a new order (dedup
+/// and three index reads; raw record, event, history, order, three index
+/// entries and a dedup entry written, with the value sizes measured in a
+/// real store; 128 deliveries per batch), no HTTP, no mapping, no flush.
+async fn sled_alone(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    let mut rates = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let dir = fresh_dir();
+        let path = dir.clone();
+        let rate = std::thread::Builder::new()
+            .name("bench-sled".into())
+            .spawn(move || {
+                let db = sled::Config::new().path(path).cache_capacity(32 << 20).open().expect("open sled");
+                let key = |space: u8, parts: &[&[u8]]| [&[space][..], &parts.concat()].concat();
+                let hash = |n: u64| n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes();
+                let (raw, event, order) = (vec![7u8; 940], vec![8u8; 356], vec![9u8; 252]);
+                let started = Instant::now();
+                let mut batch = sled::Batch::default();
+                let mut n = 0u64;
+                while started.elapsed() < seconds {
+                    n += 1;
+                    let id = n.to_be_bytes();
+                    let _ = db.get(key(b'd', &[&hash(n)])).expect("read");
+                    for kind in [b'm', b'p', b's'] {
+                        let _ = db.get(key(b'i', &[&[kind], &hash(n + u64::from(kind))])).expect("read");
+                        batch.insert(key(b'i', &[&[kind], &hash(n + u64::from(kind))]), &id);
+                    }
+                    batch.insert(key(b'r', &[&id]), raw.clone());
+                    batch.insert(key(b'e', &[&id]), event.clone());
+                    batch.insert(key(b'h', &[&id, &id]), &[]);
+                    batch.insert(key(b'o', &[&id]), order.clone());
+                    batch.insert(key(b'd', &[&hash(n)]), &[1u8; 9]);
+                    if n.is_multiple_of(128) {
+                        db.apply_batch(std::mem::take(&mut batch)).expect("write");
+                    }
+                }
+                n as f64 / started.elapsed().as_secs_f64()
+            })
+            .expect("thread")
+            .join()
+            .expect("sled alone");
+        let _ = std::fs::remove_dir_all(&dir);
+        rates.push(rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "\nsled alone (the writer's sled reads and writes of a new order, one thread, no HTTP, no flush): \
+         {:.0} deliveries/s (median of {}, {:.0}–{:.0}).",
+        rates[rates.len() / 2],
+        rates.len(),
+        rates[0],
+        rates[rates.len() - 1]
     );
 }
 
