@@ -19,7 +19,7 @@
 //!   indexes, dedup, quarantine, group commit, the live event feed and
 //!   consistent snapshots.
 //! - [`api`]: the tonic services and the single mapping from store errors to
-//!   gRPC `Status`.
+//!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`send`]: `ordertrail send`, posting a captured webhook (an HTTP client).
@@ -30,7 +30,8 @@
 //!
 //! - Only `store` imports sled; only `http` (and the `send` client) imports
 //!   hyper; only `api` implements tonic services. Provider JSON/form shapes never leave their
-//!   provider module in `ingest`.
+//!   provider module in `ingest`. (The `ordertrail-bench` binary is outside
+//!   these rules: it drives hyper and sled directly as baselines.)
 //! - A webhook is answered 2xx only after the store reported its raw bytes
 //!   (and everything derived from them) durable. Every reply, including one
 //!   for a duplicate, waits for a flush that covers it.

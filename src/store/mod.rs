@@ -2,9 +2,10 @@
 //!
 //! One sled tree holds everything under one-byte keyspaces (see [`keys`]):
 //! raw deliveries, events, orders, reference indexes, dedup entries,
-//! quarantine and counters. Each delivery is one atomic batch; a single
-//! writer thread assigns ids in commit order; a flusher thread makes batches
-//! durable in groups before any reply is sent.
+//! quarantine and counters. A single writer thread assigns ids in commit
+//! order and applies the deliveries queued at each turn as one atomic batch
+//! (each delivery all or nothing); a flusher thread makes batches durable in
+//! groups before any reply is sent.
 
 mod commit;
 mod export;
