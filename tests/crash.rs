@@ -6,7 +6,10 @@
 //! always reopen.
 //!
 //! The negative control runs the same harness with acknowledgements moved
-//! before the flush and must find losses: proof the harness can see them.
+//! before the write and the flush and must find losses: proof the harness
+//! can see them. (Acknowledging after sled's write but before the flush is
+//! not enough: sled hands each batch to the OS at once, and a killed
+//! process, unlike a lost machine, leaves the OS's copy intact.)
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

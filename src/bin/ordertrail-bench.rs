@@ -450,7 +450,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 enum Mode {
     Fsync,
     Flush,
-    /// Acknowledges before the flush: bench only, never for real use.
+    /// Acknowledges before the write and the flush: bench only, never for real use.
     None,
 }
 

@@ -197,8 +197,9 @@ pub struct StoreConfig {
     /// Newest events kept in memory for live subscribers; one that falls
     /// further behind reads from the store until it catches up.
     pub feed_buffer_events: usize,
-    /// UNSAFE, for the crash harness's negative control only: answer before
-    /// the delivery is durable, so a crash can lose acknowledged webhooks.
+    /// UNSAFE, for the crash harness's negative control only: answer as soon
+    /// as the delivery is processed, before it is written or durable, so a
+    /// crash can lose acknowledged webhooks.
     pub unsafe_ack_before_durable: bool,
 }
 

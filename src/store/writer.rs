@@ -82,7 +82,8 @@ pub(super) struct Writer {
     pub shared: Arc<Shared>,
     /// Keep only this many newest events (0: all).
     pub retain_events: u64,
-    /// UNSAFE negative-control switch: reply before the flush.
+    /// UNSAFE negative-control switch: reply as soon as a delivery is
+    /// processed, before its turn is written or flushed.
     pub ack_before_durable: bool,
 }
 
@@ -107,6 +108,10 @@ impl Writer {
                     Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
                 };
                 match result {
+                    Ok((outcome, events)) if self.ack_before_durable => {
+                        let _ = reply.send(Ok(outcome.clone()));
+                        done.push((tokio::sync::oneshot::channel().0, outcome, events));
+                    }
                     Ok((outcome, events)) => done.push((reply, outcome, events)),
                     Err(e) => {
                         self.overlay.discard();
@@ -143,14 +148,7 @@ impl Writer {
             Ok(()) => {
                 self.shared.turns.fetch_add(1, Ordering::Relaxed);
                 self.shared.written(self.counters.last_sequence);
-                let ack_early = self.ack_before_durable;
-                self.shared.enqueue(done.into_iter().map(|(reply, outcome, events)| {
-                    if !ack_early {
-                        return (reply, outcome, events);
-                    }
-                    let _ = reply.send(Ok(outcome.clone()));
-                    (tokio::sync::oneshot::channel().0, outcome, events)
-                }));
+                self.shared.enqueue(done);
             }
             Err(e) => {
                 tracing::error!(error = %e, "storage write failed; answering 503");
