@@ -128,6 +128,36 @@ async fn deliveries_in_one_turn_see_each_other() {
     assert_eq!(store.head_sequence(), 4);
 }
 
+/// A turn whose batch cannot be written answers every delivery in it with
+/// an error and leaves nothing behind: the next turn starts from the same
+/// ids, so sequences stay gap-free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::await_holding_lock, reason = "the gate holds the writer thread, not this task's executor")]
+async fn a_failed_turn_answers_all_of_it_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.inject_fault(Some(FaultPoint::Write));
+    let gate = store.inner.shared.writer_gate.lock().unwrap();
+    let mut answers = Vec::new();
+    for n in 1..=3 {
+        answers.push(store.submit(delivery(n)).await.unwrap());
+    }
+    drop(gate);
+    for answer in answers {
+        assert!(matches!(answer.await, Err(StoreError::Unavailable(_))), "a failed write is never acknowledged");
+    }
+    store.inject_fault(None);
+    for n in 1..=3 {
+        match store.ingest(delivery(n)).await.unwrap() {
+            IngestOutcome::Applied { raw_id, sequences } => {
+                assert_eq!((raw_id, sequences), (n as u64, vec![n as u64]), "ids start where they were");
+            }
+            other => panic!("delivery {n} was not applied anew: {other:?}"),
+        }
+    }
+    assert_eq!(store.list_orders(&OrderFilter::default(), 0, 10).unwrap().items.len(), 3);
+}
+
 #[tokio::test]
 async fn closed_store_refuses_deliveries() {
     let dir = tempfile::tempdir().unwrap();
