@@ -1044,37 +1044,20 @@ async fn fan_out(args: &Args) {
         "| subscribers | acknowledged webhooks/s (median, min–max) | ratio to 0 subscribers | ack p99 ms | every subscriber got every event | webhook → subscriber p50 / p99 ms | server CPU ms per 1000 |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let mut base = 0.0;
-    for &subscribers in &args.subscribers {
-        let (mut samples, mut complete, mut latencies) = (Vec::new(), true, Vec::new());
-        for _ in 0..args.rounds.max(1) {
-            let dir = fresh_dir();
-            let (subject, _) = start_ordertrail(&dir, Mode::Fsync, extra).await;
-            let stop = CancellationToken::new();
-            let progress = Arc::new(AtomicU64::new(0));
-            let listeners = start_subscribers(subject.grpc, subscribers, stop.clone(), progress.clone()).await;
-            let sample = open_loop(subject.http, args.rate as f64, seconds).await;
-            let acked = sample.acknowledged;
-            // Let the subscribers drain what was committed (up to 30 s), then stop them.
-            let head = Instant::now() + Duration::from_secs(30);
-            while subscribers > 0
-                && progress.load(Ordering::Relaxed) < acked * subscribers as u64
-                && Instant::now() < head
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            stop.cancel();
-            let seen = listeners.await.expect("subscribers");
-            complete &= seen.counts.iter().all(|&(count, gap_free)| gap_free && count >= acked);
-            latencies.extend(seen.latencies);
-            subject.stop().await;
-            let _ = std::fs::remove_dir_all(&dir);
-            samples.push(sample);
+    // Rounds outside, subscriber counts inside: A/B/A/B against 0 subscribers.
+    let mut runs: Vec<(Vec<Sample>, bool, Vec<Duration>)> =
+        vec![(Vec::new(), true, Vec::new()); args.subscribers.len()];
+    for _ in 0..args.rounds.max(1) {
+        for (i, &subscribers) in args.subscribers.iter().enumerate() {
+            let (sample, complete, latencies) = fan_out_once(subscribers, args.rate, seconds, extra).await;
+            runs[i].0.push(sample);
+            runs[i].1 &= complete;
+            runs[i].2.extend(latencies);
         }
+    }
+    let base = median(&runs[0].0, |s| s.per_second).0;
+    for (&subscribers, (samples, complete, mut latencies)) in args.subscribers.iter().zip(runs) {
         let (rate, min, max) = median(&samples, |s| s.per_second);
-        if subscribers == args.subscribers[0] {
-            base = rate;
-        }
         latencies.sort();
         let percentile = |p: f64| {
             latencies
@@ -1095,6 +1078,29 @@ async fn fan_out(args: &Args) {
             median(&samples, |s| s.cpu_per_1000_ms).0,
         );
     }
+}
+
+/// One fan-out run: the ingest sample, whether every subscriber got every
+/// acknowledged event gap-free, and the sampled delivery latencies.
+async fn fan_out_once(subscribers: usize, rate: u64, seconds: Duration, extra: &str) -> (Sample, bool, Vec<Duration>) {
+    let dir = fresh_dir();
+    let (subject, _) = start_ordertrail(&dir, Mode::Fsync, extra).await;
+    let stop = CancellationToken::new();
+    let progress = Arc::new(AtomicU64::new(0));
+    let listeners = start_subscribers(subject.grpc, subscribers, stop.clone(), progress.clone()).await;
+    let sample = open_loop(subject.http, rate as f64, seconds).await;
+    let acked = sample.acknowledged;
+    // Let the subscribers drain what was committed (up to 30 s), then stop them.
+    let head = Instant::now() + Duration::from_secs(30);
+    while subscribers > 0 && progress.load(Ordering::Relaxed) < acked * subscribers as u64 && Instant::now() < head {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let seen = listeners.await.expect("subscribers");
+    let complete = seen.counts.iter().all(|&(count, gap_free)| gap_free && count >= acked);
+    subject.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    (sample, complete, seen.latencies)
 }
 
 /// Starts `count` live subscribers (from now) spread over several
