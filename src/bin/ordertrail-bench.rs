@@ -267,13 +267,15 @@ struct Sample {
     cpu_per_1000_ms: f64,
 }
 
+/// The `p` quantile of sorted latencies, in milliseconds (0 if none).
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
 fn sample(mut latencies: Vec<Duration>, errors: u64, elapsed: Duration, cpu: Duration) -> Sample {
     latencies.sort();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
+    let percentile = |p: f64| percentile_ms(&latencies, p);
     let done = latencies.len().max(1) as f64;
     Sample {
         per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
@@ -1059,11 +1061,7 @@ async fn fan_out(args: &Args) {
     for (&subscribers, (samples, complete, mut latencies)) in args.subscribers.iter().zip(runs) {
         let (rate, min, max) = median(&samples, |s| s.per_second);
         latencies.sort();
-        let percentile = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-        };
+        let percentile = |p: f64| percentile_ms(&latencies, p);
         let delivered =
             if subscribers == 0 { "—".to_string() } else { if complete { "yes" } else { "NO" }.to_string() };
         let latency = if subscribers == 0 {

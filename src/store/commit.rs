@@ -20,13 +20,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
-use prost::Message;
-
 use super::feed::Published;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
 use crate::config::Durability;
-use crate::proto::Event;
 
 pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
 
@@ -61,7 +58,7 @@ impl Default for CommitMetrics {
 struct Pending {
     reply: Reply,
     outcome: IngestOutcome,
-    events: Vec<Event>,
+    events: Vec<Published>,
 }
 
 /// State shared by the writer, the flusher and readers.
@@ -192,7 +189,7 @@ impl Shared {
     }
 
     /// Queues a turn's replies (in sequence order) for the next flush.
-    pub fn enqueue(&self, turn: impl IntoIterator<Item = (Reply, IngestOutcome, Vec<Event>)>) {
+    pub fn enqueue(&self, turn: impl IntoIterator<Item = (Reply, IngestOutcome, Vec<Published>)>) {
         let mut queue = self.lock();
         for (reply, outcome, events) in turn {
             if let Some(last) = events.last() {
@@ -315,16 +312,12 @@ impl Flusher {
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
         for pending in waiting {
-            for event in pending.events {
-                let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
-                shared.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
-                // Encoded once here, sent as is to every subscriber.
-                let published = Published {
-                    sequence: event.sequence,
-                    encoded: bytes::Bytes::from(event.encode_to_vec()),
-                    event: Some(event),
-                };
-                // No subscriber is not an error.
+            for published in pending.events {
+                if let Some(event) = &published.event {
+                    let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
+                    shared.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
+                }
+                // Sent as stored to every subscriber; no subscriber is not an error.
                 let _ = shared.feed.send(Arc::new(published));
             }
             let _ = pending.reply.send(Ok(pending.outcome));

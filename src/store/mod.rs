@@ -516,14 +516,32 @@ fn page<T>(
     Ok(Page { items, next_after: None })
 }
 
-pub(crate) fn load_raw(tree: &sled::Tree, id: u64) -> Result<Option<RawDelivery>, StoreError> {
-    let value = tree.get(keys::numbered(keys::RAW, id))?;
-    Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
+/// A point read: sled's, or the writer's overlay over it.
+pub(crate) trait Read {
+    fn read(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>>;
 }
 
-pub(crate) fn load_order(tree: &sled::Tree, id: u64) -> Result<Option<Order>, StoreError> {
-    let value = tree.get(keys::numbered(keys::ORDER, id))?;
-    Ok(value.map(|v| Order::decode(&*v)).transpose()?)
+impl Read for sled::Tree {
+    fn read(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        self.get(key)
+    }
+}
+
+fn load<M: Message + Default>(from: &impl Read, key: &[u8]) -> Result<Option<M>, StoreError> {
+    Ok(from.read(key)?.map(|v| M::decode(&*v)).transpose()?)
+}
+
+pub(crate) fn load_raw(from: &impl Read, id: u64) -> Result<Option<RawDelivery>, StoreError> {
+    load(from, &keys::numbered(keys::RAW, id))
+}
+
+pub(crate) fn load_order(from: &impl Read, id: u64) -> Result<Option<Order>, StoreError> {
+    load(from, &keys::numbered(keys::ORDER, id))
+}
+
+/// Ids of the orders indexed under `value` in `source`.
+pub(crate) fn indexed(from: &impl Read, kind: RefKind, value: &str, source: &str) -> Result<Vec<u64>, StoreError> {
+    Ok(from.read(&keys::index(kind, value, source))?.map(|v| keys::ids(&v).collect()).unwrap_or_default())
 }
 
 /// Ids of the orders indexed under `value`, in `source` or in any source.
@@ -534,9 +552,7 @@ pub(crate) fn index_lookup(
     source: Option<&str>,
 ) -> Result<Vec<u64>, StoreError> {
     match source {
-        Some(source) => {
-            Ok(tree.get(keys::index(kind, value, source))?.map(|v| keys::ids(&v).collect()).unwrap_or_default())
-        }
+        Some(source) => indexed(tree, kind, value, source),
         None => {
             let mut ids = Vec::new();
             for entry in tree.scan_prefix(keys::index_prefix(kind, value)).values() {

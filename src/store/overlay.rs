@@ -94,6 +94,12 @@ impl Overlay {
     }
 }
 
+impl super::Read for Overlay {
+    fn read(&self, key: &[u8]) -> sled::Result<Option<IVec>> {
+        self.get(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

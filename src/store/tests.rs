@@ -16,8 +16,12 @@ fn open(dir: &Path) -> Store {
 }
 
 fn delivery(n: usize) -> Incoming {
-    let body =
-        format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#);
+    ordermesh(format!(
+        r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#
+    ))
+}
+
+fn ordermesh(body: String) -> Incoming {
     let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
     let raw = RawDelivery {
         source: "ordermesh".into(),
@@ -27,6 +31,23 @@ fn delivery(n: usize) -> Incoming {
         ..RawDelivery::default()
     };
     Incoming { raw, mapped: ingest::normalize(meta, body.as_bytes()) }
+}
+
+/// Submits `deliveries` while the writer waits at its gate, so they are
+/// queued together and taken in one turn; returns their answers.
+#[expect(clippy::await_holding_lock, reason = "the gate holds the writer thread, not this task's executor")]
+async fn in_one_turn(store: &Store, deliveries: Vec<Incoming>) -> Vec<Result<IngestOutcome, StoreError>> {
+    let gate = store.inner.shared.writer_gate.lock().unwrap();
+    let mut answers = Vec::new();
+    for incoming in deliveries {
+        answers.push(store.submit(incoming).await.unwrap());
+    }
+    drop(gate);
+    let mut outcomes = Vec::new();
+    for answer in answers {
+        outcomes.push(answer.await);
+    }
+    outcomes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,31 +103,17 @@ async fn nothing_is_answered_before_it_is_durable_and_reopen_sees_it() {
 /// Deliveries applied in one writer turn (one sled batch) see each other:
 /// a duplicate is caught, a second delivery for an order finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::await_holding_lock, reason = "the gate holds the writer thread, not this task's executor")]
 async fn deliveries_in_one_turn_see_each_other() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let update = |n: usize, status: &str| {
-        let mut incoming = delivery(n);
-        let body = format!(
+        ordermesh(format!(
             r#"{{"EventType":"OrderUpdate","OrderId":"o{n}","ExternalOrderId":"E{n}","OldStatus":"Open","NewStatus":"{status}"}}"#
-        );
-        incoming.raw.body_sha256 = ingest::sha256_hex(body.as_bytes());
-        let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
-        incoming.mapped = ingest::normalize(meta, body.as_bytes());
-        incoming.raw.body = body.into_bytes().into();
-        incoming
+        ))
     };
-    let gate = store.inner.shared.writer_gate.lock().unwrap();
-    let mut answers = Vec::new();
-    for incoming in [delivery(1), delivery(1), update(1, "ReadyForFulfillment"), delivery(2), update(1, "Shipped")] {
-        answers.push(store.submit(incoming).await.unwrap());
-    }
-    drop(gate);
-    let mut outcomes = Vec::new();
-    for answer in answers {
-        outcomes.push(answer.await.unwrap());
-    }
+    let deliveries =
+        vec![delivery(1), delivery(1), update(1, "ReadyForFulfillment"), delivery(2), update(1, "Shipped")];
+    let outcomes: Vec<IngestOutcome> = in_one_turn(&store, deliveries).await.into_iter().map(Result::unwrap).collect();
     assert!(store.inner.shared.turns.load(Ordering::Relaxed) <= 2, "the deliveries shared a turn");
     assert!(matches!(outcomes[1], IngestOutcome::Duplicate { raw_id: 1, .. }), "{outcomes:?}");
     let sequences: Vec<u64> = outcomes
@@ -132,19 +139,12 @@ async fn deliveries_in_one_turn_see_each_other() {
 /// an error and leaves nothing behind: the next turn starts from the same
 /// ids, so sequences stay gap-free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::await_holding_lock, reason = "the gate holds the writer thread, not this task's executor")]
 async fn a_failed_turn_answers_all_of_it_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     store.inject_fault(Some(FaultPoint::Write));
-    let gate = store.inner.shared.writer_gate.lock().unwrap();
-    let mut answers = Vec::new();
-    for n in 1..=3 {
-        answers.push(store.submit(delivery(n)).await.unwrap());
-    }
-    drop(gate);
-    for answer in answers {
-        assert!(matches!(answer.await, Err(StoreError::Unavailable(_))), "a failed write is never acknowledged");
+    for answer in in_one_turn(&store, (1..=3).map(delivery).collect()).await {
+        assert!(matches!(answer, Err(StoreError::Unavailable(_))), "a failed write is never acknowledged");
     }
     store.inject_fault(None);
     for n in 1..=3 {

@@ -18,11 +18,12 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use super::commit::{FaultPoint, Reply, Shared};
+use super::feed::Published;
 use super::keys::{self, RefKind};
 use super::overlay::Overlay;
 use super::{Incoming, IngestOutcome, StoreError};
 use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
-use crate::proto::{DeliveryOutcome, Event, Order, OrderReferences, Provenance, RawDelivery};
+use crate::proto::{DeliveryOutcome, Order, OrderReferences, Provenance, RawDelivery};
 use crate::state;
 
 /// Work handed to the writer.
@@ -88,7 +89,7 @@ pub(super) struct Writer {
 }
 
 /// A processed delivery waiting for its turn's batch to be applied.
-type Done = (Reply, IngestOutcome, Vec<Event>);
+type Done = (Reply, IngestOutcome, Vec<Published>);
 
 impl Writer {
     /// Runs until every sender is gone, then lets the flusher drain. Each
@@ -165,7 +166,7 @@ impl Writer {
     /// Processes a delivery; should applying it panic (a bug), the delivery
     /// is still kept, in quarantine, rather than lost. `process` keeps its
     /// writes only once complete, so the retry starts clean.
-    fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
+    fn process_or_quarantine(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Published>), StoreError> {
         let raw = incoming.raw.clone();
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.process(incoming))) {
             Ok(result) => result,
@@ -179,7 +180,7 @@ impl Writer {
     }
 
     /// Returns the outcome and the events the delivery produced.
-    fn process(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
+    fn process(&mut self, incoming: Incoming) -> Result<(IngestOutcome, Vec<Published>), StoreError> {
         let Incoming { mut raw, mapped } = incoming;
         let dedup_key = match &mapped {
             Ok(n) => n.dedup_key.clone(),
@@ -231,9 +232,10 @@ impl Writer {
     /// its events are committed, it leaves the quarantine, and its raw
     /// record says so. A delivery that is not (or no longer) quarantined is
     /// left alone, so re-driving twice is harmless.
-    fn redrive(&mut self, raw_id: u64, normalized: &Normalized) -> Result<(IngestOutcome, Vec<Event>), StoreError> {
+    fn redrive(&mut self, raw_id: u64, normalized: &Normalized) -> Result<(IngestOutcome, Vec<Published>), StoreError> {
         let quarantine = keys::numbered(keys::QUARANTINE, raw_id);
-        let Some(mut raw) = self.load_raw(raw_id)?.filter(|_| self.overlay.contains_key(&quarantine).unwrap_or(false))
+        let Some(mut raw) =
+            super::load_raw(&self.overlay, raw_id)?.filter(|_| self.overlay.contains_key(&quarantine).unwrap_or(false))
         else {
             return Ok((IngestOutcome::Duplicate { raw_id, quarantined: false }, Vec::new()));
         };
@@ -266,13 +268,14 @@ impl Writer {
     }
 
     /// Applies every observation to its order and puts events, history,
-    /// orders and new index entries into the overlay. Returns the events.
+    /// orders and new index entries into the overlay. Returns the events,
+    /// each with the encoding that was stored (subscribers get those bytes).
     fn plan_events(
         &mut self,
         counters: &mut Counters,
         raw: &RawDelivery,
         normalized: &Normalized,
-    ) -> Result<Vec<Event>, StoreError> {
+    ) -> Result<Vec<Published>, StoreError> {
         let mut touched: HashMap<u64, Order> = HashMap::new();
         let mut unmapped: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut events = Vec::with_capacity(normalized.observations.len());
@@ -286,7 +289,7 @@ impl Writer {
             let current = match found {
                 Some(id) => match touched.remove(&id) {
                     Some(order) => Some(order),
-                    None => self.load_order(id)?,
+                    None => super::load_order(&self.overlay, id)?,
                 },
                 None => None,
             };
@@ -317,12 +320,13 @@ impl Writer {
                     self.overlay.insert(key.clone(), value);
                 }
             }
-            self.overlay.insert(keys::numbered(keys::EVENT, event.sequence), event.encode_to_vec());
+            let encoded = bytes::Bytes::from(event.encode_to_vec());
+            self.overlay.insert(keys::numbered(keys::EVENT, event.sequence), encoded.as_ref());
             self.overlay.insert(keys::history(order_id, event.sequence), &[]);
             if self.retain_events > 0 && event.sequence > self.retain_events {
                 self.overlay.remove(keys::numbered(keys::EVENT, event.sequence - self.retain_events));
             }
-            events.push(event);
+            events.push(Published { sequence: event.sequence, event: Some(event), encoded });
             touched.insert(order_id, order);
         }
         for (id, order) in touched {
@@ -355,8 +359,8 @@ impl Writer {
             {
                 return Ok(Some(order.id));
             }
-            for id in self.index_lookup(kind, value, source)? {
-                let matches = self.load_order(id)?.is_some_and(|o| compatible(&o, refs));
+            for id in super::indexed(&self.overlay, kind, value, source)? {
+                let matches = super::load_order(&self.overlay, id)?.is_some_and(|o| compatible(&o, refs));
                 if matches {
                     return Ok(Some(id));
                 }
@@ -370,24 +374,8 @@ impl Writer {
     /// The order a replacement replaces: same source, its merchant
     /// reference is the replacement's original reference. 0 if not known.
     fn original_of(&self, order: &Order) -> Result<u64, StoreError> {
-        let ids = self.index_lookup(RefKind::Merchant, &order.original_merchant_reference, &order.source)?;
+        let ids = super::indexed(&self.overlay, RefKind::Merchant, &order.original_merchant_reference, &order.source)?;
         Ok(ids.into_iter().find(|id| *id != order.id).unwrap_or(0))
-    }
-
-    fn load_order(&self, id: u64) -> Result<Option<Order>, StoreError> {
-        let value = self.overlay.get(&keys::numbered(keys::ORDER, id))?;
-        Ok(value.map(|v| Order::decode(&*v)).transpose()?)
-    }
-
-    fn load_raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
-        let value = self.overlay.get(&keys::numbered(keys::RAW, id))?;
-        Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
-    }
-
-    /// Ids of the orders indexed under `value` in `source`.
-    fn index_lookup(&self, kind: RefKind, value: &str, source: &str) -> Result<Vec<u64>, StoreError> {
-        let value = self.overlay.get(&keys::index(kind, value, source))?;
-        Ok(value.map(|v| keys::ids(&v).collect()).unwrap_or_default())
     }
 }
 
