@@ -127,7 +127,13 @@ fn main() {
             Scenario::FanOut => fan_out(&args).await,
             Scenario::CatchUp => catch_up(&args).await,
             Scenario::Scale => scale(&args).await,
-            Scenario::Serve => serve(args.data_dir.as_deref().expect("--data-dir")).await,
+            Scenario::Serve => match args.data_dir.as_deref() {
+                Some(dir) => serve(dir).await,
+                None => {
+                    eprintln!("ordertrail-bench: serve needs --data-dir");
+                    std::process::exit(2);
+                }
+            },
         }
     });
 }
