@@ -135,20 +135,31 @@ impl Task {
                 _ = ticker.tick() => Ok(Some(message(Message::Progress(Progress { head_sequence: self.feed.position() })))),
                 item = self.feed.next() => self.on_item(item),
             };
-            self.registration.position.store(self.feed.position(), Ordering::Relaxed);
-            match message {
-                Ok(Some(message)) => {
-                    // A full buffer waits here: the feed falls behind the
-                    // broadcast and later catches up from the store.
-                    if self.tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {}
-                Err(status) => {
-                    let _ = self.tx.send(Err(status)).await;
+            if !self.send(message).await {
+                return;
+            }
+            // Events already read go out without another round of select.
+            while let Some(item) = self.feed.next_buffered() {
+                let message = self.on_item(Ok(item));
+                if !self.send(message).await {
                     return;
                 }
+            }
+        }
+    }
+
+    /// Sends a message (if any) or the error that ends the stream; false
+    /// once the stream is over.
+    async fn send(&mut self, message: Result<Option<Outgoing>, Status>) -> bool {
+        self.registration.position.store(self.feed.position(), Ordering::Relaxed);
+        match message {
+            // A full buffer waits here: the feed falls behind the
+            // broadcast and later catches up from the store.
+            Ok(Some(message)) => self.tx.send(Ok(message)).await.is_ok(),
+            Ok(None) => true,
+            Err(status) => {
+                let _ = self.tx.send(Err(status)).await;
+                false
             }
         }
     }

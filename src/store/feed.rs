@@ -10,12 +10,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::task::JoinHandle;
 
 use super::{Store, StoreError};
 use crate::proto::Event;
 
-/// Events read from the store at a time.
-const PAGE: usize = 256;
+/// Events read from the store at a time: up to this many...
+pub(super) const PAGE: usize = 1024;
+/// ...or this many bytes. A replaying feed holds at most two pages (the
+/// one being sent and the next, read meanwhile).
+const PAGE_BYTES: usize = 512 << 10;
 
 /// A durable event as subscribers get it: its protobuf encoding (made once,
 /// shared by every subscriber) and, unless the feed skips decoding, the
@@ -61,6 +65,9 @@ pub struct Feed {
     /// The next sequence to yield.
     next: u64,
     buffer: VecDeque<Published>,
+    /// The read of the page after the buffered one, started as soon as the
+    /// buffered page arrived, so reading overlaps sending: (after, read).
+    prefetch: Option<(u64, JoinHandle<PageRead>)>,
     mode: Mode,
     caught_up_sent: bool,
     /// Whether stored events are decoded (a subscriber that filters needs
@@ -77,6 +84,7 @@ impl Feed {
             live,
             next: after + 1,
             buffer: VecDeque::new(),
+            prefetch: None,
             mode: Mode::Replay,
             caught_up_sent: false,
             decode: true,
@@ -98,15 +106,22 @@ impl Feed {
     pub fn restart_after(&mut self, after: u64) {
         self.next = after + 1;
         self.buffer.clear();
+        self.prefetch = None;
         self.mode = Mode::Replay;
+    }
+
+    /// The next event if one is already read (no waiting).
+    pub fn next_buffered(&mut self) -> Option<FeedItem> {
+        let published = self.buffer.pop_front()?;
+        self.next = published.sequence + 1;
+        Some(FeedItem::Event(Arc::new(published)))
     }
 
     /// The next item. Cancel-safe: state changes only after each await.
     pub async fn next(&mut self) -> Result<FeedItem, FeedError> {
         loop {
-            if let Some(published) = self.buffer.pop_front() {
-                self.next = published.sequence + 1;
-                return Ok(FeedItem::Event(Arc::new(published)));
+            if let Some(item) = self.next_buffered() {
+                return Ok(item);
             }
             match self.mode {
                 Mode::Replay => {
@@ -139,31 +154,52 @@ impl Feed {
         let head = self.store.head_sequence();
         if self.next > head {
             self.mode = Mode::Live;
+            self.prefetch = None;
             if !self.caught_up_sent {
                 self.caught_up_sent = true;
                 return Ok(Some(FeedItem::CaughtUp(self.next - 1)));
             }
             return Ok(None);
         }
-        let (store, after, decode) = (self.store.clone(), self.next - 1, self.decode);
-        let page = tokio::task::spawn_blocking(move || -> Result<Vec<Published>, StoreError> {
-            let mut page = Vec::with_capacity(PAGE);
-            for (sequence, encoded) in store.list_events_encoded(after, PAGE)? {
-                let event = if decode { Some(Event::decode(encoded.as_ref())?) } else { None };
-                page.push(Published { sequence, event, encoded });
-            }
-            Ok(page)
-        })
-        .await
-        .map_err(|_| StoreError::Unavailable("event read failed".into()))??;
+        let after = self.next - 1;
+        let (read, prefetched) = match self.prefetch.take() {
+            Some((from, read)) if from == after => (read, true),
+            _ => (self.read_page(after), false),
+        };
+        // Held in `self` while awaited, so a cancelled `next` keeps it.
+        let read = &mut self.prefetch.insert((after, read)).1;
+        let page = read.await.map_err(|_| StoreError::Unavailable("event read failed".into()));
+        self.prefetch = None;
+        let page = page??;
         match page.first() {
             Some(first) if first.sequence == self.next => {}
+            // Read when the head was where this page starts: read again.
+            None if prefetched => return Ok(None),
             _ => {
                 let oldest = self.store.oldest_retained();
                 return Err(FeedError::OutOfRange { requested: self.next - 1, oldest });
             }
         }
+        if let Some(last) = page.last().filter(|last| last.sequence < self.store.head_sequence()) {
+            self.prefetch = Some((last.sequence, self.read_page(last.sequence)));
+        }
         self.buffer.extend(page);
         Ok(None)
     }
+
+    /// Starts reading the page of stored events after `after`.
+    fn read_page(&self, after: u64) -> JoinHandle<PageRead> {
+        let (store, decode) = (self.store.clone(), self.decode);
+        tokio::task::spawn_blocking(move || {
+            let mut page = Vec::with_capacity(PAGE);
+            for (sequence, encoded) in store.list_events_encoded(after, PAGE, PAGE_BYTES)? {
+                let event = if decode { Some(Event::decode(encoded.as_ref())?) } else { None };
+                page.push(Published { sequence, event, encoded });
+            }
+            Ok(page)
+        })
+    }
 }
+
+/// A page of stored events, read off the runtime.
+type PageRead = Result<Vec<Published>, StoreError>;

@@ -429,24 +429,33 @@ impl Store {
         }
     }
 
-    /// Up to `limit` stored events after `after` (up to the durable head),
-    /// as stored: (sequence, protobuf encoding), not decoded.
-    pub fn list_events_encoded(&self, after: u64, limit: usize) -> Result<Vec<(u64, bytes::Bytes)>, StoreError> {
+    /// Stored events after `after` (up to the durable head), as stored:
+    /// (sequence, protobuf encoding), not decoded. Stops after `limit`
+    /// events or once `max_bytes` are read.
+    pub fn list_events_encoded(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, bytes::Bytes)>, StoreError> {
         let head = self.head_sequence();
         if after >= head {
             return Ok(Vec::new());
         }
         let start = keys::numbered(keys::EVENT, after.saturating_add(1));
         let end = keys::numbered(keys::EVENT, head);
-        self.inner
-            .tree
-            .range(start..=end)
-            .take(limit)
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok((keys::trailing_u64(&key), bytes::Bytes::copy_from_slice(&value)))
-            })
-            .collect()
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        for entry in self.inner.tree.range(start..=end) {
+            let (key, value) = entry?;
+            bytes += value.len();
+            // sled's buffer is shared, not copied.
+            events.push((keys::trailing_u64(&key), bytes::Bytes::from_owner(value)));
+            if events.len() == limit || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(events)
     }
 
     pub fn event(&self, sequence: u64) -> Result<Option<Event>, StoreError> {

@@ -165,3 +165,48 @@ async fn closed_store_refuses_deliveries() {
     store.close().unwrap();
     assert!(matches!(store.ingest(delivery(1)).await, Err(StoreError::Closed)));
 }
+
+/// Ingests deliveries `range` concurrently (so they share commits).
+async fn ingest_all(store: &Store, range: std::ops::Range<usize>) {
+    let tasks: Vec<_> = range
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.ingest(delivery(n)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Ok(IngestOutcome::Applied { .. })));
+    }
+}
+
+/// Replay reads the next page while the current one is sent; with the
+/// head moving meanwhile, the feed still yields every event once, in
+/// order, across pages and into live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_replays_many_pages_while_the_head_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let stored = 2 * feed::PAGE + 300;
+    ingest_all(&store, 0..stored).await;
+    let mut feed = store.feed(0);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { ingest_all(&store, stored..stored + 1500).await })
+    };
+    let (mut next, mut caught_up) = (1u64, 0);
+    while next <= (stored + 1500) as u64 {
+        let item = tokio::time::timeout(std::time::Duration::from_secs(60), feed.next()).await;
+        match item.expect("the feed stalled").unwrap() {
+            FeedItem::Event(event) => {
+                assert_eq!(event.sequence, next, "gap-free, each once");
+                next += 1;
+            }
+            FeedItem::CaughtUp(sequence) => {
+                assert_eq!(sequence, next - 1, "caught up where the feed is");
+                caught_up += 1;
+            }
+        }
+    }
+    writer.await.unwrap();
+    assert!(caught_up <= 1, "caught_up is sent once");
+}

@@ -33,11 +33,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use ordertrail::config::Config;
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::order_trail_client::OrderTrailClient;
+use ordertrail::proto::order_trail_server::OrderTrailServer;
 use ordertrail::proto::subscribe_response::Message as Streamed;
-use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
+use ordertrail::proto::{GetOrderRequest, Order, SubscribeRequest};
 use ordertrail::server::{self, Listeners};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+mod wire;
 
 #[derive(Parser)]
 #[command(name = "ordertrail-bench", about = "Benchmarks ordertrail against a baseline measured in the same run")]
@@ -164,9 +167,9 @@ auth = {{ scheme = "ip_allowlist", allow = ["127.0.0.1/32"], second_factor = {{ 
     )
 }
 
-const ORDERMESH: &str = include_str!("../../tests/fixtures/ordermesh/order-creation.json");
-const WINKELSTRAAT: &str = include_str!("../../tests/fixtures/winkelstraat/order.json");
-const WITHINGS: &str = include_str!("../../tests/fixtures/withings/documented-example.form");
+const ORDERMESH: &str = include_str!("../../../tests/fixtures/ordermesh/order-creation.json");
+const WINKELSTRAAT: &str = include_str!("../../../tests/fixtures/winkelstraat/order.json");
+const WITHINGS: &str = include_str!("../../../tests/fixtures/withings/documented-example.form");
 
 /// Webhook `n` of a run: provider `n % 3`, references derived from
 /// `(run, n)` so a lookup can name them later.
@@ -493,8 +496,13 @@ fn loopback() -> std::net::TcpListener {
 }
 
 /// The baseline: a bare hyper server that reads the body and answers 200,
-/// and a bare tonic server with only `grpc.health.v1` (its unary `Check`).
+/// and a bare tonic server with `grpc.health.v1` (its unary `Check`) and a
+/// `GetOrder` that answers `order` from memory.
 fn start_bare() -> Subject {
+    start_bare_with(Order::default())
+}
+
+fn start_bare_with(order: Order) -> Subject {
     let (http, grpc) = (loopback(), loopback());
     let addresses = (http.local_addr().expect("address"), grpc.local_addr().expect("address"));
     let stop = CancellationToken::new();
@@ -517,6 +525,7 @@ fn start_bare() -> Subject {
             let (_reporter, health) = tonic_health::server::health_reporter();
             let tonic = tonic::transport::Server::builder()
                 .add_service(health)
+                .add_service(OrderTrailServer::new(wire::BareOrders(order)))
                 .serve_with_incoming_shutdown(grpc, token.clone().cancelled_owned());
             tokio::join!(bare_http(http, token), async {
                 let _ = tonic.await;
@@ -780,11 +789,19 @@ const LOOKUPS: [LookupKind; 4] = [
     }),
 ];
 
-/// `concurrency` callers for `duration`: GetOrder for random stored orders
-/// (`kind`), or the baseline's bare unary call when `kind` is `None`.
+/// A unary call the lookup scenario makes.
+#[derive(Clone, Copy)]
+enum Call {
+    /// GetOrder for random stored orders by this reference kind.
+    GetOrder(LookupKind),
+    /// `grpc.health.v1.Health/Check` (a 2-byte answer).
+    Health,
+}
+
+/// `concurrency` callers making `call` for `duration`.
 async fn unary_load(
     address: SocketAddr,
-    kind: Option<LookupKind>,
+    call: Call,
     run: u64,
     orders: u64,
     concurrency: usize,
@@ -809,12 +826,12 @@ async fn unary_load(
                 random ^= random << 17;
                 let n = random % orders.saturating_sub(3).max(1);
                 let sent = Instant::now();
-                let ok = match kind {
-                    Some((_, reference)) => {
+                let ok = match call {
+                    Call::GetOrder((_, reference)) => {
                         let request = GetOrderRequest { reference: reference(run, n), source: String::new() };
                         orders_client.get_order(request).await.is_ok()
                     }
-                    None => health.check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok(),
+                    Call::Health => health.check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok(),
                 };
                 if ok {
                     latencies.push(sent.elapsed());
@@ -827,6 +844,23 @@ async fn unary_load(
     }
     let (latencies, errors) = join_latencies(workers).await;
     sample(latencies, errors, started.elapsed(), cpu.used())
+}
+
+/// A stored order of median encoded size (over a sample of every kind), for
+/// the baseline to answer from memory.
+async fn typical_order(address: SocketAddr, run: u64) -> Order {
+    let mut client = grpc_client(address).await;
+    let mut found = Vec::new();
+    for n in 0..30 {
+        for (_, reference) in LOOKUPS {
+            let request = GetOrderRequest { reference: reference(run, n), source: String::new() };
+            if let Ok(order) = client.get_order(request).await {
+                found.push(order.into_inner());
+            }
+        }
+    }
+    found.sort_by_key(prost::Message::encoded_len);
+    found.get(found.len() / 2).cloned().expect("stored orders")
 }
 
 /// A data dir with `orders` webhooks stored; returns it and the run id.
@@ -859,23 +893,36 @@ fn discard(dir: &Path) {
 async fn lookup(args: &Args) {
     let seconds = Duration::from_secs(args.seconds.max(1));
     let (dir, run) = prepared(args.orders).await;
-    println!("GetOrder with {} webhooks stored (a third each per provider).\n", args.orders);
+    let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
+    let order = typical_order(subject.grpc, run).await;
+    subject.stop().await;
+    println!(
+        "GetOrder with {} webhooks stored (a third each per provider). Baseline: a bare tonic server answering the \
+         same GetOrder call with one stored order ({} bytes encoded) from memory; a bare health Check (2 bytes) for \
+         reference.\n",
+        args.orders,
+        prost::Message::encoded_len(&order)
+    );
     header("in flight");
     for &concurrency in &args.connections {
-        let mut baseline = Vec::new();
+        let (mut baseline, mut health) = (Vec::new(), Vec::new());
         let mut measured: Vec<Vec<Sample>> = vec![Vec::new(); LOOKUPS.len()];
         for _ in 0..args.rounds.max(1) {
-            let bare = start_bare();
-            baseline.push(unary_load(bare.grpc, None, run, args.orders, concurrency, seconds).await);
+            let bare = start_bare_with(order.clone());
+            baseline
+                .push(unary_load(bare.grpc, Call::GetOrder(LOOKUPS[0]), run, args.orders, concurrency, seconds).await);
+            health.push(unary_load(bare.grpc, Call::Health, run, args.orders, concurrency, seconds).await);
             bare.stop().await;
             let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
             for (i, kind) in LOOKUPS.iter().enumerate() {
-                measured[i].push(unary_load(subject.grpc, Some(*kind), run, args.orders, concurrency, seconds).await);
+                let call = Call::GetOrder(*kind);
+                measured[i].push(unary_load(subject.grpc, call, run, args.orders, concurrency, seconds).await);
             }
             subject.stop().await;
         }
         let base = median(&baseline, |s| s.per_second).0;
-        row("bare tonic unary (baseline)", &concurrency.to_string(), &baseline, base);
+        row("bare tonic GetOrder from memory (baseline)", &concurrency.to_string(), &baseline, base);
+        row("bare tonic health Check (reference)", &concurrency.to_string(), &health, base);
         for (i, (name, _)) in LOOKUPS.iter().enumerate() {
             row(&format!("GetOrder by {name}"), &concurrency.to_string(), &measured[i], base);
         }
@@ -900,7 +947,7 @@ async fn scale(args: &Args) {
         for _ in 0..args.rounds.max(1) {
             let child = ServeProcess::start(&dir).await;
             startups.push(child.startup.as_secs_f64());
-            samples.push(unary_load(child.grpc, Some(LOOKUPS[0]), run, orders, 16, seconds).await);
+            samples.push(unary_load(child.grpc, Call::GetOrder(LOOKUPS[0]), run, orders, 16, seconds).await);
             rss.push(child.rss_mib());
             child.stop().await;
         }
@@ -977,7 +1024,11 @@ impl ServeProcess {
 
 async fn catch_up(args: &Args) {
     let (dir, _) = prepared(args.orders).await;
-    println!("Replay of {} stored events to one subscriber from sequence 0 until `caught_up`.\n", args.orders);
+    println!(
+        "Replay of {} stored events to one subscriber from sequence 0 until `caught_up`; the client checks each \
+         event's sequence (gap-free) without decoding the rest.\n",
+        args.orders
+    );
     println!("| subject | events | events/s (median, min–max) | ratio to baseline |");
     println!("|---|---|---|---|");
     let (mut baseline, mut measured, mut replayed) = (Vec::new(), Vec::new(), 0);
@@ -995,19 +1046,20 @@ async fn catch_up(args: &Args) {
         });
         baseline.push(scan.await.expect("scan"));
         let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
-        let mut client = grpc_client(subject.grpc).await;
+        let channel = Channel::from_shared(format!("http://{}", subject.grpc)).expect("uri").tcp_nodelay(true);
+        let channel = channel.connect().await.expect("connect");
         let started = Instant::now();
         let request = SubscribeRequest { after_sequence: Some(0), ..SubscribeRequest::default() };
-        let mut stream = client.subscribe(request).await.expect("subscribe").into_inner();
+        let mut stream = wire::subscribe_sequences(channel, request).await.expect("subscribe");
         let mut count = 0u64;
-        while let Some(message) = stream.message().await.expect("stream") {
-            match message.message {
-                Some(Streamed::Event(event)) => {
+        while let Some(seen) = stream.message().await.expect("stream") {
+            match seen {
+                wire::Seen::Event(sequence) => {
                     count += 1;
-                    assert_eq!(event.sequence, count, "gap-free replay");
+                    assert_eq!(sequence, count, "gap-free replay");
                 }
-                Some(Streamed::CaughtUp(_)) => break,
-                _ => {}
+                wire::Seen::CaughtUp(_) => break,
+                wire::Seen::Other => {}
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
