@@ -47,7 +47,7 @@ fn ingest_scenarios_report_rates_and_ratios() {
 #[test]
 fn lookup_scale_and_catch_up_run_on_a_small_store() {
     let lookups = rows("lookup", &["--connections", "4", "--orders", "300"]);
-    assert_eq!(lookups.len(), 5, "the baseline and four reference kinds: {lookups:?}");
+    assert_eq!(lookups.len(), 6, "the baseline, the health reference and four reference kinds: {lookups:?}");
     assert!(lookups.iter().all(|row| number(&row[3]) > 0.0), "{lookups:?}");
     let scale = rows("scale", &["--orders", "300", "--small-orders", "30"]);
     assert_eq!(scale.len(), 2, "{scale:?}");
