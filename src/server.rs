@@ -69,8 +69,12 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
 /// Opens the store off the async runtime.
 pub async fn open_store_only(config: &StoreConfig) -> Result<Store, StoreError> {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || Store::open(&config))
-        .await
+    tokio::task::spawn_blocking(move || {
+        let store = Store::open(&config);
+        crate::memory::release_free_heap();
+        store
+    })
+    .await
         .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))?
 }
 
