@@ -75,7 +75,7 @@ pub async fn open_store_only(config: &StoreConfig) -> Result<Store, StoreError> 
         store
     })
     .await
-        .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))?
+    .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))?
 }
 
 /// Serves an already opened store (see [`run`]); closes it at the end.

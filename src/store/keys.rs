@@ -7,10 +7,10 @@
 pub const RAW: u8 = b'r';
 /// Events: `e` + sequence -> `Event`.
 pub const EVENT: u8 = b'e';
-/// Orders: `o` + order id -> `Order`.
+/// Orders: `o` + order id -> `Order` followed by the order's event
+/// sequences (see `super::encode_order`).
 pub const ORDER: u8 = b'o';
-/// One order's history: `h` + order id + sequence -> ().
-pub const HISTORY: u8 = b'h';
+// `h` (one key per event of an order) was used up to storage format 2.
 /// Reference indexes: `i` + ref kind + ref + source -> the ids of the
 /// orders with that reference (ascending u64s), so a lookup is one read.
 pub const INDEX: u8 = b'i';
@@ -51,17 +51,6 @@ pub fn numbered(space: u8, n: u64) -> [u8; 9] {
     let mut key = [space; 9];
     key[1..].copy_from_slice(&n.to_be_bytes());
     key
-}
-
-pub fn history(order_id: u64, sequence: u64) -> [u8; 17] {
-    let mut key = [HISTORY; 17];
-    key[1..9].copy_from_slice(&order_id.to_be_bytes());
-    key[9..].copy_from_slice(&sequence.to_be_bytes());
-    key
-}
-
-pub fn history_prefix(order_id: u64) -> [u8; 9] {
-    numbered(HISTORY, order_id)
 }
 
 /// The number at the end of a key.

@@ -40,10 +40,11 @@ use writer::{Command, Counters, Work, Writer};
 const WRITER_QUEUE: usize = 4096;
 
 /// The layout of derived state (keys and values) this build writes. Format
-/// 1 had one index key per order; format 2 one key per reference. Raw
-/// deliveries are the same in every format, so `ordertrail rebuild`
-/// converts any data dir.
-const FORMAT: u64 = 2;
+/// 1 had one index key per order; format 2 one key per reference; format 3
+/// keeps an order's event sequences in the order's value instead of one key
+/// per event. Raw deliveries are the same in every format, so
+/// `ordertrail rebuild` converts any data dir.
+const FORMAT: u64 = 3;
 
 /// A storage problem. Ingest answers 503; queries answer UNAVAILABLE.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -402,18 +403,9 @@ impl Store {
         };
         match filter.order_id {
             Some(order_id) => {
-                let prefix = keys::history_prefix(order_id);
-                let start = keys::history(order_id, after.saturating_add(1));
-                let sequences = tree
-                    .range(start..)
-                    .keys()
-                    .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(&prefix)))
-                    .map(|k| k.map(|k| keys::trailing_u64(&k)))
-                    .take_while(|s| s.as_ref().map_or(true, |s| *s <= head));
-                let events = sequences.filter_map(|s| match s {
-                    Ok(seq) => self.event(seq).transpose(),
-                    Err(e) => Some(Err(e.into())),
-                });
+                let history = load_history(tree, order_id)?;
+                let sequences = history.into_iter().filter(|s| *s > after && *s <= head);
+                let events = sequences.filter_map(|seq| self.event(seq).transpose());
                 page(events, limit, |e: &Event| e.sequence, matches)
             }
             None if after >= head => Ok(Page::default()),
@@ -546,6 +538,34 @@ pub(crate) fn load_raw(from: &impl Read, id: u64) -> Result<Option<RawDelivery>,
 
 pub(crate) fn load_order(from: &impl Read, id: u64) -> Result<Option<Order>, StoreError> {
     load(from, &keys::numbered(keys::ORDER, id))
+}
+
+/// What the store keeps after an order's own fields in its value: the
+/// sequences of the order's events, ascending. `Order` decoding skips the
+/// field (reserved in the proto), so a stored value reads as an `Order`.
+#[derive(Clone, PartialEq, Message)]
+struct OrderHistory {
+    #[prost(uint64, repeated, tag = "1000")]
+    event_sequences: Vec<u64>,
+}
+
+/// An order's stored value: the order, then its event sequences.
+pub(crate) fn encode_order(order: &Order, history: &[u64]) -> Vec<u8> {
+    let mut value = order.encode_to_vec();
+    prost::encoding::uint64::encode_packed(1000, history, &mut value);
+    value
+}
+
+/// An order and the sequences of its events.
+pub(crate) fn load_order_and_history(from: &impl Read, id: u64) -> Result<Option<(Order, Vec<u64>)>, StoreError> {
+    let Some(value) = from.read(&keys::numbered(keys::ORDER, id))? else { return Ok(None) };
+    Ok(Some((Order::decode(&*value)?, OrderHistory::decode(&*value)?.event_sequences)))
+}
+
+/// The sequences of an order's events (none if there is no such order).
+fn load_history(from: &impl Read, id: u64) -> Result<Vec<u64>, StoreError> {
+    let value = from.read(&keys::numbered(keys::ORDER, id))?;
+    Ok(value.map(|v| OrderHistory::decode(&*v)).transpose()?.map(|h| h.event_sequences).unwrap_or_default())
 }
 
 /// Ids of the orders indexed under `value` in `source`.

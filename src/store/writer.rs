@@ -267,8 +267,8 @@ impl Writer {
         Ok((outcome, events))
     }
 
-    /// Applies every observation to its order and puts events, history,
-    /// orders and new index entries into the overlay. Returns the events,
+    /// Applies every observation to its order and puts events, orders (with
+    /// their event sequences) and new index entries into the overlay. Returns the events,
     /// each with the encoding that was stored (subscribers get those bytes).
     fn plan_events(
         &mut self,
@@ -276,7 +276,8 @@ impl Writer {
         raw: &RawDelivery,
         normalized: &Normalized,
     ) -> Result<Vec<Published>, StoreError> {
-        let mut touched: HashMap<u64, Order> = HashMap::new();
+        // Orders changed so far, with the sequences of their events.
+        let mut touched: HashMap<u64, (Order, Vec<u64>)> = HashMap::new();
         let mut unmapped: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut events = Vec::with_capacity(normalized.observations.len());
         let provenance = provenance(raw);
@@ -286,13 +287,14 @@ impl Writer {
                 *unmapped.entry(keys::unmapped(provider, what, value)).or_default() += 1;
             }
             let found = self.resolve(&obs.references, &raw.source, &touched)?;
-            let current = match found {
+            let (current, mut history) = match found {
                 Some(id) => match touched.remove(&id) {
-                    Some(order) => Some(order),
-                    None => super::load_order(&self.overlay, id)?,
+                    Some(touched) => Some(touched),
+                    None => super::load_order_and_history(&self.overlay, id)?,
                 },
                 None => None,
-            };
+            }
+            .map_or((None, Vec::new()), |(order, history)| (Some(order), history));
             let order_id = match (&current, found) {
                 (Some(order), _) => order.id,
                 _ => {
@@ -322,15 +324,15 @@ impl Writer {
             }
             let encoded = bytes::Bytes::from(event.encode_to_vec());
             self.overlay.insert(keys::numbered(keys::EVENT, event.sequence), encoded.as_ref());
-            self.overlay.insert(keys::history(order_id, event.sequence), &[]);
             if self.retain_events > 0 && event.sequence > self.retain_events {
                 self.overlay.remove(keys::numbered(keys::EVENT, event.sequence - self.retain_events));
             }
+            history.push(event.sequence);
             events.push(Published { sequence: event.sequence, event: Some(event), encoded });
-            touched.insert(order_id, order);
+            touched.insert(order_id, (order, history));
         }
-        for (id, order) in touched {
-            self.overlay.insert(keys::numbered(keys::ORDER, id), order.encode_to_vec());
+        for (id, (order, history)) in touched {
+            self.overlay.insert(keys::numbered(keys::ORDER, id), super::encode_order(&order, &history));
         }
         for (key, added) in unmapped {
             let count = self.overlay.get(&key)?.map(|v| keys::trailing_u64(&v)).unwrap_or(0);
@@ -346,7 +348,7 @@ impl Writer {
         &self,
         refs: &OrderReferences,
         source: &str,
-        touched: &HashMap<u64, Order>,
+        touched: &HashMap<u64, (Order, Vec<u64>)>,
     ) -> Result<Option<u64>, StoreError> {
         let candidates = [
             (RefKind::ProviderOrder, &refs.provider_order_id),
@@ -354,7 +356,7 @@ impl Writer {
             (RefKind::Merchant, &refs.merchant_reference),
         ];
         for (kind, value) in candidates.into_iter().filter(|(_, v)| !v.is_empty()) {
-            if let Some(order) = touched.values().find(|o| reference_of(o, kind) == Some(value.as_str()))
+            if let Some((order, _)) = touched.values().find(|(o, _)| reference_of(o, kind) == Some(value.as_str()))
                 && compatible(order, refs)
             {
                 return Ok(Some(order.id));
