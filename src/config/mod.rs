@@ -40,11 +40,12 @@ pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
 /// Default most concurrent webhook connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-/// Default sled page cache size. Measured (BENCHMARKS.md): with 1M orders
-/// 16 MiB served random GetOrders as fast as 32 or 128 MiB (the OS page
-/// cache holds the rest; each lookup touches pages no cache that size
-/// holds), with 10k orders as fast as 32 MiB, and it takes the least memory.
-pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+/// Default sled page cache size. Measured (BENCHMARKS.md): random
+/// GetOrders with 10k or 1M orders and durable ingest were as fast with
+/// 8 MiB as with 16 or 32 MiB (the OS page cache holds what sled's does
+/// not), and each MiB of it cost 1–2 MiB of resident memory. Raise it when
+/// lookups keep coming back to a hot set larger than this.
+pub const DEFAULT_CACHE_CAPACITY_BYTES: u64 = 8 * 1024 * 1024;
 /// Default largest gRPC message.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Default most concurrent HTTP/2 streams per gRPC connection.
