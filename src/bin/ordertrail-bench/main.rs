@@ -696,18 +696,12 @@ async fn sled_alone(args: &Args) {
     for _ in 0..args.rounds.max(1) {
         let dir = fresh_dir();
         let path = dir.clone();
-        let cache_bytes = SETTINGS
-            .get()
-            .and_then(|s| s.0)
-            .map_or(ordertrail::config::DEFAULT_CACHE_CAPACITY_BYTES, |mib| mib << 20);
+        let cache_bytes =
+            SETTINGS.get().and_then(|s| s.0).map_or(ordertrail::config::DEFAULT_CACHE_CAPACITY_BYTES, |mib| mib << 20);
         let rate = std::thread::Builder::new()
             .name("bench-sled".into())
             .spawn(move || {
-                let db = sled::Config::new()
-                    .path(path)
-                    .cache_capacity(cache_bytes)
-                    .open()
-                    .expect("open sled");
+                let db = sled::Config::new().path(path).cache_capacity(cache_bytes).open().expect("open sled");
                 let key = |space: u8, parts: &[&[u8]]| [&[space][..], &parts.concat()].concat();
                 let hash = |n: u64| n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes();
                 let (raw, event, order) = (vec![7u8; 947], vec![8u8; 365], vec![9u8; 263]);
