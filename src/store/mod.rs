@@ -545,14 +545,18 @@ pub(crate) fn load_order(from: &impl Read, id: u64) -> Result<Option<Order>, Sto
 /// field (reserved in the proto), so a stored value reads as an `Order`.
 #[derive(Clone, PartialEq, Message)]
 struct OrderHistory {
+    /// Field [`HISTORY_FIELD`].
     #[prost(uint64, repeated, tag = "1000")]
     event_sequences: Vec<u64>,
 }
 
+/// `reserved 1000` in `Order` (model.proto).
+const HISTORY_FIELD: u32 = 1000;
+
 /// An order's stored value: the order, then its event sequences.
 pub(crate) fn encode_order(order: &Order, history: &[u64]) -> Vec<u8> {
     let mut value = order.encode_to_vec();
-    prost::encoding::uint64::encode_packed(1000, history, &mut value);
+    prost::encoding::uint64::encode_packed(HISTORY_FIELD, history, &mut value);
     value
 }
 
