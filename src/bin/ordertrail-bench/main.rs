@@ -936,39 +936,44 @@ async fn scale(args: &Args) {
     let seconds = Duration::from_secs(args.seconds.max(1));
     println!(
         "ordertrail as its own process; GetOrder by external_order_id, 16 in flight; start-up = process start to \
-         /readyz answering (open + recovery).\n"
+         /readyz answering (open + recovery); rounds alternate the two sizes.\n"
     );
     println!(
         "| orders stored | GetOrder/s | p50 ms | p99 ms | p99 ratio to the small case | start-up s | RSS MiB after the lookups | data dir MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut small_p99 = 0.0;
-    for orders in [args.small_orders, args.orders] {
-        let (dir, run) = prepared(orders).await;
-        let (mut samples, mut startups, mut rss) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds.max(1) {
-            let child = ServeProcess::start(&dir).await;
+    // Both data sets first, then rounds alternating small and large.
+    let cases = [prepared(args.small_orders).await, prepared(args.orders).await];
+    let sizes = [args.small_orders, args.orders];
+    let mut measured: [(Vec<Sample>, Vec<f64>, Vec<f64>); 2] = Default::default();
+    for _ in 0..args.rounds.max(1) {
+        for (i, (dir, run)) in cases.iter().enumerate() {
+            let child = ServeProcess::start(dir).await;
+            let (samples, startups, rss) = &mut measured[i];
             startups.push(child.startup.as_secs_f64());
-            samples.push(unary_load(child.grpc, Call::GetOrder(LOOKUPS[0]), run, orders, 16, seconds).await);
+            samples.push(unary_load(child.grpc, Call::GetOrder(LOOKUPS[0]), *run, sizes[i], 16, seconds).await);
             rss.push(child.rss_mib());
             child.stop().await;
         }
-        let p99 = median(&samples, |s| s.p99_ms).0;
-        if orders == args.small_orders {
-            small_p99 = p99;
-        }
+    }
+    let small_p99 = median(&measured[0].0, |s| s.p99_ms).0;
+    for (i, (samples, startups, rss)) in measured.iter_mut().enumerate() {
+        let p99 = median(samples, |s| s.p99_ms).0;
         startups.sort_by(f64::total_cmp);
         rss.sort_by(f64::total_cmp);
         println!(
-            "| {orders} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
-            median(&samples, |s| s.per_second).0,
-            median(&samples, |s| s.p50_ms).0,
+            "| {} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            sizes[i],
+            median(samples, |s| s.per_second).0,
+            median(samples, |s| s.p50_ms).0,
             p99 / small_p99,
             startups[startups.len() / 2],
             rss[rss.len() / 2],
-            dir_bytes(&dir) as f64 / (1 << 20) as f64,
+            dir_bytes(&cases[i].0) as f64 / (1 << 20) as f64,
         );
-        discard(&dir);
+    }
+    for (dir, _) in &cases {
+        discard(dir);
     }
 }
 
