@@ -85,6 +85,11 @@ struct Args {
 /// `--cache-mib` and `--keep-data`, for code far from `main`.
 static SETTINGS: std::sync::OnceLock<(Option<u64>, Option<PathBuf>)> = std::sync::OnceLock::new();
 
+/// `--cache-mib`, if given.
+fn cache_mib() -> Option<u64> {
+    SETTINGS.get().and_then(|s| s.0)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
     /// Durable webhooks/s and ack latency vs a bare hyper server, closed loop.
@@ -570,7 +575,7 @@ fn fresh_dir() -> PathBuf {
 async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str) -> (Subject, Duration) {
     let durability = if mode == Mode::Fsync { "fsync" } else { "flush" };
     let unsafe_ack = mode == Mode::None;
-    let cache = SETTINGS.get().and_then(|s| s.0).map(|mib| format!("cache_capacity_bytes = {}\n", mib << 20));
+    let cache = cache_mib().map(|mib| format!("cache_capacity_bytes = {}\n", mib << 20));
     let text = format!(
         "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n{}{extra}\n{}",
         dir.display().to_string(),
@@ -610,9 +615,14 @@ async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str) -> (Subject, Dura
     (Subject { http: http_addr, grpc: grpc_addr, stop, thread }, startup)
 }
 
-async fn grpc_client(address: SocketAddr) -> OrderTrailClient<Channel> {
+/// A connected gRPC channel to `address` (TCP_NODELAY, as the servers).
+async fn grpc_channel(address: SocketAddr) -> Channel {
     let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
-    OrderTrailClient::new(channel.connect().await.expect("connect")).max_decoding_message_size(64 << 20)
+    channel.connect().await.expect("connect")
+}
+
+async fn grpc_client(address: SocketAddr) -> OrderTrailClient<Channel> {
+    OrderTrailClient::new(grpc_channel(address).await).max_decoding_message_size(64 << 20)
 }
 
 // === output ===
@@ -696,8 +706,7 @@ async fn sled_alone(args: &Args) {
     for _ in 0..args.rounds.max(1) {
         let dir = fresh_dir();
         let path = dir.clone();
-        let cache_bytes =
-            SETTINGS.get().and_then(|s| s.0).map_or(ordertrail::config::DEFAULT_CACHE_CAPACITY_BYTES, |mib| mib << 20);
+        let cache_bytes = cache_mib().map_or(ordertrail::config::DEFAULT_CACHE_CAPACITY_BYTES, |mib| mib << 20);
         let rate = std::thread::Builder::new()
             .name("bench-sled".into())
             .spawn(move || {
@@ -809,8 +818,7 @@ async fn unary_load(
     concurrency: usize,
     duration: Duration,
 ) -> Sample {
-    let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
-    let channel = channel.connect().await.expect("connect");
+    let channel = grpc_channel(address).await;
     let cpu = ServerCpu::start();
     let started = Instant::now();
     let deadline = started + duration;
@@ -1001,7 +1009,7 @@ impl ServeProcess {
             let started = Instant::now();
             let mut command = std::process::Command::new(std::env::current_exe().expect("own path"));
             command.args(["serve", "--data-dir"]).arg(dir);
-            if let Some(mib) = SETTINGS.get().and_then(|s| s.0) {
+            if let Some(mib) = cache_mib() {
                 command.args(["--cache-mib", &mib.to_string()]);
             }
             let mut child = command
@@ -1053,8 +1061,7 @@ async fn catch_up(args: &Args) {
         });
         baseline.push(scan.await.expect("scan"));
         let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "").await;
-        let channel = Channel::from_shared(format!("http://{}", subject.grpc)).expect("uri").tcp_nodelay(true);
-        let channel = channel.connect().await.expect("connect");
+        let channel = grpc_channel(subject.grpc).await;
         let started = Instant::now();
         let request = SubscribeRequest { after_sequence: Some(0), ..SubscribeRequest::default() };
         let mut stream = wire::subscribe_sequences(channel, request).await.expect("subscribe");
@@ -1179,8 +1186,7 @@ async fn start_subscribers(
 ) -> tokio::task::JoinHandle<Fanned> {
     let mut channels = Vec::new();
     for _ in 0..count.div_ceil(200) {
-        let channel = Channel::from_shared(format!("http://{address}")).expect("uri").tcp_nodelay(true);
-        channels.push(channel.connect().await.expect("connect"));
+        channels.push(grpc_channel(address).await);
     }
     let mut streams = Vec::new();
     for i in 0..count {

@@ -6,10 +6,11 @@
 
 use bytes::Buf;
 use prost::encoding::{WireType, decode_key, decode_varint, skip_field};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::BoxStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tonic_prost::{ProstCodec, ProstEncoder};
 
 use ordertrail::proto::order_trail_server::OrderTrail;
 use ordertrail::proto::{
@@ -66,20 +67,9 @@ fn seen(buf: &mut impl Buf) -> Result<Seen, prost::DecodeError> {
     Ok(seen)
 }
 
-/// Encodes `SubscribeRequest`, decodes [`Seen`].
+/// Encodes `SubscribeRequest` (prost's encoder), decodes [`Seen`].
 #[derive(Clone, Copy, Default)]
 pub struct SequenceCodec;
-
-pub struct RequestEncoder;
-
-impl Encoder for RequestEncoder {
-    type Item = SubscribeRequest;
-    type Error = Status;
-
-    fn encode(&mut self, item: SubscribeRequest, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        prost::Message::encode(&item, dst).map_err(|e| Status::internal(e.to_string()))
-    }
-}
 
 pub struct SeenDecoder;
 
@@ -95,11 +85,11 @@ impl Decoder for SeenDecoder {
 impl Codec for SequenceCodec {
     type Encode = SubscribeRequest;
     type Decode = Seen;
-    type Encoder = RequestEncoder;
+    type Encoder = ProstEncoder<SubscribeRequest>;
     type Decoder = SeenDecoder;
 
-    fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder
+    fn encoder(&mut self) -> ProstEncoder<SubscribeRequest> {
+        ProstCodec::<SubscribeRequest, SubscribeResponse>::default().encoder()
     }
 
     fn decoder(&mut self) -> SeenDecoder {
