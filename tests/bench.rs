@@ -51,7 +51,10 @@ fn lookup_scale_and_catch_up_run_on_a_small_store() {
     assert!(lookups.iter().all(|row| number(&row[3]) > 0.0), "{lookups:?}");
     let scale = rows("scale", &["--orders", "300", "--small-orders", "30"]);
     assert_eq!(scale.len(), 2, "{scale:?}");
-    assert!(scale.iter().all(|row| number(&row[2]) > 0.0 && number(&row[7]) > 0.0), "{scale:?}");
+    assert!(
+        scale.iter().all(|row| number(&row[2]) > 0.0 && number(&row[6]) > 0.0 && number(&row[9]) > 0.0),
+        "GetOrder answered in both loops, RSS measured: {scale:?}"
+    );
     let catch_up = rows("catch-up", &["--orders", "300"]);
     assert_eq!(catch_up.len(), 2, "{catch_up:?}");
     assert!(catch_up.iter().all(|row| number(&row[2]) == 300.0), "every stored event replayed: {catch_up:?}");

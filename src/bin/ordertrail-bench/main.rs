@@ -70,6 +70,9 @@ struct Args {
     /// Webhooks per second offered in `fan-out`.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
+    /// GetOrder calls per second offered in `scale`'s open-loop measurement.
+    #[arg(long, default_value_t = 5000)]
+    lookup_rate: u64,
     /// sled's cache for every ordertrail started (MiB; default: ordertrail's default).
     #[arg(long)]
     cache_mib: Option<u64>,
@@ -332,12 +335,26 @@ async fn closed_loop(address: SocketAddr, connections: usize, duration: Duration
     sample(latencies, errors, elapsed, cpu.used())
 }
 
-/// Webhooks at a fixed `rate`, each sent at its scheduled time however long
-/// earlier ones take; latency counts from the scheduled time, so a stall
-/// shows up in every request it delays (no coordinated omission).
+/// Webhooks at a fixed `rate` (see [`scheduled`]).
 async fn open_loop(address: SocketAddr, rate: f64, duration: Duration) -> Sample {
     let client = http_client(1024);
     let run = next_run();
+    scheduled(rate, duration, move |n| {
+        let client = client.clone();
+        async move { send(&client, address, run, n).await }
+    })
+    .await
+}
+
+/// Request `n` (from 0) made by `request(n)` at its scheduled time
+/// `n / rate`, however long earlier ones take, for `duration`; latency
+/// counts from the scheduled time, so a stall shows up in every request it
+/// delays (no coordinated omission).
+async fn scheduled<F, R>(rate: f64, duration: Duration, request: F) -> Sample
+where
+    F: Fn(u64) -> R,
+    R: Future<Output = bool> + Send + 'static,
+{
     let cpu = ServerCpu::start();
     let started = tokio::time::Instant::now();
     let total = (rate * duration.as_secs_f64()) as u64;
@@ -345,9 +362,9 @@ async fn open_loop(address: SocketAddr, rate: f64, duration: Duration) -> Sample
     for n in 0..total {
         let due = started + Duration::from_secs_f64(n as f64 / rate);
         tokio::time::sleep_until(due).await;
-        let client = client.clone();
+        let made = request(n);
         requests.spawn(async move {
-            let ok = send(&client, address, run, n).await;
+            let ok = made.await;
             (due.elapsed(), ok)
         });
     }
@@ -809,6 +826,52 @@ enum Call {
     Health,
 }
 
+impl Call {
+    /// Makes the call (for stored order `n`); true if it was answered OK.
+    async fn make(
+        self,
+        orders: &mut OrderTrailClient<Channel>,
+        health: &mut tonic_health::pb::health_client::HealthClient<Channel>,
+        run: u64,
+        n: u64,
+    ) -> bool {
+        match self {
+            Self::GetOrder((_, reference)) => {
+                let request = GetOrderRequest { reference: reference(run, n), source: String::new() };
+                orders.get_order(request).await.is_ok()
+            }
+            Self::Health => health.check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok(),
+        }
+    }
+}
+
+/// `call` at a fixed `rate` for `duration` (see [`scheduled`]), for random
+/// stored orders.
+async fn unary_open_loop(
+    address: SocketAddr,
+    call: Call,
+    run: u64,
+    orders: u64,
+    rate: f64,
+    duration: Duration,
+) -> Sample {
+    let channel = grpc_channel(address).await;
+    scheduled(rate, duration, move |i| {
+        let channel = channel.clone();
+        // splitmix64 of i: a spread of stored orders, the same in every run.
+        let mut z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let n = (z ^ (z >> 31)) % orders.saturating_sub(3).max(1);
+        async move {
+            let mut orders_client = OrderTrailClient::new(channel.clone());
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            call.make(&mut orders_client, &mut health, run, n).await
+        }
+    })
+    .await
+}
+
 /// `concurrency` callers making `call` for `duration`.
 async fn unary_load(
     address: SocketAddr,
@@ -834,15 +897,9 @@ async fn unary_load(
                 random ^= random << 13;
                 random ^= random >> 7;
                 random ^= random << 17;
-                let n = random % orders.saturating_sub(3).max(1);
                 let sent = Instant::now();
-                let ok = match call {
-                    Call::GetOrder((_, reference)) => {
-                        let request = GetOrderRequest { reference: reference(run, n), source: String::new() };
-                        orders_client.get_order(request).await.is_ok()
-                    }
-                    Call::Health => health.check(tonic_health::pb::HealthCheckRequest::default()).await.is_ok(),
-                };
+                let ok =
+                    call.make(&mut orders_client, &mut health, run, random % orders.saturating_sub(3).max(1)).await;
                 if ok {
                     latencies.push(sent.elapsed());
                 } else {
@@ -940,41 +997,64 @@ async fn lookup(args: &Args) {
     discard(&dir);
 }
 
+/// What `scale` measured of one data set size, a value per round.
+#[derive(Default)]
+struct ScaleRuns {
+    /// 16 in flight.
+    closed: Vec<Sample>,
+    /// At `--lookup-rate`.
+    open: Vec<Sample>,
+    startups: Vec<f64>,
+    rss: Vec<f64>,
+}
+
 async fn scale(args: &Args) {
     let seconds = Duration::from_secs(args.seconds.max(1));
+    let rate = args.lookup_rate as f64;
     println!(
-        "ordertrail as its own process; GetOrder by external_order_id, 16 in flight; start-up = process start to \
-         /readyz answering (open + recovery); rounds alternate the two sizes.\n"
+        "ordertrail as its own process; GetOrder by external_order_id for random stored orders, measured twice: \
+         closed loop with 16 in flight (saturated: latency there is mostly queueing, 16 / rate), and open loop at \
+         {} lookups/s for both sizes (latency from each request's scheduled send time); start-up = process start to \
+         /readyz answering (open + recovery); rounds alternate the two sizes.\n",
+        args.lookup_rate
     );
     println!(
-        "| orders stored | GetOrder/s | p50 ms | p99 ms | p99 ratio to the small case | start-up s | RSS MiB after the lookups | data dir MiB |"
+        "| orders stored | GetOrder/s, 16 in flight | p50 ms | p99 ms | p99 ratio to the small case | open loop {}/s: p99 ms | open-loop p99 ratio | start-up s | RSS MiB after the lookups | data dir MiB |",
+        args.lookup_rate
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // Both data sets first, then rounds alternating small and large.
     let cases = [prepared(args.small_orders).await, prepared(args.orders).await];
     let sizes = [args.small_orders, args.orders];
-    let mut measured: [(Vec<Sample>, Vec<f64>, Vec<f64>); 2] = Default::default();
+    let mut measured: [ScaleRuns; 2] = Default::default();
     for _ in 0..args.rounds.max(1) {
         for (i, (dir, run)) in cases.iter().enumerate() {
             let child = ServeProcess::start(dir).await;
-            let (samples, startups, rss) = &mut measured[i];
-            startups.push(child.startup.as_secs_f64());
-            samples.push(unary_load(child.grpc, Call::GetOrder(LOOKUPS[0]), *run, sizes[i], 16, seconds).await);
-            rss.push(child.rss_mib());
+            let runs = &mut measured[i];
+            runs.startups.push(child.startup.as_secs_f64());
+            let call = Call::GetOrder(LOOKUPS[0]);
+            runs.closed.push(unary_load(child.grpc, call, *run, sizes[i], 16, seconds).await);
+            runs.open.push(unary_open_loop(child.grpc, call, *run, sizes[i], rate, seconds).await);
+            runs.rss.push(child.rss_mib());
             child.stop().await;
         }
     }
-    let small_p99 = median(&measured[0].0, |s| s.p99_ms).0;
-    for (i, (samples, startups, rss)) in measured.iter_mut().enumerate() {
-        let p99 = median(samples, |s| s.p99_ms).0;
+    let small_p99 = median(&measured[0].closed, |s| s.p99_ms).0;
+    let small_open_p99 = median(&measured[0].open, |s| s.p99_ms).0;
+    for (i, ScaleRuns { closed, open, startups, rss }) in measured.iter_mut().enumerate() {
+        let p99 = median(closed, |s| s.p99_ms).0;
+        let open_p99 = median(open, |s| s.p99_ms).0;
+        let errors: u64 = closed.iter().chain(open.iter()).map(|s| s.errors).sum();
+        let open_cell = if errors > 0 { format!("{open_p99:.2} ({errors} errors)") } else { format!("{open_p99:.2}") };
         startups.sort_by(f64::total_cmp);
         rss.sort_by(f64::total_cmp);
         println!(
-            "| {} | {:.0} | {:.2} | {p99:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.2} | {p99:.2} | {:.2} | {open_cell} | {:.2} | {:.2} | {:.0} | {:.0} |",
             sizes[i],
-            median(samples, |s| s.per_second).0,
-            median(samples, |s| s.p50_ms).0,
+            median(closed, |s| s.per_second).0,
+            median(closed, |s| s.p50_ms).0,
             p99 / small_p99,
+            open_p99 / small_open_p99,
             startups[startups.len() / 2],
             rss[rss.len() / 2],
             dir_bytes(&cases[i].0) as f64 / (1 << 20) as f64,
@@ -985,7 +1065,6 @@ async fn scale(args: &Args) {
     }
 }
 
-/// `ordertrail-bench serve`: ordertrail alone in this process.
 async fn serve(dir: &Path) {
     let (subject, _) = start_ordertrail(dir, Mode::Fsync, "").await;
     println!("{} {}", subject.http, subject.grpc);
