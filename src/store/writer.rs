@@ -88,6 +88,9 @@ pub(super) struct Writer {
     pub ack_before_durable: bool,
 }
 
+/// An order and the sequences of its events, as stored together.
+type WithHistory = (Order, Vec<u64>);
+
 /// A processed delivery waiting for its turn's batch to be applied.
 type Done = (Reply, IngestOutcome, Vec<Published>);
 
@@ -277,7 +280,7 @@ impl Writer {
         normalized: &Normalized,
     ) -> Result<Vec<Published>, StoreError> {
         // Orders changed so far, with the sequences of their events.
-        let mut touched: HashMap<u64, (Order, Vec<u64>)> = HashMap::new();
+        let mut touched: HashMap<u64, WithHistory> = HashMap::new();
         let mut unmapped: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut events = Vec::with_capacity(normalized.observations.len());
         let provenance = provenance(raw);
@@ -286,15 +289,16 @@ impl Writer {
             for (what, value) in obs.unmapped() {
                 *unmapped.entry(keys::unmapped(provider, what, value)).or_default() += 1;
             }
-            let found = self.resolve(&obs.references, &raw.source, &touched)?;
-            let (current, mut history) = match found {
-                Some(id) => match touched.remove(&id) {
-                    Some(touched) => Some(touched),
-                    None => super::load_order_and_history(&self.overlay, id)?,
-                },
-                None => None,
-            }
-            .map_or((None, Vec::new()), |(order, history)| (Some(order), history));
+            let (found, loaded) = match self.resolve(&obs.references, &raw.source, &touched)? {
+                Some((id, loaded)) => (Some(id), loaded),
+                None => (None, None),
+            };
+            // An order changed earlier in this delivery is newer than the
+            // stored one resolve read.
+            let (current, mut history) = found
+                .and_then(|id| touched.remove(&id))
+                .or(loaded)
+                .map_or((None, Vec::new()), |(order, history)| (Some(order), history));
             let order_id = match (&current, found) {
                 (Some(order), _) => order.id,
                 _ => {
@@ -344,12 +348,14 @@ impl Writer {
     /// Finds the order an observation belongs to: by provider order id, then
     /// safe id, then merchant reference, within the source. A match on the
     /// latter two is rejected when it already has another provider order id.
+    /// Returns its id and, when it was read from the store, the stored
+    /// order with its event sequences (so it is not read twice).
     fn resolve(
         &self,
         refs: &OrderReferences,
         source: &str,
-        touched: &HashMap<u64, (Order, Vec<u64>)>,
-    ) -> Result<Option<u64>, StoreError> {
+        touched: &HashMap<u64, WithHistory>,
+    ) -> Result<Option<(u64, Option<WithHistory>)>, StoreError> {
         let candidates = [
             (RefKind::ProviderOrder, &refs.provider_order_id),
             (RefKind::Safe, &refs.safe_id),
@@ -359,12 +365,13 @@ impl Writer {
             if let Some((order, _)) = touched.values().find(|(o, _)| reference_of(o, kind) == Some(value.as_str()))
                 && compatible(order, refs)
             {
-                return Ok(Some(order.id));
+                return Ok(Some((order.id, None)));
             }
             for id in super::indexed(&self.overlay, kind, value, source)? {
-                let matches = super::load_order(&self.overlay, id)?.is_some_and(|o| compatible(&o, refs));
-                if matches {
-                    return Ok(Some(id));
+                if let Some(stored) = super::load_order_and_history(&self.overlay, id)?
+                    && compatible(&stored.0, refs)
+                {
+                    return Ok(Some((id, Some(stored))));
                 }
             }
         }
