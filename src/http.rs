@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use governor::clock::{Clock, DefaultClock};
@@ -345,13 +346,59 @@ fn now() -> prost_types::Timestamp {
 
 // === Serving ===
 
+/// The front door once the store is open. Until then requests wait for it,
+/// at most `wait` (then 503): a process taking over holds what it accepts
+/// until its predecessor has released the store.
+#[derive(Clone)]
+pub struct Door {
+    front: watch::Receiver<Option<Arc<FrontDoor>>>,
+    wait: Duration,
+}
+
+impl Door {
+    /// A door with no front yet; open it by sending the front door.
+    pub fn new(wait: Duration) -> (Self, watch::Sender<Option<Arc<FrontDoor>>>) {
+        let (open, front) = watch::channel(None);
+        (Self { front, wait }, open)
+    }
+
+    async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let opened = self.front.borrow().clone();
+        if let Some(front) = opened {
+            return front.handle(req, peer).await;
+        }
+        match req.uri().path() {
+            "/healthz" => return json_response(StatusCode::OK, json!({"status": "ok"})),
+            "/readyz" => return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "starting"})),
+            _ => {}
+        }
+        let mut front = self.front.clone();
+        let opened = match tokio::time::timeout(self.wait, front.wait_for(Option::is_some)).await {
+            Ok(Ok(opened)) => opened.clone(),
+            _ => None,
+        };
+        match opened {
+            Some(front) => front.handle(req, peer).await,
+            None => {
+                let request_id = uuid::Uuid::now_v7().to_string();
+                let unavailable = StoreError::Unavailable("the store did not open in time".into());
+                let mut response = Refusal::Unavailable(unavailable).into_response(&request_id);
+                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                response
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, then gives in-flight requests
 /// `grace` to finish.
-pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: CancellationToken, grace: Duration) {
+pub async fn serve(listener: TcpListener, door: Door, config: Arc<Config>, shutdown: CancellationToken, grace: Duration) {
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(front.config.http.header_read_timeout);
-    let slots = Arc::new(tokio::sync::Semaphore::new(front.config.http.max_connections));
+    builder.timer(TokioTimer::new()).header_read_timeout(config.http.header_read_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.http.max_connections));
     loop {
         // At the connection limit, stop accepting until one closes.
         let slot = tokio::select! {
@@ -375,10 +422,10 @@ pub async fn serve(listener: TcpListener, front: Arc<FrontDoor>, shutdown: Cance
         };
         // Answers are small and must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        let front = front.clone();
+        let door = door.clone();
         let service = service_fn(move |req| {
-            let front = front.clone();
-            async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+            let door = door.clone();
+            async move { Ok::<_, Infallible>(door.handle(req, peer).await) }
         });
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

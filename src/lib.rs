@@ -8,6 +8,10 @@
 //!   port is bound.
 //! - [`server`]: `run(config, listeners, shutdown)`, the one place that knows
 //!   every part and wires them together.
+//! - [`handover`]: listening sockets that outlive a process: handed over
+//!   by a running ordertrail on the same data dir, inherited from systemd,
+//!   or bound anew.
+//! - `gate`: the gRPC accept loop (connection limit, first-bytes deadline).
 //! - [`http`]: the hyper front door. Routing, limits, authentication calls,
 //!   and the single mapping from ingest errors to HTTP status codes.
 //! - [`ingest`]: per-source authentication and one module per provider that
@@ -50,6 +54,8 @@
 
 pub mod api;
 pub mod config;
+mod gate;
+pub mod handover;
 pub mod http;
 pub mod ingest;
 pub mod memory;

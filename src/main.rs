@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ordertrail::config::Config;
+use ordertrail::handover::{self, Inherited};
 use ordertrail::server::{self, Listeners, ServerError};
 use ordertrail::store::StoreError;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot be used (EX_CONFIG).
@@ -126,7 +126,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => run_async(serve(config)),
+        Command::Serve => match Inherited::from_systemd() {
+            // Before any thread starts: it clears systemd's variables.
+            Ok(inherited) => run_async(serve(config, inherited)),
+            Err(e) => Err(anyhow::anyhow!("cannot use the sockets systemd passed: {e}")),
+        },
         Command::CheckConfig => {
             println!("{config:#?}");
             eprintln!("ordertrail: the configuration is valid");
@@ -205,18 +209,15 @@ fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let bind = |addr| async move {
-        TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-    };
-    let listeners = Listeners {
-        http: bind(config.http.addr).await?,
-        grpc: bind(config.grpc.addr).await?,
-        admin: bind(config.admin.addr).await?,
-    };
+async fn serve(config: Config, inherited: Inherited) -> anyhow::Result<()> {
+    let acquired = handover::acquire(&config, inherited).await?;
+    let listeners = Listeners { http: acquired.http, grpc: acquired.grpc, admin: acquired.admin };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(config, listeners, shutdown).await?;
+    match acquired.predecessor {
+        Some(predecessor) => server::take_over(config, listeners, predecessor, shutdown).await?,
+        None => server::run(config, listeners, shutdown).await?,
+    }
     Ok(())
 }
 

@@ -1,12 +1,12 @@
 //! `run(config, listeners, shutdown)`: the one place that knows every part.
 //! It never binds ports or reads signals itself; the caller does.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -15,6 +15,8 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::{AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
+use crate::gate;
+use crate::handover::{Offer, Predecessor, Role};
 use crate::http::{self, FrontDoor};
 use crate::metrics::Metrics;
 use crate::proto::admin_server::AdminServer;
@@ -46,8 +48,42 @@ pub enum ServerError {
 /// accepting, lets in-flight work finish within the grace period, and
 /// closes the store (which flushes it).
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
-    let store = open_store(&config).await?;
-    run_with_store(config, store, listeners, shutdown).await
+    let opening = open_store(&config);
+    serve(&config, opening, listeners, shutdown).await
+}
+
+/// Serves on sockets handed over by `predecessor` (see [`crate::handover`]):
+/// accepts at once, and holds requests until the predecessor has released
+/// the store and it is open here (at most `handover_timeout`).
+pub async fn take_over(
+    config: Config,
+    listeners: Listeners,
+    predecessor: Predecessor,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let opening = async {
+        let deadline = tokio::time::Instant::now() + config.handover_timeout;
+        predecessor
+            .released(config.handover_timeout)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("hand-over failed: {e}")))?;
+        open_store_by(&config, deadline).await
+    };
+    serve(&config, opening, listeners, shutdown).await
+}
+
+/// Opens the store, retrying while another process still holds it (it is
+/// closing), until `deadline`.
+async fn open_store_by(config: &Config, deadline: tokio::time::Instant) -> Result<Store, StoreError> {
+    loop {
+        match open_store(config).await {
+            Err(StoreError::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%why, "the store is not free yet");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Completes a rebuild prepared by `Admin/Rebuild`, if any, then opens the
@@ -85,9 +121,34 @@ pub async fn run_with_store(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let config = Arc::new(config);
+    serve(&config, async { Ok(store) }, listeners, shutdown).await
+}
+
+/// Accepts webhooks at once (requests wait for the store), serves
+/// everything once `opening` gives the store, offers the sockets to a
+/// successor, and at shutdown drains, closes the store and tells the
+/// successor.
+async fn serve(
+    config: &Config,
+    opening: impl Future<Output = Result<Store, StoreError>>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let config = Arc::new(config.clone());
+    let grace = config.shutdown_grace;
+    let offered = dup_sockets(&listeners);
+    let (door, open_door) = http::Door::new(config.handover_timeout);
+    let webhooks = tokio::spawn(http::serve(listeners.http, door, config.clone(), shutdown.clone(), grace));
+    let store = match opening.await {
+        Ok(store) => store,
+        Err(e) => {
+            shutdown.cancel();
+            let _ = webhooks.await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(
-        http = %local(&listeners.http),
+        http = %config.http.addr,
         grpc = %local(&listeners.grpc),
         admin = %local(&listeners.admin),
         data_dir = %config.store.data_dir.display(),
@@ -95,7 +156,7 @@ pub async fn run_with_store(
         head_sequence = store.head_sequence(),
         "ordertrail serving"
     );
-    let grace = config.shutdown_grace;
+    let offer = offered.and_then(|sockets| Offer::start(&config.store.data_dir, sockets, shutdown.clone()));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = reflection()?;
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
@@ -108,22 +169,37 @@ pub async fn run_with_store(
         .add_service(order_trail(&config.grpc, &store, subscriptions))
         .add_service(admin(&config, &store))
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            gate::gate(listeners.grpc, &config.grpc, shutdown.clone()),
             shutdown.clone().cancelled_owned(),
         );
     tokio::spawn(report_health(health_reporter, store.clone(), shutdown.clone()));
     let admin_task = tokio::spawn(http::serve_admin(listeners.admin, metrics.clone(), shutdown.clone()));
-    let front = Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone(), metrics));
-    let webhooks = tokio::spawn(http::serve(listeners.http, front, shutdown.clone(), grace));
+    let _ = open_door.send(Some(Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone(), metrics))));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;
     let _ = admin_task.await;
-    tokio::task::spawn_blocking(move || store.close())
+    let closed = tokio::task::spawn_blocking(move || store.close())
         .await
-        .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")))??;
+        .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")));
+    if let Some(offer) = offer
+        && matches!(closed, Ok(Ok(())))
+    {
+        offer.finish().await;
+    }
+    closed??;
     tracing::info!("ordertrail stopped");
     grpc_result
+}
+
+/// Duplicates of the listening sockets, to hand over to a successor.
+fn dup_sockets(listeners: &Listeners) -> Option<Vec<(Role, OwnedFd)>> {
+    let dup = |role, listener: &TcpListener| Some((role, listener.as_fd().try_clone_to_owned().ok()?));
+    Some(vec![
+        dup(Role::Http, &listeners.http)?,
+        dup(Role::Grpc, &listeners.grpc)?,
+        dup(Role::Admin, &listeners.admin)?,
+    ])
 }
 
 /// The services reported by `grpc.health.v1.Health` ("" is the server).

@@ -20,6 +20,7 @@ pub(super) struct FileConfig {
     pub(super) store: FileStore,
     pub(super) sources: Option<Vec<FileSource>>,
     pub(super) shutdown_grace_ms: Option<u64>,
+    pub(super) handover_timeout_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -53,6 +54,8 @@ pub(super) struct FileGrpc {
     pub(super) keepalive_interval_ms: Option<u64>,
     pub(super) keepalive_timeout_ms: Option<u64>,
     pub(super) request_timeout_ms: Option<u64>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) preface_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]

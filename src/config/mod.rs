@@ -66,6 +66,14 @@ pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 256;
 pub const DEFAULT_PROGRESS_INTERVAL_MS: u64 = 5_000;
 /// Default time in-flight work gets to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Default longest time a starting process holds requests while it waits for
+/// the store (a predecessor handing over releases it, or it is opened).
+pub const DEFAULT_HANDOVER_TIMEOUT_MS: u64 = 30_000;
+/// Default most gRPC connections open at once.
+pub const DEFAULT_GRPC_MAX_CONNECTIONS: usize = 1024;
+/// Default time a new gRPC connection has to send its first bytes (the
+/// HTTP/2 preface, or a TLS hello).
+pub const DEFAULT_PREFACE_TIMEOUT_MS: u64 = 10_000;
 
 /// A configuration that cannot be used; the message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +96,9 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// How long in-flight requests get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// How long a starting process holds requests while it waits for the
+    /// store; past it they are answered 503 and the start fails.
+    pub handover_timeout: Duration,
 }
 
 /// The public webhook listener.
@@ -133,6 +144,12 @@ pub struct GrpcConfig {
     pub keepalive_timeout: Duration,
     /// Longest time a unary call may take (streams are not limited).
     pub request_timeout: Duration,
+    /// Most connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// A connection that has not sent its first bytes (the HTTP/2 preface,
+    /// or a TLS hello) within this time is closed; until then it never holds
+    /// a shutdown.
+    pub preface_timeout: Duration,
 }
 
 impl GrpcConfig {
@@ -324,6 +341,10 @@ impl Config {
                 request_timeout: Duration::from_millis(
                     file.grpc.request_timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
                 ),
+                max_connections: file.grpc.max_connections.unwrap_or(DEFAULT_GRPC_MAX_CONNECTIONS),
+                preface_timeout: Duration::from_millis(
+                    file.grpc.preface_timeout_ms.unwrap_or(DEFAULT_PREFACE_TIMEOUT_MS),
+                ),
             },
             admin: AdminConfig {
                 addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
@@ -338,6 +359,7 @@ impl Config {
             },
             sources,
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),
+            handover_timeout: Duration::from_millis(file.handover_timeout_ms.unwrap_or(DEFAULT_HANDOVER_TIMEOUT_MS)),
         })
     }
 
@@ -394,10 +416,15 @@ impl Config {
             || g.keepalive_interval.is_zero()
             || g.keepalive_timeout.is_zero()
             || g.request_timeout.is_zero()
+            || g.max_connections == 0
+            || g.preface_timeout.is_zero()
         {
             return Err(ConfigError::new(
-                "grpc: max_message_bytes, max_concurrent_streams and the keepalive and request timeouts must be greater than 0",
+                "grpc: max_message_bytes, max_concurrent_streams, max_connections and the keepalive, request and preface timeouts must be greater than 0",
             ));
+        }
+        if self.handover_timeout.is_zero() {
+            return Err(ConfigError::new("handover_timeout_ms must be greater than 0"));
         }
         Ok(())
     }

@@ -1,0 +1,251 @@
+//! Restarts and deploys refuse nothing: the real binary under continuous
+//! load (fresh connections and a keep-alive pool, plus one silent gRPC
+//! connection) is replaced by a second one started with the same config
+//! (hand-over), or restarted on sockets it inherits (systemd socket
+//! activation). Not one request may fail, and every 2xx must be stored.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ordertrail::proto::GetDeliveryRequest;
+use ordertrail::proto::admin_client::AdminClient;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
+/// Long enough that a process held by an idle connection would be caught.
+const GRACE_MS: u64 = 30_000;
+
+/// What became of one request.
+#[derive(Debug)]
+struct Sent {
+    body: String,
+    /// `Ok(raw_id)` for a 2xx, else what went wrong.
+    answer: Result<u64, String>,
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, grpc, admin) = (free_port(), free_port(), free_port());
+        let config = dir.path().join("ordertrail.toml");
+        let text = format!(
+            "shutdown_grace_ms = {GRACE_MS}\n[http]\naddr = \"{http}\"\n[grpc]\naddr = \"{grpc}\"\n\
+             [admin]\naddr = \"{admin}\"\n[store]\ndata_dir = {:?}\n",
+            dir.path().join("data").display().to_string()
+        );
+        std::fs::write(&config, text).unwrap();
+        Self { dir, config, http, grpc, admin }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(BIN);
+        command.args(["--config", self.config.to_str().unwrap()]).env("RUST_LOG", "info").stdout(Stdio::null());
+        command.stderr(Stdio::inherit());
+        command
+    }
+
+    async fn wait_ready(&self, child: &mut Child) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        for _ in 0..3000 {
+            assert!(child.try_wait().unwrap().is_none(), "the server exited on start-up");
+            let uri = format!("http://{}/readyz", self.http).parse().unwrap();
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), client.get(uri)).await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server never became ready");
+    }
+
+    /// Every 2xx must be stored with the bytes that were sent.
+    async fn verify(&self, sent: &[Sent]) {
+        let failed: Vec<_> = sent.iter().filter(|s| s.answer.is_err()).collect();
+        assert!(failed.is_empty(), "{} of {} requests failed: {failed:#?}", failed.len(), sent.len());
+        let mut admin = AdminClient::connect(format!("http://{}", self.grpc)).await.unwrap();
+        for s in sent {
+            let raw_id = *s.answer.as_ref().unwrap();
+            let stored = admin.get_delivery(GetDeliveryRequest { raw_id }).await.unwrap().into_inner();
+            assert_eq!(stored.body, s.body.as_bytes(), "delivery {raw_id} was acknowledged but is not stored");
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn terminate(child: &Child) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+}
+
+/// Waits for `child` to exit (at most 20 s, less than the grace period).
+async fn exited(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..2000 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the old process did not exit: something held its shutdown");
+}
+
+/// Unique webhooks until `stop`: one every 4 ms on a new connection each,
+/// and 8 senders reusing the connections of one keep-alive pool.
+async fn load(http: SocketAddr, stop: CancellationToken) -> Vec<Sent> {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fresh = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http::<Full<Bytes>>();
+    let pooled = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (pooled, sent, counter, stop) = (pooled.clone(), sent.clone(), counter.clone(), stop.clone());
+        senders.spawn(async move {
+            while !stop.is_cancelled() {
+                let outcome = post(&pooled, http, &counter).await;
+                sent.lock().unwrap().push(outcome);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(4));
+    while !stop.is_cancelled() {
+        ticker.tick().await;
+        let (fresh, sent, counter) = (fresh.clone(), sent.clone(), counter.clone());
+        senders.spawn(async move {
+            let outcome = post(&fresh, http, &counter).await;
+            sent.lock().unwrap().push(outcome);
+        });
+    }
+    senders.join_all().await;
+    Arc::try_unwrap(sent).unwrap().into_inner().unwrap()
+}
+
+async fn post(client: &Client<HttpConnector, Full<Bytes>>, http: SocketAddr, counter: &std::sync::atomic::AtomicUsize) -> Sent {
+    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"h-{n}","ExternalOrderId":"HX-{n}"}}"#);
+    let request = hyper::Request::post(format!("http://{http}/webhooks/ordermesh"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let answer = async {
+        let response = client.request(request).await.map_err(|e| format!("{e:?}"))?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| format!("{e:?}"))?.to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        match json["raw_id"].as_u64() {
+            Some(raw_id) if status.is_success() => Ok(raw_id),
+            _ => Err(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
+        }
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(20), answer).await.unwrap_or_else(|_| Err("no answer".into()));
+    Sent { body, answer }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_takes_over_without_failing_a_request() {
+    let setup = Setup::new();
+    let mut old = setup.command().spawn().unwrap();
+    setup.wait_ready(&mut old).await;
+    // Never sends the HTTP/2 preface: must not hold the old process.
+    let silent = tokio::net::TcpStream::connect(setup.grpc).await.unwrap();
+    let stop = CancellationToken::new();
+    let loading = tokio::spawn(load(setup.http, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut new = setup.command().spawn().unwrap();
+    let status = exited(&mut old).await;
+    assert!(status.success(), "the old process exited with {status}");
+    setup.wait_ready(&mut new).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let sent = loading.await.unwrap();
+    assert!(sent.len() > 200, "too little load to mean anything: {}", sent.len());
+    setup.verify(&sent).await;
+
+    // And again: the new process hands over as well.
+    let stop = CancellationToken::new();
+    let loading = tokio::spawn(load(setup.http, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = setup.command().spawn().unwrap();
+    assert!(exited(&mut new).await.success());
+    setup.wait_ready(&mut third).await;
+    stop.cancel();
+    setup.verify(&loading.await.unwrap()).await;
+    terminate(&third);
+    assert!(exited(&mut third).await.success());
+    drop(silent);
+    drop(setup.dir);
+}
+
+/// The test plays systemd: it owns the listening sockets and passes them as
+/// fds 3, 4 and 5 (`LISTEN_FDS`) to each process it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_inherited_sockets_refuses_nothing() {
+    let setup = Setup::new();
+    let sockets = [setup.http, setup.grpc, setup.admin].map(|addr| StdListener::bind(addr).unwrap());
+    let fds = sockets.each_ref().map(|s| s.as_raw_fd());
+    let spawn = || {
+        let mut command = setup.command();
+        command.env("LISTEN_FDS", "3").env("LISTEN_FDNAMES", "http:grpc:admin");
+        pass_fds(&mut command, fds);
+        command.spawn().unwrap()
+    };
+    let mut first = spawn();
+    setup.wait_ready(&mut first).await;
+    let stop = CancellationToken::new();
+    let loading = tokio::spawn(load(setup.http, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A plain restart: stop, then start on the same sockets.
+    terminate(&first);
+    assert!(exited(&mut first).await.success());
+    let mut second = spawn();
+    setup.wait_ready(&mut second).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let sent = loading.await.unwrap();
+    assert!(sent.len() > 200, "too little load to mean anything: {}", sent.len());
+    setup.verify(&sent).await;
+    terminate(&second);
+    assert!(exited(&mut second).await.success());
+}
+
+/// Places `fds` at 3, 4, 5 in the child, as systemd does.
+fn pass_fds(command: &mut Command, fds: [i32; 3]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // First out of the way, so no source is overwritten by dup2.
+            let mut high = [0; 3];
+            for (i, fd) in fds.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD, 100);
+            }
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
