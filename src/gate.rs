@@ -38,20 +38,18 @@ pub struct GrpcConnection {
 
 /// Accepts gRPC connections until `shutdown` and yields those that sent
 /// their first bytes in time.
-pub fn gate(listener: TcpListener, config: &GrpcConfig, shutdown: CancellationToken) -> ReceiverStream<io::Result<GrpcConnection>> {
+pub fn gate(
+    listener: TcpListener,
+    config: &GrpcConfig,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<GrpcConnection>> {
     let (ready, incoming) = mpsc::channel(64);
     let first_bytes = if config.tls.is_some() { 1 } else { PREFACE.len() };
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let timeout = config.preface_timeout;
     tokio::spawn(async move {
         loop {
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-                () = shutdown.cancelled() => break,
-            };
+            let Some(slot) = slot(&slots, &shutdown).await else { break };
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
@@ -83,6 +81,15 @@ pub fn gate(listener: TcpListener, config: &GrpcConfig, shutdown: CancellationTo
         }
     });
     ReceiverStream::new(incoming)
+}
+
+/// A connection slot once one is free (at the limit, accepting waits);
+/// `None` once shutdown starts.
+pub(crate) async fn slot(slots: &Arc<Semaphore>, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.ok(),
+        () = shutdown.cancelled() => None,
+    }
 }
 
 /// Waits until `wanted` bytes can be read (without reading them).

@@ -18,13 +18,14 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -150,7 +151,7 @@ pub async fn acquire(config: &Config, mut inherited: Inherited) -> std::io::Resu
         let path = socket_path(&config.store.data_dir);
         if let Some((running, sockets)) = tokio::task::spawn_blocking(move || request(&path)).await?? {
             tracing::info!("taking over from the running ordertrail");
-            inherited = Inherited { sockets };
+            inherited = sockets;
             predecessor = Some(running);
         }
     }
@@ -170,7 +171,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Asks the process serving at `path` for its listening sockets; `None`
 /// when no process serves there.
-fn request(path: &Path) -> std::io::Result<Option<(Predecessor, Vec<(Role, StdListener)>)>> {
+fn request(path: &Path) -> std::io::Result<Option<(Predecessor, Inherited)>> {
     let stream = match StdUnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
@@ -200,35 +201,113 @@ fn request(path: &Path) -> std::io::Result<Option<(Predecessor, Vec<(Role, StdLi
         .filter_map(|(byte, fd)| Some((Role::from_byte(*byte)?, StdListener::from(fd))))
         .collect();
     stream.set_read_timeout(None)?;
-    Ok(Some((Predecessor { stream }, sockets)))
+    Ok(Some((Predecessor { stream }, Inherited { sockets })))
 }
 
-/// The process handing over; it holds the store until [`released`](Self::released).
+/// A connection the old process handed over: between two requests, or
+/// before its first; `prefix` holds bytes it had read but not answered.
+pub struct HandedConnection {
+    pub stream: std::net::TcpStream,
+    pub prefix: bytes::Bytes,
+}
+
+/// What a handed-over message is.
+const CONNECTION: u8 = b'c';
+
+/// The process handing over; it holds the store until it says
+/// [`RELEASED`], and hands over its idle connections before that.
 pub struct Predecessor {
     stream: StdUnixStream,
 }
 
 impl Predecessor {
-    /// Waits until the old process has closed its store (or is gone), at
-    /// most `timeout`.
-    pub async fn released(self, timeout: Duration) -> std::io::Result<()> {
-        let mut stream = self.stream;
-        stream.set_read_timeout(Some(timeout))?;
-        tokio::task::spawn_blocking(move || {
-            let mut byte = [0u8; 1];
-            match stream.read(&mut byte) {
-                // RELEASED, or EOF: a process that died holds no lock either.
-                Ok(_) => Ok(()),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the running ordertrail did not release the store within {timeout:?}"),
-                    ))
-                }
-                Err(e) => Err(e),
+    /// Follows the old process: the connections it hands over, and the
+    /// moment it has closed its store (or is gone), at most `timeout` from
+    /// now.
+    pub fn follow(
+        self,
+        timeout: Duration,
+    ) -> (mpsc::UnboundedReceiver<HandedConnection>, oneshot::Receiver<std::io::Result<()>>) {
+        let (handed, connections) = mpsc::unbounded_channel();
+        let (released, on_release) = oneshot::channel();
+        let stream = self.stream;
+        std::thread::spawn(move || {
+            let result = stream.set_read_timeout(Some(timeout)).and_then(|()| receive(&stream, &handed));
+            let _ = released.send(result.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("the running ordertrail did not release the store: {e}"))
+            }));
+        });
+        (connections, on_release)
+    }
+}
+
+/// Receives handed-over connections until [`RELEASED`] or the end of the
+/// stream (a process that died holds no lock either).
+fn receive(stream: &StdUnixStream, handed: &mpsc::UnboundedSender<HandedConnection>) -> std::io::Result<()> {
+    loop {
+        let mut header = [0u8; 5];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received =
+            rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut header)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        let mut fd: Option<OwnedFd> = None;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = message {
+                fd = fds.next();
             }
-        })
-        .await?
+        }
+        match (received.bytes, header[0]) {
+            (0, _) | (_, RELEASED) => return Ok(()),
+            (n, CONNECTION) => {
+                let mut stream_ref = stream;
+                if n < header.len() {
+                    stream_ref.read_exact(&mut header[n..])?;
+                }
+                let length = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+                let mut prefix = vec![0u8; length];
+                stream_ref.read_exact(&mut prefix)?;
+                if let Some(fd) = fd {
+                    let connection = HandedConnection { stream: fd.into(), prefix: prefix.into() };
+                    let _ = handed.send(connection);
+                }
+            }
+            (_, other) => {
+                return Err(std::io::Error::other(format!("unexpected hand-over message {other}")));
+            }
+        }
+    }
+}
+
+// === impl Successor ===
+
+/// Where a process that hands over sends its idle connections, once a
+/// successor has taken its sockets.
+#[derive(Default)]
+pub struct Successor {
+    connections: std::sync::Mutex<Option<mpsc::UnboundedSender<HandedConnection>>>,
+}
+
+impl Successor {
+    /// Whether a successor takes connections.
+    pub fn is_taking(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Hands `connection` to the successor; gives it back if there is none.
+    pub fn hand(&self, connection: HandedConnection) -> Result<(), HandedConnection> {
+        match &*self.lock() {
+            Some(sender) => sender.send(connection).map_err(|e| e.0),
+            None => Err(connection),
+        }
+    }
+
+    /// No more connections will be handed over.
+    pub fn close(&self) {
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<HandedConnection>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -243,9 +322,15 @@ pub struct Offer {
 impl Offer {
     /// Offers `sockets` (duplicates of the serving listeners) at the data
     /// dir's hand-over socket until `shutdown`. A successor that takes them
-    /// cancels `shutdown`. `None` when the socket cannot be created (logged;
-    /// the service runs without hand-over).
-    pub fn start(data_dir: &Path, sockets: Vec<(Role, OwnedFd)>, shutdown: CancellationToken) -> Option<Self> {
+    /// cancels `shutdown` and is given the idle connections through
+    /// `successor`. `None` when the socket cannot be created (logged; the
+    /// service then runs without hand-over).
+    pub fn start(
+        data_dir: &Path,
+        sockets: Vec<(Role, OwnedFd)>,
+        successor: Arc<Successor>,
+        shutdown: CancellationToken,
+    ) -> Option<Self> {
         let path = socket_path(data_dir);
         // Only the process holding the store gets here: a file left behind
         // is stale (a crash), never another server's.
@@ -258,7 +343,7 @@ impl Offer {
             }
         };
         let (released, on_release) = oneshot::channel();
-        let task = tokio::spawn(offer(listener, path, sockets, shutdown, on_release));
+        let task = tokio::spawn(offer(listener, path, sockets, successor, shutdown, on_release));
         Some(Self { released: Some(released), task })
     }
 
@@ -275,10 +360,11 @@ async fn offer(
     listener: UnixListener,
     path: PathBuf,
     sockets: Vec<(Role, OwnedFd)>,
+    successor: Arc<Successor>,
     shutdown: CancellationToken,
     on_release: oneshot::Receiver<()>,
 ) {
-    let successor = loop {
+    let taken = loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break None,
@@ -294,12 +380,43 @@ async fn offer(
     let _ = std::fs::remove_file(&path);
     drop(sockets);
     drop(listener);
-    let Some(mut successor) = successor else { return };
+    let Some(stream) = taken else { return };
+    let (connections, handed) = mpsc::unbounded_channel();
+    *successor.lock() = Some(connections);
     tracing::info!("handing over to a new ordertrail: no longer accepting, finishing what is in flight");
     shutdown.cancel();
-    if on_release.await.is_ok() {
-        let _ = tokio::task::spawn_blocking(move || successor.write_all(&[RELEASED])).await;
+    let _ = tokio::task::spawn_blocking(move || forward(stream, handed, on_release)).await;
+}
+
+/// Sends each handed connection to the successor; once they are all sent
+/// and the store is closed, says [`RELEASED`].
+fn forward(
+    mut stream: StdUnixStream,
+    mut handed: mpsc::UnboundedReceiver<HandedConnection>,
+    on_release: oneshot::Receiver<()>,
+) {
+    while let Some(connection) = handed.blocking_recv() {
+        if let Err(e) = send_connection(&stream, &connection) {
+            tracing::warn!(error = %e, "could not hand a connection over; closing it");
+        }
     }
+    if on_release.blocking_recv().is_ok() {
+        let _ = stream.write_all(&[RELEASED]);
+    }
+}
+
+fn send_connection(stream: &StdUnixStream, connection: &HandedConnection) -> std::io::Result<()> {
+    let length = u32::try_from(connection.prefix.len()).map_err(std::io::Error::other)?;
+    let mut header = [CONNECTION, 0, 0, 0, 0];
+    header[1..].copy_from_slice(&length.to_le_bytes());
+    let fds = [connection.stream.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = rustix::net::sendmsg(stream, &[IoSlice::new(&header)], &mut control, SendFlags::empty())?;
+    let mut rest = stream;
+    rest.write_all(&header[sent..])?;
+    rest.write_all(&connection.prefix)
 }
 
 fn send_sockets(stream: tokio::net::UnixStream, sockets: &[(Role, OwnedFd)]) -> std::io::Result<StdUnixStream> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use tonic::service::interceptor::InterceptedService;
@@ -16,7 +17,7 @@ use tonic_health::server::HealthReporter;
 use crate::api::{AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
 use crate::gate;
-use crate::handover::{Offer, Predecessor, Role};
+use crate::handover::{HandedConnection, Offer, Predecessor, Role, Successor};
 use crate::http::{self, FrontDoor};
 use crate::metrics::Metrics;
 use crate::proto::admin_server::AdminServer;
@@ -49,7 +50,7 @@ pub enum ServerError {
 /// closes the store (which flushes it).
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), ServerError> {
     let opening = open_store(&config);
-    serve(&config, opening, listeners, shutdown).await
+    serve(&config, opening, listeners, None, shutdown).await
 }
 
 /// Serves on sockets handed over by `predecessor` (see [`crate::handover`]):
@@ -61,15 +62,16 @@ pub async fn take_over(
     predecessor: Predecessor,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let deadline = tokio::time::Instant::now() + config.handover_timeout;
+    let (handed, released) = predecessor.follow(config.handover_timeout);
     let opening = async {
-        let deadline = tokio::time::Instant::now() + config.handover_timeout;
-        predecessor
-            .released(config.handover_timeout)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("hand-over failed: {e}")))?;
-        open_store_by(&config, deadline).await
+        match released.await {
+            Ok(Ok(())) => open_store_by(&config, deadline).await,
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("hand-over failed: {e}"))),
+            Err(_) => Err(StoreError::Unavailable("hand-over failed".into())),
+        }
     };
-    serve(&config, opening, listeners, shutdown).await
+    serve(&config, opening, listeners, Some(handed), shutdown).await
 }
 
 /// Opens the store, retrying while another process still holds it (it is
@@ -121,7 +123,7 @@ pub async fn run_with_store(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    serve(&config, async { Ok(store) }, listeners, shutdown).await
+    serve(&config, async { Ok(store) }, listeners, None, shutdown).await
 }
 
 /// Accepts webhooks at once (requests wait for the store), serves
@@ -132,13 +134,24 @@ async fn serve(
     config: &Config,
     opening: impl Future<Output = Result<Store, StoreError>>,
     listeners: Listeners,
+    handed: Option<mpsc::UnboundedReceiver<HandedConnection>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config.clone());
     let grace = config.shutdown_grace;
     let offered = dup_sockets(&listeners);
+    let successor = Arc::new(Successor::default());
+    let http_addr = local(&listeners.http);
     let (door, open_door) = http::Door::new(config.handover_timeout);
-    let webhooks = tokio::spawn(http::serve(listeners.http, door, config.clone(), shutdown.clone(), grace));
+    let webhooks = tokio::spawn(http::serve(
+        listeners.http,
+        door,
+        config.clone(),
+        shutdown.clone(),
+        grace,
+        handed,
+        successor.clone(),
+    ));
     let store = match opening.await {
         Ok(store) => store,
         Err(e) => {
@@ -148,7 +161,7 @@ async fn serve(
         }
     };
     tracing::info!(
-        http = %config.http.addr,
+        http = %http_addr,
         grpc = %local(&listeners.grpc),
         admin = %local(&listeners.admin),
         data_dir = %config.store.data_dir.display(),
@@ -156,7 +169,8 @@ async fn serve(
         head_sequence = store.head_sequence(),
         "ordertrail serving"
     );
-    let offer = offered.and_then(|sockets| Offer::start(&config.store.data_dir, sockets, shutdown.clone()));
+    let offer =
+        offered.and_then(|sockets| Offer::start(&config.store.data_dir, sockets, successor.clone(), shutdown.clone()));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = reflection()?;
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
@@ -178,6 +192,7 @@ async fn serve(
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;
+    successor.close();
     let _ = admin_task.await;
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await

@@ -220,3 +220,23 @@ async fn a_call_whose_request_never_arrives_times_out() {
     };
     assert!(status == "4" || status == "1", "expected DEADLINE_EXCEEDED or CANCELLED, got grpc-status {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_preface_is_closed_and_frees_its_slot() {
+    let server = TestServer::start_with("[grpc]\npreface_timeout_ms = 300\nmax_connections = 1\n").await;
+    let mut stalled = tokio::net::TcpStream::connect(server.grpc_addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // The only connection slot is the stalled one's: a real call waits for it.
+    let call = tokio::spawn({
+        let addr = server.grpc_addr;
+        async move {
+            let mut client = OrderTrailClient::connect(format!("http://{addr}")).await.unwrap();
+            client.get_order(get("x")).await.unwrap_err().code()
+        }
+    });
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the stalled connection was not closed: {read:?}");
+    assert_eq!(call.await.unwrap(), Code::NotFound, "served once the slot was free");
+    server.stop().await;
+}

@@ -32,7 +32,8 @@ struct Sent {
 }
 
 struct Setup {
-    dir: tempfile::TempDir,
+    /// Kept until the test ends.
+    _dir: tempfile::TempDir,
     config: std::path::PathBuf,
     http: SocketAddr,
     grpc: SocketAddr,
@@ -50,7 +51,7 @@ impl Setup {
             dir.path().join("data").display().to_string()
         );
         std::fs::write(&config, text).unwrap();
-        Self { dir, config, http, grpc, admin }
+        Self { _dir: dir, config, http, grpc, admin }
     }
 
     fn command(&self) -> Command {
@@ -139,9 +140,14 @@ async fn load(http: SocketAddr, stop: CancellationToken) -> Vec<Sent> {
     Arc::try_unwrap(sent).unwrap().into_inner().unwrap()
 }
 
-async fn post(client: &Client<HttpConnector, Full<Bytes>>, http: SocketAddr, counter: &std::sync::atomic::AtomicUsize) -> Sent {
+async fn post(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    http: SocketAddr,
+    counter: &std::sync::atomic::AtomicUsize,
+) -> Sent {
     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let body = format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"h-{n}","ExternalOrderId":"HX-{n}"}}"#);
+    let body =
+        format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"h-{n}","ExternalOrderId":"HX-{n}"}}"#);
     let request = hyper::Request::post(format!("http://{http}/webhooks/ordermesh"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.clone())))
@@ -156,44 +162,43 @@ async fn post(client: &Client<HttpConnector, Full<Bytes>>, http: SocketAddr, cou
             _ => Err(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
         }
     };
-    let answer = tokio::time::timeout(Duration::from_secs(20), answer).await.unwrap_or_else(|_| Err("no answer".into()));
+    let answer =
+        tokio::time::timeout(Duration::from_secs(20), answer).await.unwrap_or_else(|_| Err("no answer".into()));
     Sent { body, answer }
 }
+
+/// Hand-overs under load; each is a chance for a reset keep-alive
+/// connection or a refused one to show.
+const HANDOVERS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_without_failing_a_request() {
     let setup = Setup::new();
-    let mut old = setup.command().spawn().unwrap();
-    setup.wait_ready(&mut old).await;
-    // Never sends the HTTP/2 preface: must not hold the old process.
-    let silent = tokio::net::TcpStream::connect(setup.grpc).await.unwrap();
+    let mut running = setup.command().spawn().unwrap();
+    setup.wait_ready(&mut running).await;
     let stop = CancellationToken::new();
     let loading = tokio::spawn(load(setup.http, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let mut new = setup.command().spawn().unwrap();
-    let status = exited(&mut old).await;
-    assert!(status.success(), "the old process exited with {status}");
-    setup.wait_ready(&mut new).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..HANDOVERS {
+        // gRPC connections that never send (all of) the HTTP/2 preface
+        // must not hold the old process.
+        let silent = tokio::net::TcpStream::connect(setup.grpc).await.unwrap();
+        let mut stalled = tokio::net::TcpStream::connect(setup.grpc).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stalled, b"PRI * HTTP/2.0\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut next = setup.command().spawn().unwrap();
+        let status = exited(&mut running).await;
+        assert!(status.success(), "the old process exited with {status}");
+        setup.wait_ready(&mut next).await;
+        running = next;
+        drop((silent, stalled));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     let sent = loading.await.unwrap();
-    assert!(sent.len() > 200, "too little load to mean anything: {}", sent.len());
+    assert!(sent.len() > 500, "too little load to mean anything: {}", sent.len());
     setup.verify(&sent).await;
-
-    // And again: the new process hands over as well.
-    let stop = CancellationToken::new();
-    let loading = tokio::spawn(load(setup.http, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut third = setup.command().spawn().unwrap();
-    assert!(exited(&mut new).await.success());
-    setup.wait_ready(&mut third).await;
-    stop.cancel();
-    setup.verify(&loading.await.unwrap()).await;
-    terminate(&third);
-    assert!(exited(&mut third).await.success());
-    drop(silent);
-    drop(setup.dir);
+    terminate(&running);
+    assert!(exited(&mut running).await.success());
 }
 
 /// The test plays systemd: it owns the listening sockets and passes them as
@@ -209,24 +214,25 @@ async fn a_restart_on_inherited_sockets_refuses_nothing() {
         pass_fds(&mut command, fds);
         command.spawn().unwrap()
     };
-    let mut first = spawn();
-    setup.wait_ready(&mut first).await;
+    let mut running = spawn();
+    setup.wait_ready(&mut running).await;
     let stop = CancellationToken::new();
     let loading = tokio::spawn(load(setup.http, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    // A plain restart: stop, then start on the same sockets.
-    terminate(&first);
-    assert!(exited(&mut first).await.success());
-    let mut second = spawn();
-    setup.wait_ready(&mut second).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..HANDOVERS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A plain restart: stop, then start on the same sockets.
+        terminate(&running);
+        assert!(exited(&mut running).await.success());
+        running = spawn();
+        setup.wait_ready(&mut running).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     let sent = loading.await.unwrap();
-    assert!(sent.len() > 200, "too little load to mean anything: {}", sent.len());
+    assert!(sent.len() > 500, "too little load to mean anything: {}", sent.len());
     setup.verify(&sent).await;
-    terminate(&second);
-    assert!(exited(&mut second).await.success());
+    terminate(&running);
+    assert!(exited(&mut running).await.success());
 }
 
 /// Places `fds` at 3, 4, 5 in the child, as systemd does.
@@ -248,4 +254,75 @@ fn pass_fds(command: &mut Command, fds: [i32; 3]) {
             Ok(())
         });
     }
+}
+
+/// Sends one keep-alive webhook on `stream` and reads the answer:
+/// (status, head, body); `None` if the connection was closed instead.
+fn exchange(stream: &mut std::net::TcpStream, n: usize) -> Option<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let body =
+        format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"k-{n}","ExternalOrderId":"KX-{n}"}}"#);
+    let request = format!(
+        "POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buffer).ok()?;
+        if n == 0 {
+            return None;
+        }
+        received.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        let Some(end) = text.find("\r\n\r\n") else { continue };
+        let head = text[..end].to_ascii_lowercase();
+        let length: usize =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+        if text.len() >= end + 4 + length {
+            let status = head[9..12].parse().unwrap();
+            return Some((status, head, text[end + 4..end + 4 + length].to_string()));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_new_connections_are_handed_over_not_closed() {
+    let setup = Setup::new();
+    let mut old = setup.command().spawn().unwrap();
+    setup.wait_ready(&mut old).await;
+    let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
+    let (status, head, _) = exchange(&mut idle, 1).expect("the first answer");
+    assert_eq!(status, 200);
+    assert!(!head.contains("connection: close"), "{head}");
+    // Connected, nothing sent yet.
+    let mut quiet = std::net::TcpStream::connect(setup.http).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut new = setup.command().spawn().unwrap();
+    assert!(exited(&mut old).await.success());
+    setup.wait_ready(&mut new).await;
+    // Both connections were the old process's; the new one answers on them.
+    let (status, _, body) = exchange(&mut idle, 2).expect("the idle keep-alive connection was closed");
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = exchange(&mut quiet, 3).expect("the connection that had sent nothing was closed");
+    assert_eq!(status, 200, "{body}");
+    terminate(&new);
+    assert!(exited(&mut new).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with_close() {
+    let setup = Setup::new();
+    let mut server = setup.command().spawn().unwrap();
+    setup.wait_ready(&mut server).await;
+    let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
+    assert_eq!(exchange(&mut idle, 1).expect("the first answer").0, 200);
+    terminate(&server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, head, body) = exchange(&mut idle, 2).expect("the idle connection was closed at once");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(exited(&mut server).await.success());
 }

@@ -87,6 +87,9 @@ fn example_config_is_valid_and_shows_the_defaults() {
     assert_eq!(c.grpc.keepalive_interval, defaults.grpc.keepalive_interval);
     assert_eq!(c.grpc.keepalive_timeout, defaults.grpc.keepalive_timeout);
     assert_eq!(c.grpc.request_timeout, defaults.grpc.request_timeout);
+    assert_eq!(c.grpc.max_connections, defaults.grpc.max_connections);
+    assert_eq!(c.grpc.preface_timeout, defaults.grpc.preface_timeout);
+    assert_eq!(c.handover_timeout, defaults.handover_timeout);
     assert_eq!(c.sources.len(), 3);
 }
 

@@ -18,7 +18,6 @@ use hyper::body::Incoming as Body;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -346,6 +345,9 @@ fn now() -> prost_types::Timestamp {
 
 // === Serving ===
 
+mod connection;
+pub use connection::serve;
+
 /// The front door once the store is open. Until then requests wait for it,
 /// at most `wait` (then 503): a process taking over holds what it accepts
 /// until its predecessor has released the store.
@@ -362,7 +364,7 @@ impl Door {
         (Self { front, wait }, open)
     }
 
-    async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    pub(crate) async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let opened = self.front.borrow().clone();
         if let Some(front) = opened {
             return front.handle(req, peer).await;
@@ -389,55 +391,6 @@ impl Door {
                 response
             }
         }
-    }
-}
-
-/// Accepts connections until `shutdown`, then gives in-flight requests
-/// `grace` to finish.
-pub async fn serve(listener: TcpListener, door: Door, config: Arc<Config>, shutdown: CancellationToken, grace: Duration) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(config.http.header_read_timeout);
-    let slots = Arc::new(tokio::sync::Semaphore::new(config.http.max_connections));
-    loop {
-        // At the connection limit, stop accepting until one closes.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        // Answers are small and must not wait for Nagle's algorithm.
-        let _ = stream.set_nodelay(true);
-        let door = door.clone();
-        let service = service_fn(move |req| {
-            let door = door.clone();
-            async move { Ok::<_, Infallible>(door.handle(req, peer).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?grace, "webhook connections still open after the grace period");
     }
 }
 
