@@ -326,3 +326,19 @@ async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with
     assert!(head.contains("connection: close"), "{head}");
     assert!(exited(&mut server).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_webhook_connection_does_not_hold_a_plain_stop() {
+    let setup = Setup::new();
+    let mut server = setup.command().spawn().unwrap();
+    setup.wait_ready(&mut server).await;
+    // Connected, never sends: hyper would wait for its request headers.
+    let silent = std::net::TcpStream::connect(setup.http).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = std::time::Instant::now();
+    terminate(&server);
+    assert!(exited(&mut server).await.success());
+    // The config's header read timeout is 10 s, the grace period 30 s.
+    assert!(stopping.elapsed() < Duration::from_secs(5), "a silent connection held the stop: {:?}", stopping.elapsed());
+    drop(silent);
+}
