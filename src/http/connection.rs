@@ -8,8 +8,8 @@
 //!   `Connection: close` first;
 //! - without one, the next request on a connection is answered with
 //!   `Connection: close`, and a connection that stays idle for
-//!   [`IDLE_DRAIN`] is closed (one that never sent a byte at once then,
-//!   although hyper would wait for its first request).
+//!   [`IDLE_DRAIN`] is closed (hyper closes one that never sent a byte
+//!   too; `tests/handover.rs` checks it).
 
 use std::convert::Infallible;
 use std::io;
@@ -207,8 +207,6 @@ impl Connection {
         self.closing.store(true, Ordering::SeqCst);
         let result = match tokio::time::timeout(IDLE_DRAIN, self.until_done()).await {
             Ok(result) => result,
-            // Silent since it connected: nothing to answer.
-            Err(_) if self.counts.read.load(Ordering::SeqCst) == 0 => Ok(()),
             Err(_) => {
                 Pin::new(&mut self.http).graceful_shutdown();
                 self.until_done().await
