@@ -63,6 +63,12 @@ impl Metrics {
         registry.register("commit_batch_size", "Deliveries answered by one group commit", commit.batch_size);
         registry.register("flush_seconds", "Time to make one group commit durable", commit.flush_seconds);
         registry.register("events", "Events committed, by kind", commit.events);
+        registry.register(
+            "storage_failures",
+            "Storage failures; each stops acknowledgements until a reopen",
+            commit.failures,
+        );
+        registry.register("store_reopens", "Times the store was reopened after a storage failure", commit.reopens);
         registry.register("unmapped_statuses", "Unknown provider status values seen", metrics.unmapped.clone());
         registry.register("quarantine_depth", "Deliveries in quarantine", metrics.quarantine_depth.clone());
         registry.register("orders", "Orders stored", metrics.orders.clone());

@@ -5,6 +5,7 @@
 //! activation). Not one request may fail, and every 2xx must be stored.
 
 use std::net::{SocketAddr, TcpListener as StdListener};
+use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -56,7 +57,7 @@ impl Setup {
 
     fn command(&self) -> Command {
         let mut command = Command::new(BIN);
-        command.args(["--config", self.config.to_str().unwrap()]).env("RUST_LOG", "info").stdout(Stdio::null());
+        command.args(["--config", self.config.to_str().unwrap()]).env("RUST_LOG", "warn").stdout(Stdio::null());
         command.stderr(Stdio::inherit());
         command
     }
@@ -86,6 +87,35 @@ impl Setup {
             let stored = admin.get_delivery(GetDeliveryRequest { raw_id }).await.unwrap().into_inner();
             assert_eq!(stored.body, s.body.as_bytes(), "delivery {raw_id} was acknowledged but is not stored");
         }
+    }
+}
+
+/// A started server, killed if a failing test leaves it running.
+struct Process(Child);
+
+impl Process {
+    fn spawn(command: &mut Command) -> Self {
+        Self(command.spawn().expect("start ordertrail"))
+    }
+}
+
+impl Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -174,7 +204,7 @@ const HANDOVERS: usize = 4;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_without_failing_a_request() {
     let setup = Setup::new();
-    let mut running = setup.command().spawn().unwrap();
+    let mut running = Process::spawn(&mut setup.command());
     setup.wait_ready(&mut running).await;
     let stop = CancellationToken::new();
     let loading = tokio::spawn(load(setup.http, stop.clone()));
@@ -185,7 +215,7 @@ async fn a_second_process_takes_over_without_failing_a_request() {
         let mut stalled = tokio::net::TcpStream::connect(setup.grpc).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut stalled, b"PRI * HTTP/2.0\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut next = setup.command().spawn().unwrap();
+        let mut next = Process::spawn(&mut setup.command());
         let status = exited(&mut running).await;
         assert!(status.success(), "the old process exited with {status}");
         setup.wait_ready(&mut next).await;
@@ -212,7 +242,7 @@ async fn a_restart_on_inherited_sockets_refuses_nothing() {
         let mut command = setup.command();
         command.env("LISTEN_FDS", "3").env("LISTEN_FDNAMES", "http:grpc:admin");
         pass_fds(&mut command, fds);
-        command.spawn().unwrap()
+        Process::spawn(&mut command)
     };
     let mut running = spawn();
     setup.wait_ready(&mut running).await;
@@ -290,7 +320,7 @@ fn exchange(stream: &mut std::net::TcpStream, n: usize) -> Option<(u16, String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_new_connections_are_handed_over_not_closed() {
     let setup = Setup::new();
-    let mut old = setup.command().spawn().unwrap();
+    let mut old = Process::spawn(&mut setup.command());
     setup.wait_ready(&mut old).await;
     let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
     let (status, head, _) = exchange(&mut idle, 1).expect("the first answer");
@@ -300,7 +330,7 @@ async fn idle_and_new_connections_are_handed_over_not_closed() {
     let mut quiet = std::net::TcpStream::connect(setup.http).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let mut new = setup.command().spawn().unwrap();
+    let mut new = Process::spawn(&mut setup.command());
     assert!(exited(&mut old).await.success());
     setup.wait_ready(&mut new).await;
     // Both connections were the old process's; the new one answers on them.
@@ -315,7 +345,7 @@ async fn idle_and_new_connections_are_handed_over_not_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with_close() {
     let setup = Setup::new();
-    let mut server = setup.command().spawn().unwrap();
+    let mut server = Process::spawn(&mut setup.command());
     setup.wait_ready(&mut server).await;
     let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
     assert_eq!(exchange(&mut idle, 1).expect("the first answer").0, 200);
@@ -330,7 +360,7 @@ async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_webhook_connection_does_not_hold_a_plain_stop() {
     let setup = Setup::new();
-    let mut server = setup.command().spawn().unwrap();
+    let mut server = Process::spawn(&mut setup.command());
     setup.wait_ready(&mut server).await;
     // Connected, never sends: hyper would wait for its request headers.
     let silent = std::net::TcpStream::connect(setup.http).unwrap();

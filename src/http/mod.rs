@@ -94,7 +94,13 @@ impl Refusal {
 
     fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
         match &self {
-            Self::Unavailable(e) => tracing::error!(request_id, error = %e, "webhook not stored"),
+            Self::Unavailable(e) => {
+                // The store logs the failure itself, once; this only says
+                // what it costs, at most once per interval.
+                if let Some(unlogged) = STORAGE_REFUSALS.allow() {
+                    tracing::warn!(request_id, error = %e, unlogged, "webhook not stored (503)");
+                }
+            }
             other => tracing::debug!(request_id, status = %other.status(), "webhook refused"),
         }
         let mut response = json_response(self.status(), json!({"request_id": request_id, "error": self.message()}));
@@ -111,6 +117,35 @@ impl Refusal {
         response
     }
 }
+
+/// At most one log line per interval for an error that repeats.
+struct Throttle {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Occurrences not logged since the last line.
+    unlogged: std::sync::atomic::AtomicU64,
+    every: Duration,
+}
+
+impl Throttle {
+    const fn new(every: Duration) -> Self {
+        Self { last: std::sync::Mutex::new(None), unlogged: std::sync::atomic::AtomicU64::new(0), every }
+    }
+
+    /// `Some(occurrences not logged before)` when this one is to be logged.
+    fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < self.every) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Webhooks answered 503 because storage failed.
+static STORAGE_REFUSALS: Throttle = Throttle::new(Duration::from_secs(10));
 
 // === impl FrontDoor ===
 

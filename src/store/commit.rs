@@ -30,9 +30,6 @@ pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
 /// How often the durability mark is brought up to date while writing.
 const MARK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often an unhealthy store checks whether storage works again.
-const HEALTH_PROBE_INTERVAL: Duration = Duration::from_millis(250);
-
 /// What the group commit measures; registered by [`crate::metrics`].
 #[derive(Clone)]
 pub struct CommitMetrics {
@@ -42,6 +39,10 @@ pub struct CommitMetrics {
     pub flush_seconds: Histogram,
     /// Committed events by kind.
     pub events: Family<Vec<(&'static str, String)>, Counter>,
+    /// Storage failures (each stops acknowledgements until a reopen).
+    pub failures: Counter,
+    /// Times the store was reopened after a failure.
+    pub reopens: Counter,
 }
 
 impl Default for CommitMetrics {
@@ -50,6 +51,8 @@ impl Default for CommitMetrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             flush_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             events: Family::default(),
+            failures: Counter::default(),
+            reopens: Counter::default(),
         }
     }
 }
@@ -65,13 +68,17 @@ struct Pending {
 pub(super) struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Signalled when storage fails or the store closes.
+    changed: Condvar,
     /// The newest durable sequence; readers can wait on it.
     durable: watch::Sender<u64>,
     /// Durable events, in sequence order.
     feed: broadcast::Sender<Arc<Published>>,
     /// The newest sequence written (durable or not).
     written: AtomicU64,
-    /// False after a storage failure, until a flush succeeds again.
+    /// False after a storage failure, until the store is reopened (see
+    /// [`super::recovery`]): nothing written after a failed write or flush
+    /// is acknowledged by this sled instance.
     pub healthy: AtomicBool,
     /// Successful group commits so far.
     pub flushes: AtomicU64,
@@ -123,6 +130,7 @@ impl Shared {
                 ..Queue::default()
             }),
             wake: Condvar::new(),
+            changed: Condvar::new(),
             durable: watch::Sender::new(durable_head),
             feed: broadcast::Sender::new(feed_capacity.max(1)),
             written: AtomicU64::new(durable_head),
@@ -145,11 +153,58 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks storage as failing; the flusher then probes it until it works.
-    pub fn mark_unhealthy(&self) {
-        self.healthy.store(false, Ordering::SeqCst);
+    /// Storage failed: from now on nothing is acknowledged until the store
+    /// is reopened. Logged once per failure.
+    pub fn fail(&self, error: &dyn std::fmt::Display) {
+        if self.healthy.swap(false, Ordering::SeqCst) {
+            self.metrics.failures.inc();
+            tracing::error!(%error, "storage failed: answering 503 until the store is reopened");
+        }
         let _queue = self.lock();
-        self.wake.notify_one();
+        self.wake.notify_all();
+        self.changed.notify_all();
+    }
+
+    /// Waits until storage fails (true) or the store closes (false).
+    pub fn wait_for_failure(&self) -> bool {
+        let mut queue = self.lock();
+        loop {
+            if queue.closed {
+                return false;
+            }
+            if !self.is_healthy() {
+                return true;
+            }
+            queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The store was reopened: it recovered up to `recovered`, and that is
+    /// durable.
+    pub fn recovered(&self, recovered: Mark) {
+        {
+            let mut queue = self.lock();
+            queue.last_sequence = recovered.durable_sequence;
+            queue.last_raw = recovered.durable_raw;
+        }
+        self.written(recovered.durable_sequence);
+        *self.durable_mark.lock().unwrap_or_else(|e| e.into_inner()) = recovered;
+        self.durable.send_if_modified(|head| {
+            let moved = recovered.durable_sequence > *head;
+            *head = (*head).max(recovered.durable_sequence);
+            moved
+        });
+        self.metrics.reopens.inc();
+        self.healthy.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Whether the store is closing.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     pub fn set_fault(&self, fault: Option<FaultPoint>) {
@@ -191,7 +246,13 @@ impl Shared {
     /// Queues a turn's replies (in sequence order) for the next flush.
     pub fn enqueue(&self, turn: impl IntoIterator<Item = (Reply, IngestOutcome, Vec<Published>)>) {
         let mut queue = self.lock();
+        // Written after storage failed: never acknowledged (see `take`).
+        let failed = !self.healthy.load(Ordering::SeqCst);
         for (reply, outcome, events) in turn {
+            if failed {
+                let _ = reply.send(Err(StoreError::Unavailable("storage failed".into())));
+                continue;
+            }
             if let Some(last) = events.last() {
                 queue.last_sequence = last.sequence;
             }
@@ -205,7 +266,8 @@ impl Shared {
 
     pub fn close(&self) {
         self.lock().closed = true;
-        self.wake.notify_one();
+        self.wake.notify_all();
+        self.changed.notify_all();
     }
 
     /// Holds or releases commits: while held, replies queue up unanswered.
@@ -221,25 +283,27 @@ impl Shared {
         self.lock().waiting.len()
     }
 
-    /// Waits for queued replies; `None` once closed and drained. While
-    /// storage is unhealthy it also wakes up now and then with nothing, so
-    /// the flusher can probe whether storage works again.
+    /// Waits for queued replies; `None` once closed and drained, or once
+    /// storage failed (what waits then is answered 503).
     fn take(&self) -> Option<(Vec<Pending>, Mark)> {
         let mut queue = self.lock();
-        while (queue.waiting.is_empty() || queue.held) && !queue.closed {
-            if !self.healthy.load(Ordering::SeqCst) && !queue.held {
-                let (guard, timeout) =
-                    self.wake.wait_timeout(queue, HEALTH_PROBE_INTERVAL).unwrap_or_else(|e| e.into_inner());
-                queue = guard;
-                if timeout.timed_out() && queue.waiting.is_empty() {
-                    return Some((Vec::new(), queue.marks()));
+        loop {
+            if !self.healthy.load(Ordering::SeqCst) {
+                for pending in std::mem::take(&mut queue.waiting) {
+                    let _ = pending.reply.send(Err(StoreError::Unavailable("storage failed".into())));
                 }
-                continue;
+                return None;
+            }
+            if !(queue.waiting.is_empty() || queue.held) {
+                break;
+            }
+            if queue.closed {
+                if queue.waiting.is_empty() {
+                    return None;
+                }
+                break;
             }
             queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
-        }
-        if queue.waiting.is_empty() {
-            return None;
         }
         let marks = queue.marks();
         Some((std::mem::take(&mut queue.waiting), marks))
@@ -274,6 +338,10 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
+    /// Runs until the store closes, or until storage fails: a failed flush
+    /// leaves the pages it covered in doubt (a later successful fsync does
+    /// not prove they reached the disk), so nothing more is acknowledged
+    /// through this sled instance; [`super::recovery`] reopens it.
     pub fn run(mut self) {
         while let Some((waiting, marks)) = self.shared.take() {
             let started = Instant::now();
@@ -287,8 +355,7 @@ impl Flusher {
                     self.maybe_write_mark();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "storage flush failed; answering 503");
-                    self.shared.healthy.store(false, Ordering::SeqCst);
+                    self.shared.fail(&format_args!("flush failed: {e}"));
                     for pending in waiting {
                         let _ = pending.reply.send(Err(StoreError::Unavailable(e.to_string())));
                     }
@@ -303,7 +370,6 @@ impl Flusher {
         let shared = &self.shared;
         let last_sequence = marks.durable_sequence;
         *shared.durable_mark.lock().unwrap_or_else(|e| e.into_inner()) = marks;
-        shared.healthy.store(true, Ordering::SeqCst);
         shared.durable.send_if_modified(|head| {
             let moved = last_sequence > *head;
             *head = (*head).max(last_sequence);

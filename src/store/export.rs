@@ -240,7 +240,8 @@ async fn build_into(
     let fresh = Store::open(&StoreConfig { data_dir: config.data_dir.join(REBUILD_DIR), ..config.clone() })?;
     let start = keys::numbered(keys::RAW, after.saturating_add(1));
     let end = keys::numbered(keys::RAW, upto.max(after.saturating_add(1)));
-    let range = (after < upto).then(|| source.inner.tree.range(start..=end)).into_iter().flatten();
+    let engine = source.engine()?;
+    let range = (after < upto).then(|| engine.tree.range(start..=end)).into_iter().flatten();
     let deliveries = range.map(|entry| {
         let (_, value) = entry?;
         let mut raw = RawDelivery::decode(&*value)?;

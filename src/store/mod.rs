@@ -13,12 +13,13 @@ mod feed;
 mod keys;
 mod mark;
 mod overlay;
+mod recovery;
 mod snapshot;
 mod writer;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use prost::Message;
@@ -33,7 +34,6 @@ use crate::config::{Durability, StoreConfig};
 use crate::ingest::{Normalized, Unrecognized};
 use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
 use commit::{Flusher, Shared};
-use mark::Mark;
 use writer::{Command, Counters, Work, Writer};
 
 /// How many deliveries may wait for the writer before senders wait too.
@@ -146,26 +146,41 @@ pub struct Store {
 }
 
 struct Inner {
-    db: sled::Db,
+    /// The open sled database; `None` while it is being reopened after a
+    /// storage failure (see [`recovery`]).
+    engine: RwLock<Option<Arc<Engine>>>,
+    config: StoreConfig,
     data_dir: std::path::PathBuf,
     durability: Durability,
-    tree: sled::Tree,
     /// The data dir's storage format (see [`FORMAT`]).
     format: u64,
     shared: Arc<Shared>,
     retain_events: u64,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    workers: Mutex<Workers>,
 }
 
-// === impl Store ===
+/// One opened sled database.
+pub(crate) struct Engine {
+    db: sled::Db,
+    tree: sled::Tree,
+}
 
-impl Store {
-    /// Opens (or creates) the store under `config.data_dir` and starts the
-    /// writer and flusher threads.
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+/// The threads that write to the engine, and the one that reopens it.
+#[derive(Default)]
+struct Workers {
+    writer: Option<JoinHandle<Option<mpsc::Receiver<Command>>>>,
+    flusher: Option<JoinHandle<()>>,
+    recovery: Option<JoinHandle<()>>,
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// Opens (or creates) the sled database of `config.data_dir`; sled
+    /// recovers its log.
+    fn open(config: &StoreConfig) -> Result<(Arc<Self>, Counters), StoreError> {
         let dir = config.data_dir.join("sled");
-        let known = mark::read(&config.data_dir)?;
         let db = sled::Config::new()
             .path(&dir)
             .cache_capacity(config.cache_capacity_bytes)
@@ -173,55 +188,92 @@ impl Store {
             .map_err(|e| open_error(&dir, e))?;
         let tree: sled::Tree = (*db).clone();
         let counters = Counters::load(&tree)?;
-        let format = match tree.get(keys::meta("format"))? {
+        Ok((Arc::new(Self { db, tree }), counters))
+    }
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) the store under `config.data_dir` and starts the
+    /// writer, flusher and recovery threads.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let known = mark::read(&config.data_dir)?;
+        let (engine, counters) = Engine::open(config)?;
+        let format = match engine.tree.get(keys::meta("format"))? {
             Some(value) => keys::trailing_u64(&value),
             None if counters.last_raw == 0 => {
-                tree.insert(keys::meta("format"), &FORMAT.to_be_bytes())?;
+                engine.tree.insert(keys::meta("format"), &FORMAT.to_be_bytes())?;
                 FORMAT
             }
             None => 1,
         };
-        let recovered = Mark { durable_sequence: counters.last_sequence, durable_raw: counters.last_raw };
+        let recovered = counters.mark();
         mark::check(&config.data_dir, known, recovered)?;
         let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         if config.unsafe_ack_before_durable {
             tracing::warn!("store.unsafe_ack_before_durable is set: acknowledged webhooks can be lost in a crash");
         }
+        let store = Self {
+            inner: Arc::new(Inner {
+                engine: RwLock::new(None),
+                config: config.clone(),
+                data_dir: config.data_dir.clone(),
+                durability: config.durability,
+                format,
+                shared,
+                retain_events: config.retain_events,
+                commands: Mutex::new(Some(tx)),
+                workers: Mutex::default(),
+            }),
+        };
+        store.start(engine, counters, rx)?;
+        let watched = store.clone();
+        store.workers().recovery = Some(spawn_thread("ordertrail-recovery", move || recovery::run(watched))?);
+        Ok(store)
+    }
+
+    /// Starts the writer and the flusher on `engine`.
+    fn start(&self, engine: Arc<Engine>, counters: Counters, rx: mpsc::Receiver<Command>) -> Result<(), StoreError> {
+        let config = &self.inner.config;
+        let shared = &self.inner.shared;
         let writer = Writer {
-            tree: tree.clone(),
-            overlay: overlay::Overlay::new(tree.clone()),
+            tree: engine.tree.clone(),
+            overlay: overlay::Overlay::new(engine.tree.clone()),
             counters,
             shared: shared.clone(),
             retain_events: config.retain_events,
             ack_before_durable: config.unsafe_ack_before_durable,
         };
         let flusher = Flusher {
-            db: db.clone(),
+            db: engine.db.clone(),
             durability: config.durability,
-            dir,
+            dir: config.data_dir.join("sled"),
             data_dir: config.data_dir.clone(),
             shared: shared.clone(),
             synced_blobs: Default::default(),
             mark_written: std::time::Instant::now(),
         };
-        let threads = vec![
-            spawn_thread("ordertrail-writer", move || writer.run(rx))?,
-            spawn_thread("ordertrail-flusher", move || flusher.run())?,
-        ];
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                data_dir: config.data_dir.clone(),
-                durability: config.durability,
-                tree,
-                format,
-                shared,
-                retain_events: config.retain_events,
-                commands: Mutex::new(Some(tx)),
-                threads: Mutex::new(threads),
-            }),
-        })
+        *self.inner.engine.write().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+        let mut workers = self.workers();
+        workers.writer = Some(spawn_thread("ordertrail-writer", move || writer.run(rx))?);
+        workers.flusher = Some(spawn_thread("ordertrail-flusher", move || flusher.run())?);
+        Ok(())
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, Workers> {
+        self.inner.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The open database, for a read.
+    pub(crate) fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.inner
+            .engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("storage failed and the store is being reopened; retry".into()))
     }
 
     /// Whether this build can serve the data dir: its derived state must be
@@ -248,6 +300,9 @@ impl Store {
         &self,
         incoming: Incoming,
     ) -> Result<impl Future<Output = Result<IngestOutcome, StoreError>> + use<>, StoreError> {
+        if !self.is_healthy() {
+            return Err(StoreError::Unavailable("storage failed; retry later".into()));
+        }
         let sender = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
         sender.send(Command { work: Work::Ingest(Box::new(incoming)), reply }).await.map_err(|_| StoreError::Closed)?;
@@ -307,12 +362,13 @@ impl Store {
 
     /// Counts of stored state, for metrics.
     pub fn state_stats(&self) -> StateStats {
-        let tree = &self.inner.tree;
+        let Ok(engine) = self.engine() else { return StateStats::default() };
+        let tree = &engine.tree;
         let orders = tree.get(keys::meta("last_order")).ok().flatten().map_or(0, |v| keys::trailing_u64(&v));
         StateStats {
             orders,
             quarantined: tree.scan_prefix([keys::QUARANTINE]).keys().count() as u64,
-            size_on_disk: self.inner.db.size_on_disk().unwrap_or(0),
+            size_on_disk: engine.db.size_on_disk().unwrap_or(0),
         }
     }
 
@@ -347,14 +403,36 @@ impl Store {
     }
 
     /// Stops taking deliveries, lets queued ones finish durable, and flushes.
-    /// Blocking; call from a blocking context.
+    /// Blocking; call from a blocking context. Ends promptly whatever the
+    /// state of storage: after a failure nothing more is flushed (what was
+    /// not durable was answered 503).
     pub fn close(&self) -> Result<(), StoreError> {
         self.inner.commands.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let threads = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for thread in threads {
+        let recovery = self.workers().recovery.take();
+        if let Some(writer) = self.workers().writer.take() {
+            let _ = writer.join();
+        }
+        // The writer closes the queue when it ends; after a failure it may
+        // be gone already.
+        self.inner.shared.close();
+        if let Some(recovery) = recovery {
+            let _ = recovery.join();
+        }
+        let workers = std::mem::take(&mut *self.workers());
+        for thread in [workers.flusher].into_iter().flatten() {
             let _ = thread.join();
         }
-        self.inner.db.flush()?;
+        if let Some(writer) = workers.writer {
+            let _ = writer.join();
+        }
+        if !self.is_healthy() {
+            tracing::warn!(
+                durable_sequence = self.inner.shared.durable_mark().durable_sequence,
+                "closing after a storage failure: nothing after the last durable sequence was acknowledged"
+            );
+            return Ok(());
+        }
+        self.engine()?.db.flush()?;
         let sync = self.inner.durability == Durability::Fsync;
         mark::write(&self.inner.data_dir, self.inner.shared.durable_mark(), sync)
             .map_err(|e| StoreError::Unavailable(format!("cannot write the durability mark: {e}")))
@@ -363,12 +441,12 @@ impl Store {
     // === queries ===
 
     pub fn order(&self, id: u64) -> Result<Option<Order>, StoreError> {
-        load_order(&self.inner.tree, id)
+        load_order(&self.engine()?.tree, id)
     }
 
     /// Every order `lookup` matches, optionally in one source, in id order.
     pub fn find_orders(&self, lookup: &Lookup, source: Option<&str>) -> Result<Vec<Order>, StoreError> {
-        let mut ids = index_lookup(&self.inner.tree, lookup.kind, &lookup.value, source)?;
+        let mut ids = index_lookup(&self.engine()?.tree, lookup.kind, &lookup.value, source)?;
         ids.sort_unstable();
         ids.dedup();
         let mut orders = Vec::with_capacity(ids.len());
@@ -386,7 +464,8 @@ impl Store {
     pub fn list_orders(&self, filter: &OrderFilter, after: u64, limit: usize) -> Result<Page<Order>, StoreError> {
         let start = keys::numbered(keys::ORDER, after.saturating_add(1));
         let end = keys::numbered(keys::ORDER, u64::MAX);
-        let entries = self.inner.tree.range(start..=end).map(|entry| -> Result<Order, StoreError> {
+        let engine = self.engine()?;
+        let entries = engine.tree.range(start..=end).map(|entry| -> Result<Order, StoreError> {
             let (_, value) = entry?;
             Ok(Order::decode(&*value)?)
         });
@@ -396,7 +475,8 @@ impl Store {
     /// Durable events after `after` that pass `filter`, in sequence order.
     pub fn list_events(&self, filter: &EventFilter, after: u64, limit: usize) -> Result<Page<Event>, StoreError> {
         let head = self.head_sequence();
-        let tree = &self.inner.tree;
+        let engine = self.engine()?;
+        let tree = &engine.tree;
         let matches = |e: &Event| {
             (filter.sources.is_empty() || filter.sources.contains(&e.source))
                 && (filter.kinds.is_empty() || filter.kinds.contains(&e.kind()))
@@ -438,7 +518,8 @@ impl Store {
         let end = keys::numbered(keys::EVENT, head);
         let mut events = Vec::new();
         let mut bytes = 0;
-        for entry in self.inner.tree.range(start..=end) {
+        let engine = self.engine()?;
+        for entry in engine.tree.range(start..=end) {
             let (key, value) = entry?;
             bytes += value.len();
             // sled's buffer is shared, not copied.
@@ -451,18 +532,18 @@ impl Store {
     }
 
     pub fn event(&self, sequence: u64) -> Result<Option<Event>, StoreError> {
-        let value = self.inner.tree.get(keys::numbered(keys::EVENT, sequence))?;
+        let value = self.engine()?.tree.get(keys::numbered(keys::EVENT, sequence))?;
         Ok(value.map(|v| Event::decode(&*v)).transpose()?)
     }
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
-        load_raw(&self.inner.tree, id)
+        load_raw(&self.engine()?.tree, id)
     }
 
     /// How often each unknown provider status value was seen:
     /// (provider, `"order"` or `"shipment"`, value, count).
     pub fn unmapped_statuses(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
-        self.inner
+        self.engine()?
             .tree
             .scan_prefix([keys::UNMAPPED])
             .map(|entry| {
@@ -478,7 +559,8 @@ impl Store {
     pub fn list_quarantine(&self, after: u64, limit: usize) -> Result<Page<RawDelivery>, StoreError> {
         let start = keys::numbered(keys::QUARANTINE, after.saturating_add(1));
         let end = keys::numbered(keys::QUARANTINE, u64::MAX);
-        let entries = self.inner.tree.range(start..=end).keys().filter_map(|key| match key {
+        let engine = self.engine()?;
+        let entries = engine.tree.range(start..=end).keys().filter_map(|key| match key {
             Ok(key) => self.raw(keys::trailing_u64(&key)).transpose(),
             Err(e) => Some(Err(e.into())),
         });
@@ -596,7 +678,10 @@ pub(crate) fn index_lookup(
     }
 }
 
-fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StoreError> {
+fn spawn_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, StoreError> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)

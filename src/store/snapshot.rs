@@ -51,7 +51,8 @@ impl Store {
     fn scan_orders(&self, matches: &impl Fn(&Order) -> bool) -> Result<(BTreeMap<u64, Order>, u64), StoreError> {
         let mut orders = BTreeMap::new();
         let mut newest = 0;
-        for entry in self.inner.tree.scan_prefix([keys::ORDER]) {
+        let engine = self.engine()?;
+        for entry in engine.tree.scan_prefix([keys::ORDER]) {
             let (_, value) = entry?;
             let order = Order::decode(&*value)?;
             newest = newest.max(order.last_sequence);

@@ -147,6 +147,10 @@ async fn a_failed_turn_answers_all_of_it_and_leaves_nothing() {
         assert!(matches!(answer, Err(StoreError::Unavailable(_))), "a failed write is never acknowledged");
     }
     store.inject_fault(None);
+    // The failed instance is reopened before anything is acknowledged again.
+    while !store.is_healthy() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     for n in 1..=3 {
         match store.ingest(delivery(n)).await.unwrap() {
             IngestOutcome::Applied { raw_id, sequences } => {
@@ -222,4 +226,43 @@ fn a_stored_order_reads_as_the_order_and_keeps_its_history_apart() {
     assert_eq!(decoded, order);
     assert_eq!(decoded.encode_to_vec(), order.encode_to_vec(), "no history reaches a client");
     assert_eq!(OrderHistory::decode(stored.as_slice()).unwrap().event_sequences, vec![3, 9, 42]);
+}
+
+/// After a failed flush, a later successful one does not prove the earlier
+/// pages reached the disk: nothing is acknowledged again until the store
+/// was reopened, and what was acknowledged before stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_flush_nothing_is_acknowledged_until_the_store_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert!(matches!(store.ingest(delivery(1)).await, Ok(IngestOutcome::Applied { .. })));
+    store.inject_fault(Some(FaultPoint::Flush));
+    assert!(matches!(store.ingest(delivery(2)).await, Err(StoreError::Unavailable(_))));
+    store.inject_fault(None);
+    let reopens = || store.commit_metrics().reopens.get();
+    let mut acknowledged = Vec::new();
+    for n in 3..2000 {
+        let before = reopens();
+        match store.ingest(delivery(n)).await {
+            Ok(outcome) => {
+                assert!(before > 0, "delivery {n} was acknowledged through the instance whose flush failed");
+                acknowledged.push((n, outcome));
+                if acknowledged.len() == 5 {
+                    break;
+                }
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
+    assert!(!acknowledged.is_empty(), "ingest never resumed");
+    assert_eq!(reopens(), 1);
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert!(store.raw(1).unwrap().is_some(), "acknowledged before the failure");
+    for (n, outcome) in acknowledged {
+        let IngestOutcome::Applied { raw_id, .. } = outcome else { panic!("{outcome:?}") };
+        let raw = store.raw(raw_id).unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&raw.body).contains(&format!("\"o{n}\"")), "{n}");
+    }
 }

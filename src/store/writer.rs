@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::commit::{FaultPoint, Reply, Shared};
 use super::feed::Published;
 use super::keys::{self, RefKind};
+use super::mark::Mark;
 use super::overlay::Overlay;
 use super::{Incoming, IngestOutcome, StoreError};
 use crate::ingest::{MAPPER_VERSION, Normalized, Unrecognized};
@@ -37,6 +38,8 @@ pub(super) enum Work {
     Ingest(Box<Incoming>),
     /// A quarantined delivery that the current mappers understand.
     Redrive { raw_id: u64, normalized: Normalized },
+    /// Stop and give the queue back (the store is being reopened).
+    Stop,
 }
 
 /// The last ids handed out; persisted in every batch.
@@ -59,6 +62,11 @@ impl Counters {
             last_raw: read(Self::NAMES[1])?,
             last_order: read(Self::NAMES[2])?,
         })
+    }
+
+    /// How far these counters reach.
+    pub fn mark(&self) -> Mark {
+        Mark { durable_sequence: self.last_sequence, durable_raw: self.last_raw }
     }
 
     fn write(&self, overlay: &mut Overlay) {
@@ -95,9 +103,11 @@ type WithHistory = (Order, Vec<u64>);
 type Done = (Reply, IngestOutcome, Vec<Published>);
 
 impl Writer {
-    /// Runs until every sender is gone, then lets the flusher drain. Each
-    /// turn takes what is queued (at least one command, waiting for it).
-    pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    /// Runs until every sender is gone (then lets the flusher drain and
+    /// returns `None`), or until told to stop (then returns the queue).
+    /// Each turn takes what is queued (at least one command, waiting for
+    /// it). After a storage failure every delivery is answered 503 at once.
+    pub fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Option<mpsc::Receiver<Command>> {
         while let Some(first) = commands.blocking_recv() {
             #[cfg(test)]
             let shared = self.shared.clone();
@@ -108,6 +118,11 @@ impl Writer {
             let mut next = Some(first);
             while let Some(Command { work, reply }) = next.take() {
                 let result = match work {
+                    Work::Stop => {
+                        self.apply_turn(done, before);
+                        return Some(commands);
+                    }
+                    _ if !self.shared.is_healthy() => Err(StoreError::Unavailable("storage failed".into())),
                     Work::Ingest(incoming) => self.process_or_quarantine(*incoming),
                     Work::Redrive { raw_id, normalized } => self.redrive(raw_id, &normalized),
                 };
@@ -119,8 +134,11 @@ impl Writer {
                     Ok((outcome, events)) => done.push((reply, outcome, events)),
                     Err(e) => {
                         self.overlay.discard();
-                        tracing::error!(error = %e, "storage read failed; answering 503");
-                        self.shared.mark_unhealthy();
+                        // Damage in one record is that delivery's problem;
+                        // an I/O error is the store's.
+                        if matches!(e, StoreError::Unavailable(_)) {
+                            self.shared.fail(&format_args!("read failed: {e}"));
+                        }
                         let _ = reply.send(Err(e));
                     }
                 }
@@ -131,6 +149,7 @@ impl Writer {
             self.apply_turn(done, before);
         }
         self.shared.close();
+        None
     }
 
     /// Applies the turn's writes as one atomic batch, then queues the
@@ -155,10 +174,9 @@ impl Writer {
                 self.shared.enqueue(done);
             }
             Err(e) => {
-                tracing::error!(error = %e, "storage write failed; answering 503");
                 self.overlay.clear();
                 self.counters = before;
-                self.shared.mark_unhealthy();
+                self.shared.fail(&format_args!("write failed: {e}"));
                 for (reply, _, _) in done {
                     let _ = reply.send(Err(e.clone()));
                 }
