@@ -376,3 +376,35 @@ async fn an_older_storage_format_is_refused_until_rebuilt() {
     assert_eq!(order.references.unwrap().provider_order_id, "670e58fe7741035996cf7d20");
     server.stop().await;
 }
+
+#[test]
+fn a_half_truncated_database_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_server(&[], dir.path());
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines.by_ref().map_while(Result::ok).find(|l| l.contains("ordertrail serving")).unwrap();
+    let http = serving.split("http=").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().to_string();
+    for i in 0..300 {
+        let body = format!(
+            r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o-{i}","Pad":"{}"}}"#,
+            "x".repeat(3000)
+        );
+        assert!(post_std(&http, "/webhooks/ordermesh", body.as_bytes()).starts_with("HTTP/1.1 200"));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    let db = dir.path().join("sled/db");
+    let file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.set_len(file.metadata().unwrap().len() / 2).unwrap();
+    let output = spawn_server(&[], dir.path()).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(65), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line, no panic: {stderr}");
+    assert!(stderr.contains("damaged"), "{stderr}");
+    // Export salvages what sled can still read, or says in one line that it
+    // cannot: never a crash.
+    let output = spawn_server(&["export", "--out", "/dev/null"], dir.path()).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(matches!(output.status.code(), Some(0 | 65)), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -62,7 +62,7 @@ pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<u64, StoreEr
     if !dir.join("db").exists() {
         return Err(StoreError::Unavailable(format!("no database in {}", dir.display())));
     }
-    let db = sled::Config::new().path(&dir).open().map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let db = super::open_sled(&dir, None)?;
     let mut count = 0;
     for entry in db.scan_prefix([keys::RAW]) {
         let (_, value) = entry?;

@@ -181,11 +181,7 @@ impl Engine {
     /// recovers its log.
     fn open(config: &StoreConfig) -> Result<(Arc<Self>, Counters), StoreError> {
         let dir = config.data_dir.join("sled");
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(config.cache_capacity_bytes)
-            .open()
-            .map_err(|e| open_error(&dir, e))?;
+        let db = open_sled(&dir, Some(config.cache_capacity_bytes))?;
         let tree: sled::Tree = (*db).clone();
         let counters = Counters::load(&tree)?;
         Ok((Arc::new(Self { db, tree }), counters))
@@ -686,6 +682,50 @@ fn spawn_thread<T: Send + 'static>(
         .name(name.into())
         .spawn(f)
         .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
+}
+
+thread_local! {
+    /// Set while sled opens a database: a panic there is reported as damage.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Opens the sled database in `dir`. sled panics on some damaged logs (a
+/// truncated one, for instance); that is reported as damage in one line,
+/// like every other damage, not as a crash.
+pub(crate) fn open_sled(dir: &Path, cache_capacity: Option<u64>) -> Result<sled::Db, StoreError> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|quiet| quiet.set(true));
+    let opened = std::panic::catch_unwind(|| {
+        let config = sled::Config::new().path(dir);
+        match cache_capacity {
+            Some(bytes) => config.cache_capacity(bytes).open(),
+            None => config.open(),
+        }
+    });
+    QUIET_PANICS.with(|quiet| quiet.set(false));
+    match opened {
+        Ok(result) => result.map_err(|e| open_error(dir, e)),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(StoreError::Corrupt(format!(
+                "the database in {} is damaged: sled cannot recover it ({why}); refusing to start. Restore a \
+                 backup, or salvage what is readable with `ordertrail export`",
+                dir.display()
+            )))
+        }
+    }
 }
 
 fn open_error(dir: &Path, e: sled::Error) -> StoreError {
