@@ -162,16 +162,24 @@ fn main() -> ExitCode {
 }
 
 fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
-    let count = match out {
+    let summary = match out {
         Some(path) => {
             let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let count = ordertrail::store::export(&config.store, &mut file)?;
+            let summary = ordertrail::store::export(&config.store, &mut file)?;
             std::io::Write::flush(&mut file)?;
-            count
+            summary
         }
         None => ordertrail::store::export(&config.store, &mut std::io::stdout().lock())?,
     };
-    eprintln!("ordertrail: exported {count} deliveries");
+    if summary.unreadable > 0 {
+        // Exit 65 (damaged), with everything readable saved.
+        return Err(StoreError::Corrupt(format!(
+            "exported {} deliveries; {} could not be read (the database is damaged)",
+            summary.exported, summary.unreadable
+        ))
+        .into());
+    }
+    eprintln!("ordertrail: exported {} deliveries", summary.exported);
     Ok(())
 }
 

@@ -56,22 +56,60 @@ pub struct ImportSummary {
     pub duplicates: u64,
 }
 
-/// Writes every stored raw delivery, oldest first; returns how many.
-pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<u64, StoreError> {
+/// What an export saved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Deliveries written.
+    pub exported: u64,
+    /// Deliveries that are stored (their ids were handed out) but could not
+    /// be read: damaged, or lost by sled's recovery.
+    pub unreadable: u64,
+}
+
+/// Writes every readable stored raw delivery, oldest first, skipping what
+/// cannot be read (damage in the middle of the database does not end the
+/// export).
+pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<ExportSummary, StoreError> {
     let dir = config.data_dir.join("sled");
     if !dir.join("db").exists() {
         return Err(StoreError::Unavailable(format!("no database in {}", dir.display())));
     }
     let db = super::open_sled(&dir, None)?;
-    let mut count = 0;
-    for entry in db.scan_prefix([keys::RAW]) {
-        let (_, value) = entry?;
-        let raw = RawDelivery::decode(&*value)?;
-        let line = serde_json::to_string(&exported(&raw)).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        writeln!(out, "{line}").map_err(|e| StoreError::Unavailable(format!("cannot write the export: {e}")))?;
-        count += 1;
+    // Ids are handed out without gaps, so every id up to the highest known
+    // one was stored.
+    let counted = db.get(keys::meta("last_raw")).ok().flatten().map_or(0, |v| keys::trailing_u64(&v));
+    let marked = super::mark::read(&config.data_dir).ok().flatten().map_or(0, |m| m.durable_raw);
+    let mut summary = ExportSummary::default();
+    let mut next = 1;
+    // A read error ends a scan; the next one starts after the damaged id.
+    'scans: loop {
+        for entry in db.range(keys::numbered(keys::RAW, next)..=keys::numbered(keys::RAW, u64::MAX)) {
+            let Ok((key, value)) = entry else {
+                summary.unreadable += 1;
+                next += 1;
+                if next > counted.max(marked) {
+                    break 'scans;
+                }
+                continue 'scans;
+            };
+            let id = keys::trailing_u64(&key);
+            summary.unreadable += id.saturating_sub(next);
+            next = id + 1;
+            match RawDelivery::decode(&*value) {
+                Ok(raw) => {
+                    let line =
+                        serde_json::to_string(&exported(&raw)).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    writeln!(out, "{line}")
+                        .map_err(|e| StoreError::Unavailable(format!("cannot write the export: {e}")))?;
+                    summary.exported += 1;
+                }
+                Err(_) => summary.unreadable += 1,
+            }
+        }
+        break;
     }
-    Ok(count)
+    summary.unreadable += counted.max(marked).saturating_sub(next - 1);
+    Ok(summary)
 }
 
 fn exported(raw: &RawDelivery) -> ExportedDelivery {

@@ -26,7 +26,9 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
 pub use commit::{CommitMetrics, FaultPoint};
-pub use export::{Aliases, ExportedDelivery, ImportSummary, export, finish_pending_rebuild, import, rebuild};
+pub use export::{
+    Aliases, ExportSummary, ExportedDelivery, ImportSummary, export, finish_pending_rebuild, import, rebuild,
+};
 pub use feed::{Feed, FeedError, FeedItem, Published};
 pub use keys::RefKind;
 

@@ -266,3 +266,33 @@ async fn after_a_failed_flush_nothing_is_acknowledged_until_the_store_is_reopene
         assert!(String::from_utf8_lossy(&raw.body).contains(&format!("\"o{n}\"")), "{n}");
     }
 }
+
+/// Export goes on past records it cannot read, counts them, and saves the
+/// rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_skips_what_it_cannot_read_and_saves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for n in 1..=6 {
+        store.ingest(delivery(n)).await.unwrap();
+    }
+    let config = store.inner.config.clone();
+    store.close().unwrap();
+    drop(store);
+    {
+        let db = open_sled(&dir.path().join("sled"), None).unwrap();
+        db.insert(keys::numbered(keys::RAW, 3), &b"\xff\xff\xff not a delivery"[..]).unwrap();
+        db.remove(keys::numbered(keys::RAW, 4)).unwrap();
+        db.remove(keys::numbered(keys::RAW, 6)).unwrap();
+        db.flush().unwrap();
+    }
+    let mut out = Vec::new();
+    let summary = export(&config, &mut out).unwrap();
+    assert_eq!(summary, ExportSummary { exported: 3, unreadable: 3 });
+    let ids: Vec<u64> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<ExportedDelivery>(line).unwrap().id)
+        .collect();
+    assert_eq!(ids, [1, 2, 5]);
+}
