@@ -173,7 +173,9 @@ fn a_damaged_database_is_refused_not_recreated() {
     // The operator can still get out whatever is readable.
     let export =
         run(&["export", "--out", dir.path().join("salvage.ndjson").to_str().unwrap()]).wait_with_output().unwrap();
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert_eq!(export.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("50 could not be read"), "the export says what it could not save: {stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
