@@ -126,11 +126,17 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => match Inherited::from_systemd() {
-            // Before any thread starts: it clears systemd's variables.
-            Ok(inherited) => run_async(serve(config, inherited)),
-            Err(e) => Err(anyhow::anyhow!("cannot use the sockets systemd passed: {e}")),
-        },
+        Command::Serve => {
+            if let Err(e) = raise_file_limit(&config) {
+                eprintln!("ordertrail: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            match Inherited::from_systemd() {
+                // Before any thread starts: it clears systemd's variables.
+                Ok(inherited) => run_async(serve(config, inherited)),
+                Err(e) => Err(anyhow::anyhow!("cannot use the sockets systemd passed: {e}")),
+            }
+        }
         Command::CheckConfig => {
             println!("{config:#?}");
             eprintln!("ordertrail: the configuration is valid");
@@ -158,6 +164,34 @@ fn main() -> ExitCode {
                 || matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Corrupt(_)));
             ExitCode::from(if corrupt { EXIT_CORRUPT } else { EXIT_FAILURE })
         }
+    }
+}
+
+/// File descriptors needed beside the connections: the store's files,
+/// listeners, the hand-over socket, logs.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit (a webhook
+/// connection is a file), and refuses connection limits the hard limit
+/// cannot carry: past it, accepts fail and webhooks get refused.
+fn raise_file_limit(config: &Config) -> Result<(), String> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let needed = (config.http.max_connections + config.grpc.max_connections) as u64 + FD_RESERVE;
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|soft| soft < limit.maximum.unwrap_or(u64::MAX)) {
+        limit.current = limit.maximum.or(Some(needed.max(limit.current.unwrap_or(0))));
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+        limit = getrlimit(Resource::Nofile);
+    }
+    match limit.current {
+        Some(soft) if soft < needed => Err(format!(
+            "http.max_connections ({}) and grpc.max_connections ({}) need about {needed} open files, but the limit \
+             is {soft} (ulimit -n; LimitNOFILE= under systemd): raise it or lower them",
+            config.http.max_connections, config.grpc.max_connections
+        )),
+        _ => Ok(()),
     }
 }
 

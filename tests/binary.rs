@@ -410,3 +410,39 @@ fn a_half_truncated_database_is_refused_in_one_line() {
     assert!(matches!(output.status.code(), Some(0 | 65)), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn the_open_file_limit_is_raised_or_the_start_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let under_limit = |ulimit: &str, args: &[&str]| {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("ulimit {ulimit} 512 && exec \"$0\" \"$@\""))
+            .arg(BIN)
+            .args(args)
+            .env_remove("ORDERTRAIL_CONFIG")
+            .env("ORDERTRAIL_HTTP_ADDR", "127.0.0.1:0")
+            .env("ORDERTRAIL_GRPC_ADDR", "127.0.0.1:0")
+            .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
+            .env("ORDERTRAIL_DATA_DIR", dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A hard limit of 512 cannot carry 4096 + 1024 connections.
+    let output = under_limit("-n", &[]).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("open files"), "{stderr}");
+    // Only the soft limit is low: it is raised to the hard one.
+    let mut child = under_limit("-Sn", &[]);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    lines.by_ref().map_while(Result::ok).find(|l| l.contains("ordertrail serving")).expect("a start-up line");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(open_files[3], open_files[4], "soft limit raised to the hard one: {limits}");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
