@@ -105,9 +105,23 @@ impl std::str::FromStr for Network {
         let s = s.trim();
         s.parse::<ipnet::IpNet>()
             .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map(Self)
+            .map(|net| Self(unmapped(net)))
             .map_err(|_| format!("`{s}` is not an IP network like 10.0.0.0/8 or 2001:db8::/32"))
     }
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:203.0.113.7`, `::ffff:10.0.0.0/104`)
+/// as the IPv4 network it means: peers are compared in their canonical
+/// form, so the mapped form would never match.
+fn unmapped(net: ipnet::IpNet) -> ipnet::IpNet {
+    if let ipnet::IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return ipnet::IpNet::V4(v4);
+    }
+    net
 }
 
 impl<'de> Deserialize<'de> for Network {

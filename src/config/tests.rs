@@ -145,3 +145,16 @@ fn authenticated_source_may_listen_publicly() {
     let c = Config::from_toml(text, &no_env).unwrap();
     assert!(!format!("{c:?}").contains("s3cret"), "secrets must be redacted in Debug");
 }
+
+#[test]
+fn ipv4_mapped_networks_match_the_ipv4_peers_they_name() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let single: Network = "::ffff:203.0.113.7".parse().unwrap();
+    assert!(single.contains(&ip("203.0.113.7")));
+    assert!(single.contains(&ip("::ffff:203.0.113.7")), "a peer seen through a dual-stack socket");
+    assert!(!single.contains(&ip("203.0.113.8")));
+    let range: Network = "::ffff:10.0.0.0/104".parse().unwrap();
+    assert_eq!(range, "10.0.0.0/8".parse().unwrap());
+    let plain: Network = "2001:db8::/32".parse().unwrap();
+    assert!(plain.contains(&ip("2001:db8::1")));
+}
