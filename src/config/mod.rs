@@ -262,8 +262,7 @@ impl Config {
 
     /// Parses TOML text (may be empty), applies overrides and validates.
     pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::new(format!("invalid config: {}", one_line(&e.to_string()))))?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::new(toml_error(text, &e)))?;
         let config = Self::build(file, env)?;
         config.validate()?;
         Ok(config)
@@ -453,6 +452,36 @@ fn default_sources() -> Vec<SourceConfig> {
             kind_aliases: BTreeMap::new(),
         })
         .collect()
+}
+
+/// A TOML error in one line, without quoting the file: the offending line
+/// may hold a password or key, and so may a value the message repeats.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in one_line(error.message()).chars() {
+        match c {
+            '"' if quoted => {
+                message.push_str("…\"");
+                quoted = false;
+            }
+            '"' => {
+                message.push('"');
+                quoted = true;
+            }
+            _ if quoted => {}
+            c => message.push(c),
+        }
+    }
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("invalid config at line {line}, column {column}: {message}")
+        }
+        None => format!("invalid config: {message}"),
+    }
 }
 
 fn one_line(text: &str) -> String {

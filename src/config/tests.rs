@@ -158,3 +158,20 @@ fn ipv4_mapped_networks_match_the_ipv4_peers_they_name() {
     let plain: Network = "2001:db8::/32".parse().unwrap();
     assert!(plain.contains(&ip("2001:db8::1")));
 }
+
+#[test]
+fn config_errors_never_quote_a_secret() {
+    let cases = [
+        "[grpc]\nbearer_tokens = [\"s3cret-token-value-0123456789\" oops]",
+        "[grpc]\nbearer_tokens = \"s3cret-token-value-0123456789\"",
+        "[[sources]]\nname = \"o\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = \"s3cret-token-value-0123456789\" }",
+    ];
+    for text in cases {
+        let err = Config::from_toml(text, &no_env).unwrap_err().to_string();
+        assert!(err.starts_with("invalid config"), "{err}");
+        assert!(!err.contains("s3cret"), "{text:?} gave {err:?}");
+        assert!(!err.contains('\n'), "{err:?}");
+    }
+    let err = Config::from_toml("[http]\naddr = 12", &no_env).unwrap_err().to_string();
+    assert!(err.contains("line 2"), "{err}");
+}
