@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // A request that cannot be decoded is INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::api::ProtoCodec")
         // Raw bodies are shared, not copied, between the front door and the store.
         .bytes(".ordertrail.v1.RawDelivery.body")
         // Deterministic encoding of the stored headers.

@@ -240,3 +240,59 @@ async fn a_connection_that_never_finishes_its_preface_is_closed_and_frees_its_sl
     assert_eq!(call.await.unwrap(), Code::NotFound, "served once the slot was free");
     server.stop().await;
 }
+
+/// Sends `body` as the encoded request of `path`, as a client with a broken
+/// encoder would.
+async fn raw_call(addr: std::net::SocketAddr, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    #[derive(Default)]
+    struct Raw;
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    impl tonic::codec::Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl tonic::codec::Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            Ok(Some(bytes::Buf::copy_to_bytes(src, bytes::Buf::remaining(src)).to_vec()))
+        }
+    }
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(path);
+    grpc.unary::<Vec<u8>, Vec<u8>, Raw>(tonic::Request::new(body), path, Raw).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments_and_huge_references_are_not_echoed() {
+    let server = TestServer::start().await;
+    // Field 1 as a length-delimited value longer than the message.
+    let broken = vec![0x0a, 0x7f, b'x'];
+    for path in ["/ordertrail.v1.OrderTrail/GetOrder", "/ordertrail.v1.OrderTrail/Subscribe"] {
+        let status = raw_call(server.grpc_addr, path, broken.clone()).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status}");
+    }
+    let huge = "R".repeat(10_000);
+    let mut client = OrderTrailClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    let status = client.get_order(get(&huge)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status}");
+    assert!(status.message().len() < 200, "the whole reference came back: {} bytes", status.message().len());
+    server.stop().await;
+}

@@ -364,3 +364,22 @@ async fn the_subscription_limit_answers_resource_exhausted_and_frees_slots() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_resume_point_beyond_the_head_waits_for_it() {
+    let server = TestServer::start_with("[grpc]\nprogress_interval_ms = 50\n").await;
+    for i in 0..3 {
+        post(&server, creation(i)).await;
+    }
+    for ahead in [5, u64::MAX] {
+        let mut stream = subscribe(&server, after(ahead)).await;
+        let Message::CaughtUp(caught_up) = next(&mut stream).await else { panic!("caught_up first") };
+        assert!(caught_up.sequence >= ahead.min(u64::MAX - 1), "{caught_up:?}");
+        assert!(matches!(next(&mut stream).await, Message::Progress(_)), "the stream waits, it does not fail");
+    }
+    let mut stream = subscribe(&server, after(5)).await;
+    for i in 3..6 {
+        post(&server, creation(i)).await;
+    }
+    assert_eq!(events_until(&mut stream, 6).await, [6], "the first event after the resume point");
+}

@@ -83,6 +83,18 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
+/// Longest part of a client's value repeated in an error message.
+const ECHO_CHARS: usize = 64;
+
+/// `value` as an error message repeats it: cut short, so a huge reference
+/// cannot make the answer itself too large.
+fn echoed(value: &str) -> String {
+    match value.char_indices().nth(ECHO_CHARS) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),
+        None => value.to_string(),
+    }
+}
+
 /// Runs a store query off the async runtime.
 async fn blocking<T: Send + 'static>(
     store: &Store,
@@ -117,6 +129,7 @@ macro_rules! lookup_from {
 mod auth;
 mod subscribe;
 mod wire;
+pub use wire::ProtoCodec;
 
 pub use auth::BearerAuth;
 pub use subscribe::{Outbound, Subscriptions, TypedOutbound};
@@ -170,14 +183,14 @@ impl OrderTrail for OrderTrailService {
         // handed to the blocking pool, which cost more than the read itself.
         let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(store_status)?;
         match orders.len() {
-            0 => Err(Status::not_found(format!("no order with that reference `{}`", lookup.value))),
+            0 => Err(Status::not_found(format!("no order with that reference `{}`", echoed(&lookup.value)))),
             1 => Ok(Response::new(orders.into_iter().next().unwrap_or_default())),
             _ => {
                 let sources: Vec<String> = orders.iter().map(|o| format!("{} (order {})", o.source, o.id)).collect();
                 Err(Status::failed_precondition(format!(
                     "{} orders match `{}`: {}; pass `source` to choose one",
                     orders.len(),
-                    lookup.value,
+                    echoed(&lookup.value),
                     sources.join(", ")
                 )))
             }

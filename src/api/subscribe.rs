@@ -91,7 +91,7 @@ impl Subscriptions {
         }
         let start = request.after_sequence.unwrap_or_else(|| self.store.head_sequence());
         let oldest = self.store.oldest_retained();
-        if start + 1 < oldest {
+        if start.saturating_add(1) < oldest {
             return Err(out_of_range(start, oldest));
         }
         feed.restart_after(start);

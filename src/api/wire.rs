@@ -106,7 +106,64 @@ impl Decoder for RequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SubscribeRequest>, Status> {
-        self.0.decode(src)
+        self.0.decode(src).map_err(callers_fault)
+    }
+}
+
+// === The codec of every generated service and client ===
+
+/// prost's codec, except that a message that cannot be decoded is the
+/// sender's fault: `INVALID_ARGUMENT`, not prost's `INTERNAL` (build.rs
+/// makes the generated code use it).
+pub struct ProtoCodec<T, U>(ProstCodec<T, U>);
+
+impl<T, U> Default for ProtoCodec<T, U> {
+    fn default() -> Self {
+        Self(ProstCodec::default())
+    }
+}
+
+impl<T, U> Codec for ProtoCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+    type Decoder = ProtoDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> ProtoDecoder<U> {
+        ProtoDecoder(self.0.decoder())
+    }
+}
+
+/// prost's decoder, its errors the sender's.
+pub struct ProtoDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for ProtoDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(src).map_err(callers_fault)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+fn callers_fault(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Internal => {
+            Status::invalid_argument(format!("the message could not be decoded: {}", status.message()))
+        }
+        _ => status,
     }
 }
 

@@ -82,7 +82,7 @@ impl Feed {
         Self {
             store,
             live,
-            next: after + 1,
+            next: after.saturating_add(1),
             buffer: VecDeque::new(),
             prefetch: None,
             mode: Mode::Replay,
@@ -104,7 +104,7 @@ impl Feed {
     /// Moves the start to just after `after` (before anything was yielded),
     /// e.g. to continue from the sequence a snapshot reflects.
     pub fn restart_after(&mut self, after: u64) {
-        self.next = after + 1;
+        self.next = after.saturating_add(1);
         self.buffer.clear();
         self.prefetch = None;
         self.mode = Mode::Replay;
