@@ -383,3 +383,26 @@ async fn a_resume_point_beyond_the_head_waits_for_it() {
     }
     assert_eq!(events_until(&mut stream, 6).await, [6], "the first event after the resume point");
 }
+
+#[tokio::test]
+async fn one_client_address_cannot_take_every_subscription_slot() {
+    let server = TestServer::start_with("[grpc]\nmax_subscriptions = 10\nmax_subscriptions_per_peer = 2\n").await;
+    let from = |ip: &str| {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .local_address(Some(ip.parse().unwrap()));
+        async move {
+            let channel = endpoint.connect().await.unwrap();
+            ordertrail::proto::order_trail_client::OrderTrailClient::new(channel)
+        }
+    };
+    let mut greedy = from("127.0.0.1").await;
+    let _first = greedy.subscribe(SubscribeRequest::default()).await.unwrap();
+    let _second = greedy.subscribe(SubscribeRequest::default()).await.unwrap();
+    let status = greedy.subscribe(SubscribeRequest::default()).await.expect_err("over its share");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("max_subscriptions_per_peer"), "{status}");
+    // Another client still gets a stream.
+    let mut other = from("127.0.0.2").await;
+    other.subscribe(SubscribeRequest::default()).await.expect("another client's share");
+}

@@ -240,7 +240,8 @@ impl OrderTrail for OrderTrailService {
     /// Not reached by clients: [`wire::SubscribeRoute`] serves `Subscribe`
     /// without re-encoding events. Kept equivalent for completeness.
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
-        self.subscriptions.open(request.into_inner()).await.map(|outbound| Response::new(TypedOutbound(outbound)))
+        let peer = request.remote_addr().map(|addr| addr.ip().to_canonical());
+        self.subscriptions.open(request.into_inner(), peer).await.map(|outbound| Response::new(TypedOutbound(outbound)))
     }
 }
 

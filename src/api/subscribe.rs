@@ -6,6 +6,7 @@
 //! status that says where to resume.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -36,6 +37,49 @@ pub struct Subscriptions {
     /// Every open stream's position, for metrics.
     positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
     next_id: Arc<AtomicU64>,
+    shares: PeerShares,
+}
+
+/// Streams open per client address, so that one client cannot take every
+/// slot.
+#[derive(Clone)]
+struct PeerShares {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    limit: usize,
+}
+
+/// One stream's part of its peer's share; given back when dropped.
+struct PeerSlot {
+    peer: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PeerShares {
+    fn take(&self, peer: Option<IpAddr>) -> Result<Option<PeerSlot>, Status> {
+        let Some(peer) = peer else { return Ok(None) };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "this client already has {} open subscriptions (grpc.max_subscriptions_per_peer)",
+                self.limit
+            )));
+        }
+        *count += 1;
+        Ok(Some(PeerSlot { peer, open: self.open.clone() }))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Keeps a stream's position visible while the stream lives.
@@ -61,6 +105,7 @@ impl Subscriptions {
             progress_every: config.progress_interval,
             positions: Arc::default(),
             next_id: Arc::default(),
+            shares: PeerShares { open: Arc::default(), limit: config.max_subscriptions_per_peer },
         }
     }
 
@@ -77,8 +122,9 @@ impl Subscriptions {
         Registration { id, position, positions: self.positions.clone() }
     }
 
-    /// Starts a stream for `request`.
-    pub async fn open(&self, request: SubscribeRequest) -> Result<Outbound, Status> {
+    /// Starts a stream for `request` from `peer`.
+    pub async fn open(&self, request: SubscribeRequest, peer: Option<IpAddr>) -> Result<Outbound, Status> {
+        let peer_slot = self.shares.take(peer)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("too many open subscriptions; retry later or raise grpc.max_subscriptions")
         })?;
@@ -99,7 +145,7 @@ impl Subscriptions {
         let registration = self.register(start);
         let task =
             Task { store: self.store.clone(), feed, filter, tx, progress_every: self.progress_every, registration };
-        tokio::spawn(task.run(request.snapshot, permit));
+        tokio::spawn(task.run(request.snapshot, (permit, peer_slot)));
         let resume = (!request.snapshot).then_some(start);
         Ok(Outbound { rx, shutdown: Box::pin(self.shutdown.clone().cancelled_owned()), resume, ended: false })
     }
@@ -123,7 +169,8 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, snapshot: bool, _permit: OwnedSemaphorePermit) {
+    /// `_slots` are held while the stream lives.
+    async fn run(mut self, snapshot: bool, _slots: (OwnedSemaphorePermit, Option<PeerSlot>)) {
         if snapshot && !self.send_snapshot().await {
             return;
         }

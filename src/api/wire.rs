@@ -215,7 +215,8 @@ impl tonic::server::ServerStreamingService<SubscribeRequest> for Subscribe {
 
     fn call(&mut self, request: tonic::Request<SubscribeRequest>) -> Self::Future {
         let service = self.0.clone();
-        Box::pin(async move { service.subscriptions.open(request.into_inner()).await.map(tonic::Response::new) })
+        let peer = request.remote_addr().map(|addr| addr.ip().to_canonical());
+        Box::pin(async move { service.subscriptions.open(request.into_inner(), peer).await.map(tonic::Response::new) })
     }
 }
 

@@ -44,6 +44,7 @@ pub(super) struct FileGrpc {
     #[serde(default)]
     pub(super) allow_unauthenticated_public: bool,
     pub(super) max_subscriptions: Option<usize>,
+    pub(super) max_subscriptions_per_peer: Option<usize>,
     pub(super) subscription_buffer: Option<usize>,
     pub(super) progress_interval_ms: Option<u64>,
     #[serde(default)]

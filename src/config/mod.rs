@@ -60,6 +60,8 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_FEED_BUFFER_EVENTS: usize = 4096;
 /// Default most concurrent `Subscribe` streams.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1000;
+/// Default most concurrent `Subscribe` streams of one client address.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PEER: usize = 250;
 /// Default messages buffered per subscriber.
 pub const DEFAULT_SUBSCRIPTION_BUFFER: usize = 256;
 /// Default interval of `progress` messages.
@@ -125,6 +127,8 @@ pub struct GrpcConfig {
     pub allow_unauthenticated_public: bool,
     /// Most `Subscribe` streams open at once.
     pub max_subscriptions: usize,
+    /// Most `Subscribe` streams one client address may hold.
+    pub max_subscriptions_per_peer: usize,
     /// Messages buffered per subscriber before it is read from the store.
     pub subscription_buffer: usize,
     /// How often a stream reports its position.
@@ -323,6 +327,10 @@ impl Config {
                 addr: addr("ORDERTRAIL_GRPC_ADDR", "grpc.addr", file.grpc.addr, DEFAULT_GRPC_ADDR)?,
                 allow_unauthenticated_public: file.grpc.allow_unauthenticated_public,
                 max_subscriptions: file.grpc.max_subscriptions.unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS),
+                max_subscriptions_per_peer: file
+                    .grpc
+                    .max_subscriptions_per_peer
+                    .unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS_PER_PEER),
                 subscription_buffer: file.grpc.subscription_buffer.unwrap_or(DEFAULT_SUBSCRIPTION_BUFFER),
                 progress_interval: Duration::from_millis(
                     file.grpc.progress_interval_ms.unwrap_or(DEFAULT_PROGRESS_INTERVAL_MS),
@@ -374,9 +382,12 @@ impl Config {
         if self.http.max_connections == 0 {
             return Err(ConfigError::new("http.max_connections must be greater than 0"));
         }
-        if self.grpc.subscription_buffer == 0 || self.grpc.progress_interval.is_zero() {
+        if self.grpc.subscription_buffer == 0
+            || self.grpc.progress_interval.is_zero()
+            || self.grpc.max_subscriptions_per_peer == 0
+        {
             return Err(ConfigError::new(
-                "grpc.subscription_buffer and grpc.progress_interval_ms must be greater than 0",
+                "grpc.subscription_buffer, grpc.max_subscriptions_per_peer and grpc.progress_interval_ms must be greater than 0",
             ));
         }
         if self.store.data_dir.as_os_str().is_empty() {

@@ -80,6 +80,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
     assert_eq!(c.store.retain_events, defaults.store.retain_events);
     assert_eq!(c.store.feed_buffer_events, defaults.store.feed_buffer_events);
     assert_eq!(c.grpc.max_subscriptions, defaults.grpc.max_subscriptions);
+    assert_eq!(c.grpc.max_subscriptions_per_peer, defaults.grpc.max_subscriptions_per_peer);
     assert_eq!(c.grpc.subscription_buffer, defaults.grpc.subscription_buffer);
     assert_eq!(c.grpc.progress_interval, defaults.grpc.progress_interval);
     assert_eq!(c.grpc.max_message_bytes, defaults.grpc.max_message_bytes);
