@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::api::{AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
+use crate::api::{AdminAuth, AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig, StoreConfig};
 use crate::gate;
 use crate::handover::{HandedConnection, Offer, Predecessor, Role, Successor};
@@ -308,12 +308,12 @@ fn order_trail(
     InterceptedService::new(route, BearerAuth::new(config.bearer_tokens.clone()))
 }
 
-fn admin(config: &Arc<Config>, store: &Store) -> InterceptedService<AdminServer<AdminService>, BearerAuth> {
+fn admin(config: &Arc<Config>, store: &Store) -> InterceptedService<AdminServer<AdminService>, AdminAuth> {
     let grpc = &config.grpc;
     let service = AdminServer::new(AdminService::new(store.clone(), config.clone()))
         .max_decoding_message_size(grpc.max_message_bytes)
         .max_encoding_message_size(grpc.max_message_bytes);
-    InterceptedService::new(service, BearerAuth::new(grpc.bearer_tokens.clone()))
+    InterceptedService::new(service, AdminAuth::new(grpc))
 }
 
 /// Runs the gRPC server; once shutdown starts, gives it `grace` to drain.

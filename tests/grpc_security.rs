@@ -40,9 +40,44 @@ async fn bearer_tokens_are_required_on_every_service() {
     let stream = client.subscribe(SubscribeRequest::default()).await;
     assert_eq!(stream.unwrap_err().code(), Code::Unauthenticated);
     assert!(client.subscribe(with_token(SubscribeRequest::default(), TOKEN)).await.is_ok());
+    // The read token does not open Admin, and with no admin token nothing does.
+    let mut admin = AdminClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    for request in [tonic::Request::new(GetStatsRequest {}), with_token(GetStatsRequest {}, TOKEN)] {
+        assert_eq!(admin.get_stats(request).await.unwrap_err().code(), Code::PermissionDenied);
+    }
+}
+
+const ADMIN_TOKEN: &str = "an-admin-token-of-sufficient-length";
+
+#[tokio::test]
+async fn admin_has_its_own_tokens() {
+    let config = format!("[grpc]\nbearer_tokens = [\"{TOKEN}\"]\nadmin_tokens = [\"{ADMIN_TOKEN}\"]\n");
+    let server = TestServer::start_with(&config).await;
     let mut admin = AdminClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
     assert_eq!(admin.get_stats(GetStatsRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
-    assert!(admin.get_stats(with_token(GetStatsRequest {}, TOKEN)).await.is_ok());
+    let status = admin.get_stats(with_token(GetStatsRequest {}, TOKEN)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "the read API's token is not an admin token");
+    assert!(admin.get_stats(with_token(GetStatsRequest {}, ADMIN_TOKEN)).await.is_ok());
+    let redrive = ordertrail::proto::RedriveRequest { dry_run: true, ..Default::default() };
+    assert!(admin.redrive(with_token(redrive, ADMIN_TOKEN)).await.is_ok());
+    // An admin token is not a read token either.
+    let mut client = OrderTrailClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    assert_eq!(client.get_order(with_token(get("x"), ADMIN_TOKEN)).await.unwrap_err().code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_is_closed_on_a_public_address_without_admin_tokens() {
+    let config = "[grpc]\naddr = \"0.0.0.0:50051\"\nallow_unauthenticated_public = true\n";
+    let server = TestServer::start_with(config).await;
+    let mut admin = AdminClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    let status = admin.get_stats(GetStatsRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("grpc.admin_tokens"), "{status}");
+    // The read API stays as configured.
+    let mut client = OrderTrailClient::connect(format!("http://{}", server.grpc_addr)).await.unwrap();
+    assert_eq!(client.get_order(get("x")).await.unwrap_err().code(), Code::NotFound);
+    server.stop().await;
 }
 
 /// A CA, a server certificate for localhost and a client certificate, as PEM.

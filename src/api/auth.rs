@@ -47,6 +47,44 @@ impl Interceptor for BearerAuth {
     }
 }
 
+// === impl AdminAuth ===
+
+/// Who may call the `Admin` service, which changes state (`Redrive`,
+/// `Rebuild`) and reads raw deliveries: only holders of
+/// `grpc.admin_tokens`, never of the read API's tokens. With no admin token
+/// configured it is open only in the local default (a loopback gRPC
+/// address, no read tokens, no client certificates) and closed otherwise.
+#[derive(Clone)]
+pub enum AdminAuth {
+    Tokens(BearerAuth),
+    Open,
+    Closed,
+}
+
+impl AdminAuth {
+    pub fn new(config: &crate::config::GrpcConfig) -> Self {
+        if !config.admin_tokens.is_empty() {
+            Self::Tokens(BearerAuth::new(config.admin_tokens.clone()))
+        } else if config.addr.ip().is_loopback() && !config.is_authenticated() {
+            Self::Open
+        } else {
+            Self::Closed
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            Self::Tokens(tokens) => tokens.call(request),
+            Self::Open => Ok(request),
+            Self::Closed => Err(Status::permission_denied(
+                "the Admin service needs its own bearer token: configure grpc.admin_tokens",
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,7 +131,7 @@ mod subscribe;
 mod wire;
 pub use wire::ProtoCodec;
 
-pub use auth::BearerAuth;
+pub use auth::{AdminAuth, BearerAuth};
 pub use subscribe::{Outbound, Subscriptions, TypedOutbound};
 pub use wire::SubscribeRoute;
 

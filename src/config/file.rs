@@ -49,6 +49,8 @@ pub(super) struct FileGrpc {
     pub(super) progress_interval_ms: Option<u64>,
     #[serde(default)]
     pub(super) bearer_tokens: Vec<Secret>,
+    #[serde(default)]
+    pub(super) admin_tokens: Vec<Secret>,
     pub(super) tls: Option<FileTls>,
     pub(super) max_message_bytes: Option<usize>,
     pub(super) max_concurrent_streams: Option<u32>,

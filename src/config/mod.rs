@@ -135,6 +135,8 @@ pub struct GrpcConfig {
     pub progress_interval: Duration,
     /// Accepted bearer tokens (`authorization: Bearer …`); empty: none asked.
     pub bearer_tokens: Vec<Secret>,
+    /// The only bearer tokens the `Admin` service accepts.
+    pub admin_tokens: Vec<Secret>,
     /// TLS for the gRPC listener; with a client CA, client certificates are
     /// required (mTLS).
     pub tls: Option<GrpcTls>,
@@ -336,6 +338,7 @@ impl Config {
                     file.grpc.progress_interval_ms.unwrap_or(DEFAULT_PROGRESS_INTERVAL_MS),
                 ),
                 bearer_tokens: file.grpc.bearer_tokens,
+                admin_tokens: file.grpc.admin_tokens,
                 tls: file.grpc.tls.map(FileTls::load).transpose()?,
                 max_message_bytes: file.grpc.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
                 max_concurrent_streams: file.grpc.max_concurrent_streams.unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
@@ -415,10 +418,14 @@ impl Config {
                 self.grpc.addr
             )));
         }
-        if self.grpc.bearer_tokens.iter().any(|t| t.expose().len() < MIN_BEARER_TOKEN_BYTES) {
+        let tokens = self.grpc.bearer_tokens.iter().chain(&self.grpc.admin_tokens);
+        if tokens.clone().any(|t| t.expose().len() < MIN_BEARER_TOKEN_BYTES) {
             return Err(ConfigError::new(format!(
-                "grpc.bearer_tokens: every token must be at least {MIN_BEARER_TOKEN_BYTES} bytes"
+                "grpc.bearer_tokens and grpc.admin_tokens: every token must be at least {MIN_BEARER_TOKEN_BYTES} bytes"
             )));
+        }
+        if self.grpc.admin_tokens.iter().any(|a| self.grpc.bearer_tokens.iter().any(|b| a.expose() == b.expose())) {
+            return Err(ConfigError::new("grpc.admin_tokens must differ from grpc.bearer_tokens"));
         }
         let g = &self.grpc;
         if g.max_message_bytes == 0
