@@ -151,3 +151,126 @@ async fn a_noisy_source_is_limited_without_starving_the_others() {
     let answer = limited.request("POST", "/webhooks/k/order", &headers, Bytes::from_static(b"{}")).await;
     assert_eq!(answer.status, 202, "{}", answer.json);
 }
+
+const API_KEY_SOURCE: &str = "[[sources]]\nname = \"winkelstraat\"\nprovider = \"winkelstraat\"\n\
+    auth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"the-right-key\"] }\n";
+
+fn hmac_source(key: &str) -> String {
+    format!(
+        "[[sources]]\nname = \"ordermesh\"\nprovider = \"ordermesh\"\n\
+         auth = {{ scheme = \"hmac\", header = \"x-signature\", secrets = [\"{key}\"] }}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_stranger_is_refused_before_its_body_is_read_and_never_told_to_continue() {
+    let server = TestServer::start_with(API_KEY_SOURCE).await;
+    let mut stream = TcpStream::connect(server.http_addr).await.unwrap();
+    let head = "POST /webhooks/winkelstraat/order HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                content-length: 100000\r\nexpect: 100-continue\r\nx-api-key: a-wrong-key\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // No body is sent: the answer must come anyway, and it is not 100.
+    let answer = read_to_close(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_413_reaches_a_client_still_sending_its_body() {
+    let server = TestServer::start_with("[http]\nbody_limit_bytes = 1024\n").await;
+    let address = server.http_addr;
+    // Like Python's urllib: write the whole body, then read the answer.
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        let body = vec![b'x'; 32 << 20];
+        let head = format!(
+            "POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).map_err(|e| format!("writing the body: {e}"))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).map_err(|e| format!("reading the answer: {e}"))?;
+        Ok::<_, String>(answer)
+    })
+    .await
+    .unwrap();
+    let answer = answer.expect("the client could not read the 413");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_sender_only_its_body_can_authenticate_has_a_short_deadline_and_a_small_share() {
+    let key = "an-hmac-key-of-at-least-24-bytes";
+    let config = format!("[http]\nmax_unverified_bodies = 1\nunverified_body_timeout_ms = 300\n{}", hmac_source(key));
+    let server = TestServer::start_with(&config).await;
+    // A well-formed signature header, then a body that never comes: it
+    // takes the one unverified slot until its short deadline.
+    let mut stalled = TcpStream::connect(server.http_addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\
+         x-signature: {}\r\n\r\n{{",
+        "ab".repeat(32)
+    );
+    let started = tokio::time::Instant::now();
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A real webhook waits for the slot, then goes through.
+    let body = r#"{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"h-1"}"#;
+    let signature = signed(key, body);
+    let answer = server
+        .request(
+            "POST",
+            "/webhooks/ordermesh",
+            &[("content-type", "application/json"), ("x-signature", &signature)],
+            Bytes::from(body),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(started.elapsed() >= Duration::from_millis(250), "it did not wait for the only slot");
+    let stalled_answer = read_to_close(&mut stalled).await;
+    assert!(stalled_answer.starts_with("HTTP/1.1 408"), "{stalled_answer}");
+    // The short deadline, not body_read_timeout_ms (30 s).
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
+fn signed(key: &str, body: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test]
+async fn bodies_in_memory_are_bounded_by_a_budget() {
+    let key = "an-hmac-key-of-at-least-24-bytes";
+    let config = format!(
+        "[http]\nbody_limit_bytes = 600000\nbody_memory_bytes = 1000000\nbody_read_timeout_ms = 3000\n\
+         unverified_body_timeout_ms = 300\n{API_KEY_SOURCE}{}",
+        hmac_source(key)
+    );
+    let server = TestServer::start_with(&config).await;
+    // Declares 600 kB, sends a little, stalls: holds 600 kB of the 1 MB
+    // budget until its deadline (3 s).
+    let mut holder = TcpStream::connect(server.http_addr).await.unwrap();
+    let head = "POST /webhooks/winkelstraat/order HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                x-api-key: the-right-key\r\ncontent-length: 600000\r\n\r\n{\"Pad\":\"";
+    holder.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Another 590 kB body does not fit beside it: it waits, and is answered
+    // 503 (retry) when its deadline (300 ms) passes, not read into memory.
+    let big = format!(
+        r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"b-1","Pad":"{}"}}"#,
+        "y".repeat(590_000)
+    );
+    let headers = [("content-type", "application/json"), ("x-signature", &*signed(key, &big))];
+    let answer = server.request("POST", "/webhooks/ordermesh", &headers, Bytes::from(big.clone())).await;
+    assert_eq!(answer.status, 503, "{}", answer.json);
+    assert_eq!(answer.headers["retry-after"], "1");
+    let held = read_to_close(&mut holder).await;
+    assert!(held.starts_with("HTTP/1.1 408"), "{held}");
+    // Once the memory is back, the same body goes through.
+    let answer = server.request("POST", "/webhooks/ordermesh", &headers, Bytes::from(big)).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+}

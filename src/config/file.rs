@@ -31,6 +31,9 @@ pub(super) struct FileHttp {
     pub(super) header_read_timeout_ms: Option<u64>,
     pub(super) body_read_timeout_ms: Option<u64>,
     pub(super) max_connections: Option<usize>,
+    pub(super) body_memory_bytes: Option<usize>,
+    pub(super) max_unverified_bodies: Option<usize>,
+    pub(super) unverified_body_timeout_ms: Option<u64>,
     #[serde(default)]
     pub(super) trusted_proxies: Vec<Network>,
     #[serde(default)]

@@ -38,6 +38,12 @@ pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Default time a client has to send its whole body.
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+/// Default bytes of webhook bodies held in memory at once.
+pub const DEFAULT_BODY_MEMORY_BYTES: usize = 256 * 1024 * 1024;
+/// Default bodies of not yet authenticated senders (HMAC sources) read at once.
+pub const DEFAULT_MAX_UNVERIFIED_BODIES: usize = 64;
+/// Default time a not yet authenticated sender has to send its body.
+pub const DEFAULT_UNVERIFIED_BODY_TIMEOUT_MS: u64 = 5_000;
 /// Default most concurrent webhook connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default sled page cache size. Measured (BENCHMARKS.md): random
@@ -113,6 +119,13 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// Most connections open at once; further ones wait to be accepted.
     pub max_connections: usize,
+    /// Bytes of bodies held in memory at once; more wait.
+    pub body_memory_bytes: usize,
+    /// Bodies read at once whose sender only the body can authenticate
+    /// (HMAC); more wait, and get 503 past their deadline.
+    pub max_unverified_bodies: usize,
+    /// The body deadline of such a sender.
+    pub unverified_body_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Network>,
     /// Allow unauthenticated sources on a non-loopback address.
@@ -322,6 +335,11 @@ impl Config {
                     file.http.body_read_timeout_ms.unwrap_or(DEFAULT_BODY_READ_TIMEOUT_MS),
                 ),
                 max_connections: file.http.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+                body_memory_bytes: file.http.body_memory_bytes.unwrap_or(DEFAULT_BODY_MEMORY_BYTES),
+                max_unverified_bodies: file.http.max_unverified_bodies.unwrap_or(DEFAULT_MAX_UNVERIFIED_BODIES),
+                unverified_body_timeout: Duration::from_millis(
+                    file.http.unverified_body_timeout_ms.unwrap_or(DEFAULT_UNVERIFIED_BODY_TIMEOUT_MS),
+                ),
                 trusted_proxies: file.http.trusted_proxies,
                 allow_unauthenticated_public: file.http.allow_unauthenticated_public,
             },
@@ -382,8 +400,15 @@ impl Config {
                 "http.header_read_timeout_ms and http.body_read_timeout_ms must be greater than 0",
             ));
         }
-        if self.http.max_connections == 0 {
-            return Err(ConfigError::new("http.max_connections must be greater than 0"));
+        let h = &self.http;
+        if h.max_connections == 0
+            || h.body_memory_bytes == 0
+            || h.max_unverified_bodies == 0
+            || h.unverified_body_timeout.is_zero()
+        {
+            return Err(ConfigError::new(
+                "http: max_connections, body_memory_bytes, max_unverified_bodies and unverified_body_timeout_ms must be greater than 0",
+            ));
         }
         if self.grpc.subscription_buffer == 0
             || self.grpc.progress_interval.is_zero()

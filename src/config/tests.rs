@@ -71,6 +71,9 @@ fn example_config_is_valid_and_shows_the_defaults() {
     assert_eq!(c.http.header_read_timeout, defaults.http.header_read_timeout);
     assert_eq!(c.http.body_read_timeout, defaults.http.body_read_timeout);
     assert_eq!(c.http.max_connections, defaults.http.max_connections);
+    assert_eq!(c.http.body_memory_bytes, defaults.http.body_memory_bytes);
+    assert_eq!(c.http.max_unverified_bodies, defaults.http.max_unverified_bodies);
+    assert_eq!(c.http.unverified_body_timeout, defaults.http.unverified_body_timeout);
     assert_eq!(c.grpc.addr, defaults.grpc.addr);
     assert_eq!(c.admin.addr, defaults.admin.addr);
     assert_eq!(c.store.data_dir, defaults.store.data_dir);

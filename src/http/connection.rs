@@ -25,7 +25,7 @@ use http::{HeaderValue, header};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -223,8 +223,31 @@ impl Connection {
     }
 }
 
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of it at most.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Closes a connection so the client reads its answer (a lingering close,
+/// as nginx does): closing a socket with unread data makes the kernel send
+/// a reset, which can destroy the answer before the client read it, e.g. a
+/// 413 sent while the client was still sending its body. So: say we are
+/// done (FIN), then read and discard what still comes, bounded in time and
+/// bytes, and only then close.
 async fn shut(mut stream: TcpStream) -> io::Result<()> {
-    stream.shutdown().await
+    stream.shutdown().await?;
+    let mut discard = vec![0u8; 64 * 1024];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while drained < LINGER_BYTES {
+            match stream.read(&mut discard).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// Bytes read from and written to a connection.

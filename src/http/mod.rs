@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming as Body;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -46,6 +46,7 @@ pub struct FrontDoor {
     /// Token buckets of the sources that have a rate limit.
     limiters: HashMap<String, DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
+    bodies: body::Bodies,
 }
 
 /// Why a request was not stored. Mapped to a status code in one place.
@@ -61,6 +62,8 @@ enum Refusal {
     /// Over the source's rate limit; retry after this long.
     RateLimited(Duration),
     Unavailable(StoreError),
+    /// Too many bodies in flight to read this one in time.
+    Busy,
 }
 
 impl Refusal {
@@ -74,7 +77,7 @@ impl Refusal {
             Self::Auth(auth::AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(auth::AuthError::Forbidden) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -89,6 +92,7 @@ impl Refusal {
             Self::Auth(e) => e.to_string(),
             Self::RateLimited(_) => "rate limit of this source exceeded; nothing was stored, retry later".into(),
             Self::Unavailable(_) => "storage unavailable; nothing was stored, retry later".into(),
+            Self::Busy => "too many requests in flight; nothing was stored, retry".into(),
         }
     }
 
@@ -107,6 +111,9 @@ impl Refusal {
         match self {
             Self::MethodNotAllowed(allow) => {
                 response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::Busy => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             Self::RateLimited(wait) => {
                 let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -156,7 +163,8 @@ impl FrontDoor {
             .iter()
             .filter_map(|source| Some((source.name.clone(), limiter(source.rate_limit?)?)))
             .collect();
-        Self { config, store, shutdown, limiters, metrics }
+        let bodies = body::Bodies::new(&config.http);
+        Self { config, store, shutdown, limiters, metrics, bodies }
     }
 
     /// Takes a token of the source's bucket, or says when to retry.
@@ -234,19 +242,22 @@ impl FrontDoor {
     ) -> Result<IngestOutcome, Refusal> {
         let limit = self.config.http.body_limit_bytes;
         let (parts, body) = req.into_parts();
-        if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-            return Err(Refusal::TooLarge(limit));
-        }
-        let body = tokio::time::timeout(self.config.http.body_read_timeout, read_body(body, limit))
-            .await
-            .map_err(|_| Refusal::Timeout)??;
-        let facts = auth::RequestFacts {
+        let mut facts = auth::RequestFacts {
             headers: &parts.headers,
             peer,
             query: parts.uri.query(),
-            body: &body,
+            body: &[],
             trusted_proxies: &self.config.http.trusted_proxies,
         };
+        // Before the body: a stranger is refused without it being read (and
+        // without `100 Continue`).
+        let verified_by_headers = auth::verify_headers(&source.auth, &facts).map_err(Refusal::Auth)?;
+        let expected = content_length(&parts.headers);
+        if expected.is_some_and(|len| len > limit as u64) {
+            return Err(Refusal::TooLarge(limit));
+        }
+        let (body, _held) = self.bodies.read(body, expected, verified_by_headers).await?;
+        facts.body = &body;
         let verified = auth::verify(&source.auth, &facts).map_err(Refusal::Auth)?;
         // After authentication, so strangers cannot spend a source's budget.
         self.admit(&source.name)?;
@@ -285,6 +296,7 @@ impl FrontDoor {
             Err(Refusal::Timeout) => "timeout",
             Err(Refusal::RateLimited(_)) => "rate_limited",
             Err(Refusal::Unavailable(_)) => "storage_error",
+            Err(Refusal::Busy) => "busy",
             Err(Refusal::BadRequest(_) | Refusal::NotFound | Refusal::MethodNotAllowed(_)) => "bad_request",
         };
         self.metrics.webhook(source, outcome);
@@ -304,14 +316,6 @@ fn probe_method(method: &Method) -> Result<(), Refusal> {
     match *method {
         Method::GET | Method::HEAD => Ok(()),
         _ => Err(Refusal::MethodNotAllowed("GET, HEAD")),
-    }
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Refusal::TooLarge(limit)),
-        Err(_) => Err(Refusal::BadRequest("the request body could not be read")),
     }
 }
 
@@ -380,6 +384,7 @@ fn now() -> prost_types::Timestamp {
 
 // === Serving ===
 
+mod body;
 mod connection;
 pub use connection::serve;
 

@@ -84,6 +84,23 @@ pub fn verify(auth: &AuthConfig, facts: &RequestFacts<'_>) -> Result<Verified, A
     }
 }
 
+/// Checks what can be checked before the body is read: everything for
+/// every scheme but HMAC, and for HMAC that the signature header is there
+/// and well-formed. `Ok(true)` when the request is already authenticated
+/// (the body cannot change that), `Ok(false)` when only the body can tell.
+/// A stranger is thus refused without the body being read (and without
+/// `100 Continue` being sent).
+pub fn verify_headers(auth: &AuthConfig, facts: &RequestFacts<'_>) -> Result<bool, AuthError> {
+    match auth {
+        AuthConfig::Hmac { header, encoding, prefix, .. } => {
+            let value = single_header(facts.headers, header).ok_or(AuthError::Unauthorized)?;
+            decode_signature(value, prefix, *encoding).ok_or(AuthError::Unauthorized)?;
+            Ok(false)
+        }
+        other => verify(other, facts).map(|_| true),
+    }
+}
+
 /// The value of a header sent exactly once.
 fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     let mut values = headers.get_all(name).iter();
