@@ -295,7 +295,7 @@ fn order_trail(
     store: &Store,
     subscriptions: Subscriptions,
 ) -> InterceptedService<SubscribeRoute, BearerAuth> {
-    let service = Arc::new(OrderTrailService::new(store.clone(), subscriptions));
+    let service = Arc::new(OrderTrailService::new(store.clone(), subscriptions, config.max_message_bytes));
     let generated = OrderTrailServer::from_arc(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

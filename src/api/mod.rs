@@ -12,7 +12,7 @@ use crate::proto::{
     RawDelivery, Stats, SubscribeRequest, UnmappedStatus,
 };
 use crate::proto::{RebuildRequest, RebuildResponse, RedriveRequest, RedriveResponse, RedriveResult};
-use crate::store::{EventFilter, IngestOutcome, Lookup, OrderFilter, Page, RefKind, Store, StoreError};
+use crate::store::{EventFilter, IngestOutcome, Lookup, OrderFilter, Page, PageLimit, RefKind, Store, StoreError};
 
 /// Page size when the request names none.
 const DEFAULT_PAGE_SIZE: usize = 100;
@@ -24,11 +24,13 @@ const MAX_PAGE_SIZE: usize = 1000;
 pub struct OrderTrailService {
     store: Store,
     subscriptions: Subscriptions,
+    /// `grpc.max_message_bytes`: what one answer may hold.
+    max_message_bytes: usize,
 }
 
 impl OrderTrailService {
-    pub fn new(store: Store, subscriptions: Subscriptions) -> Self {
-        Self { store, subscriptions }
+    pub fn new(store: Store, subscriptions: Subscriptions, max_message_bytes: usize) -> Self {
+        Self { store, subscriptions, max_message_bytes }
     }
 }
 
@@ -59,7 +61,8 @@ impl AdminService {
         let mut all = Vec::new();
         let mut position = 0;
         loop {
-            let page = blocking(&self.store, move |s| s.list_quarantine(position, MAX_PAGE_SIZE)).await?;
+            let limit = PageLimit { items: MAX_PAGE_SIZE, bytes: usize::MAX };
+            let page = blocking(&self.store, move |s| s.list_quarantine(position, limit)).await?;
             all.extend(
                 page.items
                     .into_iter()
@@ -148,10 +151,36 @@ fn source_filter(source: String) -> Option<String> {
     (!source.is_empty()).then_some(source)
 }
 
-fn page_size(requested: u32) -> usize {
-    match requested as usize {
+/// Room in an answer for what is not a page item (token, head, framing).
+const ANSWER_OVERHEAD_BYTES: usize = 16 << 10;
+
+/// A page of `requested` items (default and cap applied) that fits in one
+/// answer of `max_message_bytes`.
+fn page_limit(requested: u32, max_message_bytes: usize) -> PageLimit {
+    let items = match requested as usize {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
+    };
+    PageLimit { items, bytes: max_message_bytes.saturating_sub(ANSWER_OVERHEAD_BYTES).max(1) }
+}
+
+/// A page is cut by bytes but always holds one item; one item too large for
+/// an answer gets an error that names it, instead of a transport error that
+/// a paging client could take for the end of the data.
+fn answerable<T: prost::Message>(
+    page: &Page<T>,
+    max_message_bytes: usize,
+    name: impl Fn(&T) -> String,
+) -> Result<(), Status> {
+    match page.items.as_slice() {
+        [only] if only.encoded_len() + ANSWER_OVERHEAD_BYTES > max_message_bytes => {
+            Err(Status::resource_exhausted(format!(
+                "{} is {} bytes encoded, more than one answer may hold (grpc.max_message_bytes = {max_message_bytes})",
+                name(only),
+                only.encoded_len()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -214,8 +243,9 @@ impl OrderTrail for OrderTrailService {
             status: OrderStatus::try_from(request.status).ok().filter(|s| *s != OrderStatus::Unspecified),
             updated_after: request.updated_after,
         };
-        let limit = page_size(request.page_size);
+        let limit = page_limit(request.page_size, self.max_message_bytes);
         let page = blocking(&self.store, move |s| s.list_orders(&filter, after, limit)).await?;
+        answerable(&page, self.max_message_bytes, |o: &Order| format!("order {}", o.id))?;
         let next_page_token = next_token(&page, "o");
         Ok(Response::new(ListOrdersResponse { orders: page.items, next_page_token }))
     }
@@ -228,9 +258,10 @@ impl OrderTrail for OrderTrailService {
             sources: request.sources,
             kinds: request.kinds.into_iter().filter_map(|k| EventKind::try_from(k).ok()).collect(),
         };
-        let limit = page_size(request.page_size);
+        let limit = page_limit(request.page_size, self.max_message_bytes);
         let head_sequence = self.store.head_sequence();
         let page = blocking(&self.store, move |s| s.list_events(&filter, after, limit)).await?;
+        answerable(&page, self.max_message_bytes, |e: &proto::Event| format!("event {}", e.sequence))?;
         let next_page_token = next_token(&page, "e");
         Ok(Response::new(ListEventsResponse { events: page.items, next_page_token, head_sequence }))
     }
@@ -255,8 +286,10 @@ impl Admin for AdminService {
     ) -> Result<Response<ListQuarantinedResponse>, Status> {
         let request = request.into_inner();
         let after = parse_token(&request.page_token, "q")?.unwrap_or(0);
-        let limit = page_size(request.page_size);
+        let max_message_bytes = self.config.grpc.max_message_bytes;
+        let limit = page_limit(request.page_size, max_message_bytes);
         let page = blocking(&self.store, move |s| s.list_quarantine(after, limit)).await?;
+        answerable(&page, max_message_bytes, |r: &RawDelivery| format!("delivery {}", r.id))?;
         let next_page_token = next_token(&page, "q");
         Ok(Response::new(ListQuarantinedResponse { deliveries: page.items, next_page_token }))
     }

@@ -142,6 +142,7 @@ pub fn apply(current: Option<Order>, obs: &Observation, ctx: &Context<'_>) -> (O
     }
     order.updated_at = Some(ctx.received_at);
     order.last_sequence = ctx.sequence;
+    keep_within_bounds(&mut order);
     event.applied = true;
     event.note = note;
     event.status = order.status;
@@ -168,6 +169,35 @@ fn stale(mut order: Order, mut event: Event, obs: &Observation, reason: String, 
     }
     event.references = order.references.clone();
     (order, event)
+}
+
+/// The largest an order may grow, encoded. One order is read, cached and
+/// streamed whole, so it must stay well inside a gRPC message.
+pub const ORDER_MAX_BYTES: usize = 1 << 20;
+
+/// Drops the oldest returns, then refunds, then shipments, then items until
+/// the order fits [`ORDER_MAX_BYTES`] (the newest of each stays), counting
+/// them in `omitted_entries`. The events keep every one.
+fn keep_within_bounds(order: &mut Order) {
+    use prost::Message;
+    fn drop_oldest<T>(list: &mut Vec<T>) -> bool {
+        if list.len() > 1 {
+            list.remove(0);
+            true
+        } else {
+            false
+        }
+    }
+    while order.encoded_len() > ORDER_MAX_BYTES {
+        let dropped = drop_oldest(&mut order.returns)
+            || drop_oldest(&mut order.refunds)
+            || drop_oldest(&mut order.shipments)
+            || drop_oldest(&mut order.items);
+        if !dropped {
+            return;
+        }
+        order.omitted_entries += 1;
+    }
 }
 
 fn new_order(ctx: &Context<'_>) -> Order {

@@ -172,3 +172,19 @@ fn missing_fields_never_clear_stored_data() {
     assert_eq!(order.shipments[0].tracking_number, "1Z");
     assert_eq!(order.shipments[0].status(), ShipmentStatus::Delivered);
 }
+
+#[test]
+fn an_order_never_grows_past_its_bound() {
+    use prost::Message;
+    // Five returns of about 880 kB each, as five large RMAs would make.
+    let rma = |n: usize| Observation {
+        kind: EventKind::ReturnUpdated,
+        return_: Some(Return { id: format!("rma-{n}"), provider_status: "x".repeat(880_000), ..Return::default() }),
+        ..Observation::default()
+    };
+    let (order, events) = run(&(0..5).map(rma).collect::<Vec<_>>());
+    assert!(order.encoded_len() <= ORDER_MAX_BYTES, "{} bytes", order.encoded_len());
+    assert_eq!(order.returns.last().map(|r| r.id.as_str()), Some("rma-4"), "the newest stays");
+    assert_eq!(order.omitted_entries as usize + order.returns.len(), 5);
+    assert!(events.iter().all(|e| e.r#return.is_some()), "every return is in its event");
+}

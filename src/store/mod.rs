@@ -459,7 +459,7 @@ impl Store {
     }
 
     /// Orders with an id greater than `after` that pass `filter`.
-    pub fn list_orders(&self, filter: &OrderFilter, after: u64, limit: usize) -> Result<Page<Order>, StoreError> {
+    pub fn list_orders(&self, filter: &OrderFilter, after: u64, limit: PageLimit) -> Result<Page<Order>, StoreError> {
         let start = keys::numbered(keys::ORDER, after.saturating_add(1));
         let end = keys::numbered(keys::ORDER, u64::MAX);
         let engine = self.engine()?;
@@ -471,7 +471,7 @@ impl Store {
     }
 
     /// Durable events after `after` that pass `filter`, in sequence order.
-    pub fn list_events(&self, filter: &EventFilter, after: u64, limit: usize) -> Result<Page<Event>, StoreError> {
+    pub fn list_events(&self, filter: &EventFilter, after: u64, limit: PageLimit) -> Result<Page<Event>, StoreError> {
         let head = self.head_sequence();
         let engine = self.engine()?;
         let tree = &engine.tree;
@@ -554,7 +554,7 @@ impl Store {
     }
 
     /// Quarantined deliveries with a raw id greater than `after`.
-    pub fn list_quarantine(&self, after: u64, limit: usize) -> Result<Page<RawDelivery>, StoreError> {
+    pub fn list_quarantine(&self, after: u64, limit: PageLimit) -> Result<Page<RawDelivery>, StoreError> {
         let start = keys::numbered(keys::QUARANTINE, after.saturating_add(1));
         let end = keys::numbered(keys::QUARANTINE, u64::MAX);
         let engine = self.engine()?;
@@ -575,24 +575,40 @@ fn order_matches(order: &Order, filter: &OrderFilter) -> bool {
         && filter.updated_after.as_ref().is_none_or(after)
 }
 
+/// How many items a page may hold, and how many bytes they may take
+/// encoded (a page always holds at least one matching item, however large).
+#[derive(Clone, Copy, Debug)]
+pub struct PageLimit {
+    pub items: usize,
+    pub bytes: usize,
+}
+
 /// Takes up to `limit` matching items, scanning at most [`SCAN_BUDGET`].
-fn page<T>(
+fn page<T: Message>(
     entries: impl Iterator<Item = Result<T, StoreError>>,
-    limit: usize,
+    limit: PageLimit,
     position: impl Fn(&T) -> u64,
     matches: impl Fn(&T) -> bool,
 ) -> Result<Page<T>, StoreError> {
     let mut items = Vec::new();
+    let mut bytes = 0;
     let mut last = None;
     for (scanned, entry) in entries.enumerate() {
         let item = entry?;
-        if items.len() == limit || scanned == SCAN_BUDGET {
+        if items.len() == limit.items || scanned == SCAN_BUDGET {
             return Ok(Page { items, next_after: last });
         }
-        last = Some(position(&item));
+        let at = position(&item);
         if matches(&item) {
+            // The field's tag and length come on top of the item.
+            let size = item.encoded_len() + 8;
+            if !items.is_empty() && bytes + size > limit.bytes {
+                return Ok(Page { items, next_after: last });
+            }
+            bytes += size;
             items.push(item);
         }
+        last = Some(at);
     }
     Ok(Page { items, next_after: None })
 }

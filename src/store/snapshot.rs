@@ -69,7 +69,8 @@ impl Store {
         let mut touched = BTreeSet::new();
         let mut after = from;
         while after < to {
-            let page = self.list_events(&EventFilter::default(), after, 1000)?;
+            let page =
+                self.list_events(&EventFilter::default(), after, super::PageLimit { items: 1000, bytes: usize::MAX })?;
             let mut expected = after + 1;
             for event in page.items.iter().take_while(|e| e.sequence <= to) {
                 if event.sequence != expected {

@@ -124,14 +124,17 @@ async fn deliveries_in_one_turn_see_each_other() {
         })
         .collect();
     assert_eq!(sequences, vec![1, 2, 3, 4], "gap-free, in order");
-    let page = store.list_orders(&OrderFilter::default(), 0, 10).unwrap();
+    let page = store.list_orders(&OrderFilter::default(), 0, PageLimit { items: 10, bytes: usize::MAX }).unwrap();
     assert_eq!(page.items.len(), 2, "o1's three deliveries made one order: {:?}", page.items);
     let o1 = page.items.iter().find(|o| o.references.as_ref().unwrap().provider_order_id == "o1").unwrap();
     assert_eq!(o1.status(), OrderStatus::Shipped);
     store.close().unwrap();
     drop(store);
     let store = open(dir.path());
-    assert_eq!(store.list_orders(&OrderFilter::default(), 0, 10).unwrap().items.len(), 2);
+    assert_eq!(
+        store.list_orders(&OrderFilter::default(), 0, PageLimit { items: 10, bytes: usize::MAX }).unwrap().items.len(),
+        2
+    );
     assert_eq!(store.head_sequence(), 4);
 }
 
@@ -159,7 +162,10 @@ async fn a_failed_turn_answers_all_of_it_and_leaves_nothing() {
             other => panic!("delivery {n} was not applied anew: {other:?}"),
         }
     }
-    assert_eq!(store.list_orders(&OrderFilter::default(), 0, 10).unwrap().items.len(), 3);
+    assert_eq!(
+        store.list_orders(&OrderFilter::default(), 0, PageLimit { items: 10, bytes: usize::MAX }).unwrap().items.len(),
+        3
+    );
 }
 
 #[tokio::test]
