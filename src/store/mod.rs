@@ -702,6 +702,9 @@ fn spawn_thread<T: Send + 'static>(
         .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
 }
 
+/// How often opening a locked database is tried again, 50 ms apart.
+const LOCK_RETRIES: usize = 20;
+
 thread_local! {
     /// Set while sled opens a database: a panic there is reported as damage.
     static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -720,15 +723,30 @@ pub(crate) fn open_sled(dir: &Path, cache_capacity: Option<u64>) -> Result<sled:
             }
         }));
     });
-    QUIET_PANICS.with(|quiet| quiet.set(true));
-    let opened = std::panic::catch_unwind(|| {
-        let config = sled::Config::new().path(dir);
-        match cache_capacity {
-            Some(bytes) => config.cache_capacity(bytes).open(),
-            None => config.open(),
+    let open = || {
+        QUIET_PANICS.with(|quiet| quiet.set(true));
+        let opened = std::panic::catch_unwind(|| {
+            let config = sled::Config::new().path(dir);
+            match cache_capacity {
+                Some(bytes) => config.cache_capacity(bytes).open(),
+                None => config.open(),
+            }
+        });
+        QUIET_PANICS.with(|quiet| quiet.set(false));
+        opened
+    };
+    // A database closed a moment ago (in this process or another) may
+    // still be locked while sled's own threads wind down.
+    let mut opened = open();
+    for _ in 0..LOCK_RETRIES {
+        match &opened {
+            Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                opened = open();
+            }
+            _ => break,
         }
-    });
-    QUIET_PANICS.with(|quiet| quiet.set(false));
+    }
     match opened {
         Ok(result) => result.map_err(|e| open_error(dir, e)),
         Err(panic) => {
