@@ -274,3 +274,26 @@ async fn bodies_in_memory_are_bounded_by_a_budget() {
     let answer = server.request("POST", "/webhooks/ordermesh", &headers, Bytes::from(big)).await;
     assert_eq!(answer.status, 200, "{}", answer.json);
 }
+
+#[tokio::test]
+async fn probes_never_queue_behind_webhooks_at_the_connection_limit() {
+    let server = TestServer::start_with("[http]\nmax_connections = 2\nheader_read_timeout_ms = 5000\n").await;
+    // Both connection slots held by clients that never finish their headers.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(server.http_addr).await.unwrap();
+        stream.write_all(b"POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        holders.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    for path in ["/healthz", "/readyz"] {
+        let answer = server.request("GET", path, &[], Bytes::new()).await;
+        assert_eq!(answer.status, 200, "{path}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "the probes waited for a slot: {:?}", started.elapsed());
+    // A webhook beyond the limit waits for a slot, then is served.
+    let body = r#"{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"p-1"}"#;
+    assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
+    drop(holders);
+}

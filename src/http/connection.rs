@@ -40,6 +40,13 @@ use crate::handover::{HandedConnection, Successor};
 /// shutdown for one more request (answered with `Connection: close`).
 const IDLE_DRAIN: Duration = Duration::from_millis(500);
 
+/// Connections accepted beyond `http.max_connections`, so that `/healthz`
+/// and `/readyz` never queue behind webhooks: on such a connection a probe
+/// is answered at once, and a webhook waits for a regular slot.
+const PROBE_SLOTS: usize = 64;
+/// How long a connection taken beyond the limit has to send its headers.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Accepts connections (and those a predecessor hands over) until
 /// `shutdown`, then ends each as the module says, within `grace`.
 pub async fn serve(
@@ -53,10 +60,19 @@ pub async fn serve(
 ) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(config.http.header_read_timeout);
+    let mut overflow_builder = builder.clone();
+    overflow_builder.header_read_timeout(config.http.header_read_timeout.min(PROBE_HEADER_TIMEOUT));
     let slots = Arc::new(tokio::sync::Semaphore::new(config.http.max_connections));
+    let overflow = Arc::new(tokio::sync::Semaphore::new(PROBE_SLOTS));
     let connections = TaskTracker::new();
     loop {
-        let Some(slot) = gate::slot(&slots, &shutdown).await else { break };
+        // A regular slot if there is one, else one beyond the limit.
+        let (slot, beyond) = tokio::select! {
+            biased;
+            slot = gate::slot(&slots, &shutdown) => (slot, false),
+            slot = gate::slot(&overflow, &shutdown) => (slot, true),
+        };
+        let Some(slot) = slot else { break };
         let (stream, prefix) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => (stream, Bytes::new()),
@@ -79,7 +95,10 @@ pub async fn serve(
         let Ok(peer) = stream.peer_addr() else { continue };
         // Answers are small and must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        let connection = Connection::new(stream, prefix, peer, &builder, door.clone());
+        let connection = match beyond {
+            false => Connection::new(stream, prefix, peer, &builder, door.clone(), None),
+            true => Connection::new(stream, prefix, peer, &overflow_builder, door.clone(), Some(slots.clone())),
+        };
         let (shutdown, successor) = (shutdown.clone(), successor.clone());
         connections.spawn(async move {
             connection.run(shutdown, successor).await;
@@ -127,15 +146,32 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, prefix: Bytes, peer: SocketAddr, builder: &http1::Builder, door: Door) -> Self {
+    /// `borrow`: for a connection beyond the limit, the regular slots a
+    /// webhook on it must wait for (probes need none).
+    fn new(
+        stream: TcpStream,
+        prefix: Bytes,
+        peer: SocketAddr,
+        builder: &http1::Builder,
+        door: Door,
+        borrow: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Self {
         let counts = Arc::new(Counts::default());
         let closing = Arc::new(AtomicBool::new(false));
         let tracked = Tracked { stream, prefix, counts: counts.clone() };
         let service: Service = {
             let closing = closing.clone();
-            Box::new(service_fn(move |req| {
-                let (door, closing) = (door.clone(), closing.clone());
+            Box::new(service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let (door, closing, borrow) = (door.clone(), closing.clone(), borrow.clone());
                 Box::pin(async move {
+                    let probe = matches!(req.uri().path(), "/healthz" | "/readyz");
+                    let _slot = match borrow {
+                        Some(slots) if !probe => match door.wait_for_slot(slots).await {
+                            Some(slot) => Some(slot),
+                            None => return Ok(super::busy_response()),
+                        },
+                        _ => None,
+                    };
                     let mut response = door.handle(req, peer).await;
                     if closing.load(Ordering::SeqCst) {
                         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

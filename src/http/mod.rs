@@ -388,6 +388,21 @@ mod body;
 mod connection;
 pub use connection::serve;
 
+/// 503 with `Retry-After`: too many requests in flight.
+fn busy_response() -> Response<Full<Bytes>> {
+    refused(Refusal::Busy)
+}
+
+/// The answer to a request refused before the front door saw it.
+fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let mut response = refusal.into_response(&request_id);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
 /// The front door once the store is open. Until then requests wait for it,
 /// at most `wait` (then 503): a process taking over holds what it accepts
 /// until its predecessor has released the store.
@@ -402,6 +417,15 @@ impl Door {
     pub fn new(wait: Duration) -> (Self, watch::Sender<Option<Arc<FrontDoor>>>) {
         let (open, front) = watch::channel(None);
         (Self { front, wait }, open)
+    }
+
+    /// A connection slot for a webhook that came in beyond the connection
+    /// limit; `None` if none frees up within the wait.
+    pub(crate) async fn wait_for_slot(
+        &self,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(self.wait, slots.acquire_owned()).await.ok()?.ok()
     }
 
     pub(crate) async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
@@ -421,15 +445,7 @@ impl Door {
         };
         match opened {
             Some(front) => front.handle(req, peer).await,
-            None => {
-                let request_id = uuid::Uuid::now_v7().to_string();
-                let unavailable = StoreError::Unavailable("the store did not open in time".into());
-                let mut response = Refusal::Unavailable(unavailable).into_response(&request_id);
-                if let Ok(value) = HeaderValue::from_str(&request_id) {
-                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
-                }
-                response
-            }
+            None => refused(Refusal::Unavailable(StoreError::Unavailable("the store did not open in time".into()))),
         }
     }
 }
