@@ -228,7 +228,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
 async fn report_health(mut reporter: HealthReporter, store: Store, shutdown: CancellationToken) {
     let mut serving = None;
     loop {
-        let healthy = store.is_healthy();
+        let healthy = store.is_healthy() && store.damage().is_none();
         if serving != Some(healthy) {
             let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
             for name in HEALTH_NAMES {

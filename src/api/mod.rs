@@ -78,8 +78,11 @@ impl AdminService {
 
 /// Maps a store error to a status: internals are logged, the client gets a
 /// clear, safe message.
-fn store_status(e: StoreError) -> Status {
+fn store_status(store: &Store, e: StoreError) -> Status {
     tracing::error!(error = %e, "store error while serving gRPC");
+    if let StoreError::Corrupt(why) = &e {
+        store.note_damage(why);
+    }
     match e {
         StoreError::Unavailable(_) | StoreError::Closed => Status::unavailable("storage unavailable; retry later"),
         StoreError::Corrupt(_) => Status::data_loss("stored data could not be read"),
@@ -103,11 +106,13 @@ async fn blocking<T: Send + 'static>(
     store: &Store,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Status> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
-        .await
-        .map_err(|_| Status::internal("query failed"))?
-        .map_err(store_status)
+    let answer = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || f(&store)
+    })
+    .await
+    .map_err(|_| Status::internal("query failed"))?;
+    answer.map_err(|e| store_status(&store, e))
 }
 
 /// Converts one of the generated `reference` oneofs (same member names in
@@ -210,7 +215,7 @@ impl OrderTrail for OrderTrailService {
         let source = source_filter(request.source);
         // A point lookup (one index read, a few orders): cheaper inline than
         // handed to the blocking pool, which cost more than the read itself.
-        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(store_status)?;
+        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(|e| store_status(&self.store, e))?;
         match orders.len() {
             0 => Err(Status::not_found(format!("no order with that reference `{}`", echoed(&lookup.value)))),
             1 => Ok(Response::new(orders.into_iter().next().unwrap_or_default())),
@@ -230,7 +235,7 @@ impl OrderTrail for OrderTrailService {
         let request = request.into_inner();
         let lookup = lookup(lookup_from!(request.reference, find_orders_request))?;
         let source = source_filter(request.source);
-        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(store_status)?;
+        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(|e| store_status(&self.store, e))?;
         Ok(Response::new(FindOrdersResponse { orders }))
     }
 
@@ -339,7 +344,7 @@ impl Admin for AdminService {
                 }
                 Ok(normalized) => {
                     result.events = normalized.observations.len() as u32;
-                    match self.store.redrive(raw.id, normalized).await.map_err(store_status)? {
+                    match self.store.redrive(raw.id, normalized).await.map_err(|e| store_status(&self.store, e))? {
                         IngestOutcome::Applied { sequences, .. } => {
                             result.outcome = "applied".into();
                             result.sequences = sequences;
@@ -364,7 +369,7 @@ impl Admin for AdminService {
         let config = self.config.clone();
         let aliases = |source: &str| config.kind_aliases(source).clone();
         let (summary, up_to_raw_id) =
-            self.store.prepare_rebuild(&self.config.store, &aliases).await.map_err(store_status)?;
+            self.store.prepare_rebuild(&self.config.store, &aliases).await.map_err(|e| store_status(&self.store, e))?;
         tracing::info!(up_to_raw_id, "rebuild prepared; it is swapped in at the next start");
         Ok(Response::new(RebuildResponse {
             applied: summary.applied,

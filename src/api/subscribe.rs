@@ -220,7 +220,7 @@ impl Task {
             })),
             Ok(FeedItem::CaughtUp(sequence)) => Ok(Some(message(Message::CaughtUp(CaughtUp { sequence })))),
             Err(FeedError::OutOfRange { requested, oldest }) => Err(out_of_range(requested, oldest)),
-            Err(FeedError::Store(e)) => Err(store_status(e)),
+            Err(FeedError::Store(e)) => Err(store_status(&self.store, e)),
         }
     }
 
@@ -234,7 +234,7 @@ impl Task {
                 return false;
             }
             Err(FeedError::Store(e)) => {
-                let _ = self.tx.send(Err(store_status(e))).await;
+                let _ = self.tx.send(Err(store_status(&self.store, e))).await;
                 return false;
             }
         };
@@ -285,11 +285,11 @@ impl Filter {
     /// Finds the orders that already carry the reference.
     async fn seed(&mut self, store: &Store) -> Result<(), Status> {
         let Some(lookup) = self.reference.clone() else { return Ok(()) };
-        let store = store.clone();
-        let orders = tokio::task::spawn_blocking(move || store.find_orders(&lookup, None))
+        let reader = store.clone();
+        let orders = tokio::task::spawn_blocking(move || reader.find_orders(&lookup, None))
             .await
             .map_err(|_| Status::internal("order lookup failed"))?
-            .map_err(store_status)?;
+            .map_err(|e| store_status(store, e))?;
         self.orders.extend(orders.iter().map(|o| o.id));
         Ok(())
     }

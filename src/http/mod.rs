@@ -227,6 +227,11 @@ impl FrontDoor {
             json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "shutting down"}))
         } else if !self.store.is_healthy() {
             json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "storage unavailable"}))
+        } else if let Some(damage) = self.store.damage() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "stored data damaged; salvage with `ordertrail export`", "damage": damage}),
+            )
         } else {
             json_response(StatusCode::OK, json!({"status": "ready"}))
         }

@@ -74,6 +74,9 @@ pub(super) struct Shared {
     durable: watch::Sender<u64>,
     /// Durable events, in sequence order.
     feed: broadcast::Sender<Arc<Published>>,
+    /// What a read found damaged, if anything did: the store is then not
+    /// ready (ingest goes on).
+    damage: Mutex<Option<String>>,
     /// The newest sequence written (durable or not).
     written: AtomicU64,
     /// False after a storage failure, until the store is reopened (see
@@ -133,6 +136,7 @@ impl Shared {
             changed: Condvar::new(),
             durable: watch::Sender::new(durable_head),
             feed: broadcast::Sender::new(feed_capacity.max(1)),
+            damage: Mutex::new(None),
             written: AtomicU64::new(durable_head),
             healthy: AtomicBool::new(true),
             flushes: AtomicU64::new(0),
@@ -196,6 +200,19 @@ impl Shared {
         });
         self.metrics.reopens.inc();
         self.healthy.store(true, Ordering::SeqCst);
+    }
+
+    /// A read found stored data damaged; logged once.
+    pub fn note_damage(&self, why: &str) {
+        let mut damage = self.damage.lock().unwrap_or_else(|e| e.into_inner());
+        if damage.is_none() {
+            tracing::error!(%why, "stored data is damaged: not ready; salvage with `ordertrail export`");
+            *damage = Some(why.to_string());
+        }
+    }
+
+    pub fn damage(&self) -> Option<String> {
+        self.damage.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn is_healthy(&self) -> bool {

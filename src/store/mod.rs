@@ -327,6 +327,17 @@ impl Store {
         self.inner.shared.healthy.load(Ordering::SeqCst)
     }
 
+    /// Notes that a read found stored data damaged (see [`Store::damage`]).
+    pub fn note_damage(&self, why: &str) {
+        self.inner.shared.note_damage(why);
+    }
+
+    /// What a read found damaged, if anything did: the store then serves
+    /// what it can but is not ready.
+    pub fn damage(&self) -> Option<String> {
+        self.inner.shared.damage()
+    }
+
     /// The newest durable sequence.
     pub fn head_sequence(&self) -> u64 {
         self.inner.shared.durable_head()

@@ -136,8 +136,10 @@ impl Writer {
                         self.overlay.discard();
                         // Damage in one record is that delivery's problem;
                         // an I/O error is the store's.
-                        if matches!(e, StoreError::Unavailable(_)) {
-                            self.shared.fail(&format_args!("read failed: {e}"));
+                        match &e {
+                            StoreError::Unavailable(_) => self.shared.fail(&format_args!("read failed: {e}")),
+                            StoreError::Corrupt(why) => self.shared.note_damage(why),
+                            StoreError::Closed => {}
                         }
                         let _ = reply.send(Err(e));
                     }
