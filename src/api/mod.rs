@@ -112,7 +112,7 @@ async fn blocking<T: Send + 'static>(
     })
     .await
     .map_err(|_| Status::internal("query failed"))?;
-    answer.map_err(|e| store_status(&store, e))
+    answer.map_err(|e| store_status(store, e))
 }
 
 /// Converts one of the generated `reference` oneofs (same member names in
