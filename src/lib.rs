@@ -20,8 +20,9 @@
 //! - [`state`]: the canonical state rules (rank tables, no regression, sticky
 //!   terminal states, derived order status). Pure.
 //! - [`store`]: the only module that imports sled. Raw log, events, orders,
-//!   indexes, dedup, quarantine, group commit, the live event feed and
-//!   consistent snapshots.
+//!   indexes, dedup, quarantine, group commit, the live event feed,
+//!   consistent snapshots, and recovery from storage failures (the database
+//!   reopened in-process).
 //! - [`api`]: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
@@ -33,11 +34,13 @@
 //! # Architecture invariants
 //!
 //! - Only `store` imports sled; only `http` (and the `send` client) imports
-//!   hyper; only `api` implements tonic services. Provider JSON/form shapes never leave their
+//!   hyper (`handover` passes connections as file descriptors, never as
+//!   hyper types); only `api` implements tonic services. Provider JSON/form shapes never leave their
 //!   provider module in `ingest`. (The `ordertrail-bench` binary is outside
 //!   these rules: it drives hyper and sled directly as baselines.)
 //! - A webhook is answered 2xx only after the store reported its raw bytes
-//!   (and everything derived from them) durable. Every reply, including one
+//!   (and everything derived from them) durable, and never through a sled
+//!   instance a write or flush failed on (it is reopened first). Every reply, including one
 //!   for a duplicate, waits for a flush that covers it.
 //! - The raw delivery and everything derived from it are written in one
 //!   atomic batch, so a crash leaves either all of it or none of it, and
