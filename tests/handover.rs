@@ -62,6 +62,13 @@ impl Setup {
         command
     }
 
+    /// Starts a server and waits until it is ready.
+    async fn start(&self) -> Process {
+        let mut process = Process::spawn(&mut self.command());
+        self.wait_ready(&mut process).await;
+        process
+    }
+
     async fn wait_ready(&self, child: &mut Child) {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         for _ in 0..3000 {
@@ -75,6 +82,18 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the server never became ready");
+    }
+
+    /// Lets the load run a little longer, stops it, checks what it got, and
+    /// stops the server.
+    async fn finish(&self, stop: CancellationToken, loading: tokio::task::JoinHandle<Vec<Sent>>, mut running: Process) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+        let sent = loading.await.unwrap();
+        assert!(sent.len() > 500, "too little load to mean anything: {}", sent.len());
+        self.verify(&sent).await;
+        terminate(&running);
+        assert!(exited(&mut running).await.success());
     }
 
     /// Every 2xx must be stored with the bytes that were sent.
@@ -204,8 +223,7 @@ const HANDOVERS: usize = 4;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_without_failing_a_request() {
     let setup = Setup::new();
-    let mut running = Process::spawn(&mut setup.command());
-    setup.wait_ready(&mut running).await;
+    let mut running = setup.start().await;
     let stop = CancellationToken::new();
     let loading = tokio::spawn(load(setup.http, stop.clone()));
     for _ in 0..HANDOVERS {
@@ -222,13 +240,7 @@ async fn a_second_process_takes_over_without_failing_a_request() {
         running = next;
         drop((silent, stalled));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.cancel();
-    let sent = loading.await.unwrap();
-    assert!(sent.len() > 500, "too little load to mean anything: {}", sent.len());
-    setup.verify(&sent).await;
-    terminate(&running);
-    assert!(exited(&mut running).await.success());
+    setup.finish(stop, loading, running).await;
 }
 
 /// The test plays systemd: it owns the listening sockets and passes them as
@@ -256,13 +268,7 @@ async fn a_restart_on_inherited_sockets_refuses_nothing() {
         running = spawn();
         setup.wait_ready(&mut running).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.cancel();
-    let sent = loading.await.unwrap();
-    assert!(sent.len() > 500, "too little load to mean anything: {}", sent.len());
-    setup.verify(&sent).await;
-    terminate(&running);
-    assert!(exited(&mut running).await.success());
+    setup.finish(stop, loading, running).await;
 }
 
 /// Places `fds` at 3, 4, 5 in the child, as systemd does.
@@ -320,8 +326,7 @@ fn exchange(stream: &mut std::net::TcpStream, n: usize) -> Option<(u16, String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_new_connections_are_handed_over_not_closed() {
     let setup = Setup::new();
-    let mut old = Process::spawn(&mut setup.command());
-    setup.wait_ready(&mut old).await;
+    let mut old = setup.start().await;
     let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
     let (status, head, _) = exchange(&mut idle, 1).expect("the first answer");
     assert_eq!(status, 200);
@@ -345,8 +350,7 @@ async fn idle_and_new_connections_are_handed_over_not_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with_close() {
     let setup = Setup::new();
-    let mut server = Process::spawn(&mut setup.command());
-    setup.wait_ready(&mut server).await;
+    let mut server = setup.start().await;
     let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
     assert_eq!(exchange(&mut idle, 1).expect("the first answer").0, 200);
     terminate(&server);
@@ -360,8 +364,7 @@ async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_webhook_connection_does_not_hold_a_plain_stop() {
     let setup = Setup::new();
-    let mut server = Process::spawn(&mut setup.command());
-    setup.wait_ready(&mut server).await;
+    let mut server = setup.start().await;
     // Connected, never sends: hyper would wait for its request headers.
     let silent = std::net::TcpStream::connect(setup.http).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
