@@ -117,7 +117,7 @@ impl Inherited {
     async fn listener(&mut self, role: Role, config: &Config, check_addr: bool) -> std::io::Result<TcpListener> {
         let addr = role.addr(config);
         let found = self.sockets.iter().position(|(r, listener)| {
-            *r == role && (!check_addr || listener.local_addr().is_ok_and(|local| local == addr))
+            *r == role && (!check_addr || listener.local_addr().is_ok_and(|local| same_place(local, addr)))
         });
         match found {
             Some(index) => {
@@ -130,6 +130,12 @@ impl Inherited {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))),
         }
     }
+}
+
+/// Whether a socket listening on `local` is where the config says: port 0
+/// (any port) matches the port the predecessor was given.
+fn same_place(local: SocketAddr, configured: SocketAddr) -> bool {
+    local == configured || (configured.port() == 0 && local.ip() == configured.ip())
 }
 
 /// The three listening sockets and, after a hand-over, the process that
@@ -432,4 +438,19 @@ fn send_sockets(stream: tokio::net::UnixStream, sockets: &[(Role, OwnedFd)]) -> 
     }
     rustix::net::sendmsg(&stream, &[IoSlice::new(&roles)], &mut control, SendFlags::empty())?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_inherited_socket_serves_the_address_the_config_names() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(same_place(addr("127.0.0.1:8080"), addr("127.0.0.1:8080")));
+        assert!(same_place(addr("127.0.0.1:45149"), addr("127.0.0.1:0")), "port 0: any port");
+        assert!(!same_place(addr("127.0.0.1:8080"), addr("127.0.0.1:8081")));
+        assert!(!same_place(addr("127.0.0.1:8080"), addr("0.0.0.0:8080")));
+        assert!(!same_place(addr("127.0.0.1:45149"), addr("0.0.0.0:0")));
+    }
 }
