@@ -713,8 +713,10 @@ fn spawn_thread<T: Send + 'static>(
         .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
 }
 
-/// How often opening a locked database is tried again, 50 ms apart.
-const LOCK_RETRIES: usize = 20;
+/// How often opening a locked database is tried again, 50 ms apart: sled's
+/// own I/O threads can hold its lock for a while after the last handle is
+/// dropped, longer on a busy machine.
+const LOCK_RETRIES: usize = 100;
 
 thread_local! {
     /// Set while sled opens a database: a panic there is reported as damage.
@@ -747,7 +749,7 @@ pub(crate) fn open_sled(dir: &Path, cache_capacity: Option<u64>) -> Result<sled:
         opened
     };
     // A database closed a moment ago (in this process or another) may
-    // still be locked while sled's own threads wind down.
+    // still be locked while sled's own threads wind down (up to 5 s here).
     let mut opened = open();
     for _ in 0..LOCK_RETRIES {
         match &opened {
