@@ -227,8 +227,8 @@ impl Store {
             }),
         };
         store.start(engine, counters, rx)?;
-        let watched = store.clone();
-        store.workers().recovery = Some(spawn_thread("ordertrail-recovery", move || recovery::run(watched))?);
+        let (watched, shared) = (Arc::downgrade(&store.inner), store.inner.shared.clone());
+        store.workers().recovery = Some(spawn_thread("ordertrail-recovery", move || recovery::run(watched, shared))?);
         Ok(store)
     }
 

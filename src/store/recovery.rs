@@ -15,14 +15,14 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::commit::{FaultPoint, Shared};
 use super::writer::{Command, Work};
-use super::{Engine, Store, StoreError};
+use super::{Engine, Inner, Store, StoreError};
 
 /// How often failed storage is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -33,17 +33,20 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Written and fsynced to see whether storage works again.
 const PROBE_FILE: &str = "ordertrail-probe";
 
-/// Watches the store until it closes; reopens it after each failure.
-pub(super) fn run(store: Store) {
-    let shared = store.inner.shared.clone();
+/// Watches the store until it closes (or its last handle is dropped);
+/// reopens it after each failure. Holds the store only while acting, so
+/// that dropping every handle still releases the database.
+pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
+    let upgrade = || store.upgrade().map(|inner| Store { inner });
     while shared.wait_for_failure() {
-        let Some(queue) = store.stop_workers() else { return };
+        let Some(queue) = upgrade().and_then(|store| store.stop_workers()) else { return };
         let mut failing = Failing { queue, logged: None };
         loop {
             failing.refuse_waiting();
-            if shared.is_closed() {
+            if shared.is_closed() || failing.queue.is_closed() {
                 return;
             }
+            let Some(store) = upgrade() else { return };
             match probe(&store.inner.data_dir, &shared).and_then(|()| store.reopen()) {
                 Ok(engine) => {
                     let durable = shared.durable_mark().durable_sequence;
@@ -55,6 +58,7 @@ pub(super) fn run(store: Store) {
                 }
                 Err(e) => failing.note(&e),
             }
+            drop(store);
             std::thread::sleep(PROBE_INTERVAL);
         }
     }
