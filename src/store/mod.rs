@@ -753,7 +753,8 @@ pub(crate) fn open_sled(dir: &Path, cache_capacity: Option<u64>) -> Result<sled:
     let mut opened = open();
     for _ in 0..LOCK_RETRIES {
         match &opened {
-            Ok(Err(sled::Error::Io(e))) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled reports its lock as an `Other` error with this text.
+            Ok(Err(sled::Error::Io(e))) if e.to_string().starts_with("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 opened = open();
             }
