@@ -105,38 +105,41 @@ async fn graceful_shutdown_under_load_loses_nothing_acknowledged() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damage_found_by_a_read_makes_the_server_not_ready() {
+/// A data dir of three deliveries whose second stored record is damaged.
+async fn damaged_data_dir() -> tempfile::TempDir {
     let server = TestServer::start().await;
     for i in 0..3 {
         assert_eq!(server.post_json("/webhooks/ordermesh", creation(i)).await.status, 200);
     }
     let dir = server.stop().await;
-    {
-        // Overwrite delivery 2's stored record with bytes that are no record.
-        use prost::Message;
-        // sled's lock can outlive the stop by a moment.
-        let mut db = sled::open(dir.path().join("sled"));
-        for _ in 0..40 {
-            if db.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-            db = sled::open(dir.path().join("sled"));
+    // Overwrite delivery 2's stored record with bytes that are no record.
+    use prost::Message;
+    // sled's lock can outlive the stop by a moment.
+    let mut db = sled::open(dir.path().join("sled"));
+    for _ in 0..100 {
+        if db.is_ok() {
+            break;
         }
-        let db = db.unwrap();
-        let key = db
-            .iter()
-            .filter_map(Result::ok)
-            .find(|(_, value)| {
-                ordertrail::proto::RawDelivery::decode(&**value).is_ok_and(|raw| raw.id == 2 && !raw.body.is_empty())
-            })
-            .map(|(key, _)| key)
-            .expect("delivery 2 is stored");
-        db.insert(key, &b"\xff\xff\xff\xff damaged"[..]).unwrap();
-        db.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        db = sled::open(dir.path().join("sled"));
     }
-    let server = TestServer::start_in(dir, "").await;
+    let db = db.unwrap();
+    let key = db
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(_, value)| {
+            ordertrail::proto::RawDelivery::decode(&**value).is_ok_and(|raw| raw.id == 2 && !raw.body.is_empty())
+        })
+        .map(|(key, _)| key)
+        .expect("delivery 2 is stored");
+    db.insert(key, &b"\xff\xff\xff\xff damaged"[..]).unwrap();
+    db.flush().unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_found_by_a_read_makes_the_server_not_ready() {
+    let server = TestServer::start_in(damaged_data_dir().await, "").await;
     let status = server.admin().await.get_delivery(ordertrail::proto::GetDeliveryRequest { raw_id: 2 }).await;
     assert_eq!(status.unwrap_err().code(), tonic::Code::DataLoss);
     let answer = server.request("GET", "/readyz", &[], Bytes::new()).await;
@@ -144,5 +147,22 @@ async fn damage_found_by_a_read_makes_the_server_not_ready() {
     assert!(answer.json["status"].as_str().unwrap().contains("damaged"), "{}", answer.json);
     // Webhooks are still taken: refusing them would lose them.
     assert_eq!(server.post_json("/webhooks/ordermesh", creation(9)).await.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_is_found_after_start_without_any_read() {
+    let server = TestServer::start_in(damaged_data_dir().await, "").await;
+    // The background verification reads everything once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let answer = server.request("GET", "/readyz", &[], Bytes::new()).await;
+        if answer.json.get("damage").is_some() || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(answer.status, 503, "{}", answer.json);
+    assert!(answer.json["damage"].as_str().is_some_and(|d| d.contains("is damaged")), "{}", answer.json);
     server.stop().await;
 }

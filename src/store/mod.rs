@@ -15,6 +15,7 @@ mod mark;
 mod overlay;
 mod recovery;
 mod snapshot;
+mod verify;
 mod writer;
 
 use std::path::Path;
@@ -325,6 +326,14 @@ impl Store {
     /// False after a storage failure until a flush succeeds again.
     pub fn is_healthy(&self) -> bool {
         self.inner.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Starts reading the whole database once in the background, paced,
+    /// so that damage is found without a client hitting it (see
+    /// [`verify`]).
+    pub fn verify_in_background(&self) -> Result<(), StoreError> {
+        let (store, shared) = (Arc::downgrade(&self.inner), self.inner.shared.clone());
+        spawn_thread("ordertrail-verify", move || verify::run(store, shared)).map(drop)
     }
 
     /// Notes that a read found stored data damaged (see [`Store::damage`]).
