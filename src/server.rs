@@ -169,7 +169,9 @@ async fn serve(
         head_sequence = store.head_sequence(),
         "ordertrail serving"
     );
-    store.verify_in_background()?;
+    if config.store.verify_on_start {
+        store.verify_in_background()?;
+    }
     let offer =
         offered.and_then(|sockets| Offer::start(&config.store.data_dir, sockets, successor.clone(), shutdown.clone()));
     let (health_reporter, health) = tonic_health::server::health_reporter();

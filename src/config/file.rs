@@ -109,6 +109,7 @@ pub(super) struct FileStore {
     pub(super) feed_buffer_events: Option<usize>,
     #[serde(default)]
     pub(super) unsafe_ack_before_durable: bool,
+    pub(super) verify_on_start: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -235,6 +235,9 @@ pub struct StoreConfig {
     /// Newest events kept in memory for live subscribers; one that falls
     /// further behind reads from the store until it catches up.
     pub feed_buffer_events: usize,
+    /// Read the whole database once in the background after the server
+    /// starts, to find damage early.
+    pub verify_on_start: bool,
     /// UNSAFE, for the crash harness's negative control only: answer as soon
     /// as the delivery is processed, before it is written or durable, so a
     /// crash can lose acknowledged webhooks.
@@ -384,6 +387,7 @@ impl Config {
                 retain_events: file.store.retain_events,
                 feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
                 unsafe_ack_before_durable: file.store.unsafe_ack_before_durable,
+                verify_on_start: file.store.verify_on_start.unwrap_or(true),
             },
             sources,
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(DEFAULT_SHUTDOWN_GRACE_MS)),

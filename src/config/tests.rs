@@ -82,6 +82,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
     assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
     assert_eq!(c.store.retain_events, defaults.store.retain_events);
     assert_eq!(c.store.feed_buffer_events, defaults.store.feed_buffer_events);
+    assert_eq!(c.store.verify_on_start, defaults.store.verify_on_start);
     assert_eq!(c.grpc.max_subscriptions, defaults.grpc.max_subscriptions);
     assert_eq!(c.grpc.max_subscriptions_per_peer, defaults.grpc.max_subscriptions_per_peer);
     assert_eq!(c.grpc.subscription_buffer, defaults.grpc.subscription_buffer);

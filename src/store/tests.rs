@@ -11,6 +11,7 @@ fn open(dir: &Path) -> Store {
         retain_events: 0,
         feed_buffer_events: 64,
         unsafe_ack_before_durable: false,
+        verify_on_start: true,
     };
     Store::open(&config).unwrap()
 }
