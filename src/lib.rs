@@ -38,6 +38,8 @@
 //!   hyper types); only `api` implements tonic services. Provider JSON/form shapes never leave their
 //!   provider module in `ingest`. (The `ordertrail-bench` binary is outside
 //!   these rules: it drives hyper and sled directly as baselines.)
+//!   `tests/tidy.rs` checks this, and that every source file opens with a
+//!   `//!` line.
 //! - A webhook is answered 2xx only after the store reported its raw bytes
 //!   (and everything derived from them) durable, and never through a sled
 //!   instance a write or flush failed on (it is reopened first). Every reply, including one
