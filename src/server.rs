@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
@@ -221,7 +222,11 @@ fn dup_sockets(listeners: &Listeners) -> Option<Vec<(Role, OwnedFd)>> {
 }
 
 /// The services reported by `grpc.health.v1.Health` ("" is the server).
-const HEALTH_NAMES: [&str; 3] = ["", "ordertrail.v1.OrderTrail", "ordertrail.v1.Admin"];
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    <OrderTrailServer<OrderTrailService> as NamedService>::NAME,
+    <AdminServer<AdminService> as NamedService>::NAME,
+];
 
 /// How often health follows the store.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
