@@ -177,14 +177,11 @@ impl FrontDoor {
 
     async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let request_id = uuid::Uuid::now_v7().to_string();
-        let mut response = match self.route(req, peer, &request_id).await {
+        let response = match self.route(req, peer, &request_id).await {
             Ok(response) => response,
             Err(refusal) => refusal.into_response(&request_id),
         };
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert(REQUEST_ID_HEADER, value);
-        }
-        response
+        with_request_id(response, &request_id)
     }
 
     async fn route(
@@ -401,8 +398,12 @@ fn busy_response() -> Response<Full<Bytes>> {
 /// The answer to a request refused before the front door saw it.
 fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
     let request_id = uuid::Uuid::now_v7().to_string();
-    let mut response = refusal.into_response(&request_id);
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    with_request_id(refusal.into_response(&request_id), &request_id)
+}
+
+/// Every answer carries its request id in a header.
+fn with_request_id(mut response: Response<Full<Bytes>>, request_id: &str) -> Response<Full<Bytes>> {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response
