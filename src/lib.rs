@@ -14,26 +14,47 @@
 //! - `gate`: the gRPC accept loop (connection limit, first-bytes deadline).
 //! - [`http`]: the hyper front door. Routing, limits, authentication calls,
 //!   and the single mapping from ingest errors to HTTP status codes.
+//! - [`provider`]: the closed set of providers, named once; a leaf.
 //! - [`ingest`]: per-source authentication and one module per provider that
-//!   turns a raw delivery into provider-neutral observations. Pure: no I/O,
-//!   time and ids are passed in.
+//!   turns a raw delivery into provider-neutral observations, and the
+//!   [`ingest::Mapper`] that applies the current mappers (with each source's
+//!   kind aliases) to a raw delivery. Pure: no I/O, time and ids are passed
+//!   in.
 //! - [`state`]: the canonical state rules (rank tables, no regression, sticky
 //!   terminal states, derived order status). Pure.
-//! - [`store`]: the only module that imports sled. Raw log, events, orders,
-//!   indexes, dedup, quarantine, group commit, the live event feed,
-//!   consistent snapshots, and recovery from storage failures (the database
-//!   reopened in-process).
+//! - [`store`]: raw log, events, orders, indexes, dedup, quarantine, group
+//!   commit, the live event feed, consistent snapshots, and recovery from
+//!   storage failures (the engine reopened in-process). `store::plan` holds
+//!   the domain of a batch of deliveries, engine-neutral; `store::engine` is
+//!   the one interface of the storage engines (an enum: a closed set, and
+//!   each engine may answer synchronously or asynchronously behind
+//!   `Store`'s async queries); `store::sled_engine` is the only module that
+//!   imports sled. Its lifecycle (open, format check, rebuild swap, close)
+//!   runs through `Store`.
+//!
+//! # Request flow
+//!
+//! A webhook: `http` (limits, authentication) → `Store::ingest` (maps with
+//! the current mappers, hands the delivery to the writer) → `store::plan`
+//! (one batch) → the engine's atomic commit → the group commit's durable
+//! flush → the 2xx and the events on the feed. A query: `api` → `Store`'s
+//! async reads → the engine. A stream: `api::subscribe` → `store::Feed`
+//! (stored events, then the live broadcast).
 //! - [`api`]: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`send`]: `ordertrail send`, posting a captured webhook (an HTTP client).
-//! - [`proto`]: the generated protobuf types (the public contract and the
-//!   storage schema).
+//! - [`proto`]: the generated protobuf types (the public contract, and the
+//!   storage messages in `storage.proto`).
+//!
+//! Test hooks (fault injection, held commits, acknowledging before
+//! durability, format downgrade) exist only with the `test-util` feature,
+//! which the tests turn on and release builds do not have.
 //!
 //! # Architecture invariants
 //!
-//! - Only `store` imports sled; only `http` (and the `send` client) imports
+//! - Only `store::sled_engine` imports sled; only `http` (and the `send` client) imports
 //!   hyper (`handover` passes connections as file descriptors, never as
 //!   hyper types); only `api` implements tonic services. Provider JSON/form shapes never leave their
 //!   provider module in `ingest`. (The `ordertrail-bench` binary is outside
@@ -65,6 +86,7 @@ pub mod http;
 pub mod ingest;
 pub mod memory;
 pub mod metrics;
+pub mod provider;
 pub mod send;
 pub mod server;
 pub mod state;

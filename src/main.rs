@@ -7,16 +7,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ordertrail::config::Config;
 use ordertrail::handover::{self, Inherited};
+use ordertrail::ingest::Mapper;
 use ordertrail::server::{self, Listeners, ServerError};
 use ordertrail::store::StoreError;
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a configuration that cannot be used (EX_CONFIG).
+/// Exit code for a configuration or command line that cannot be used
+/// (EX_USAGE, as linkerd uses it).
 const EXIT_CONFIG: u8 = 64;
-/// Exit code when the service cannot run (EX_SOFTWARE).
-const EXIT_FAILURE: u8 = 70;
-/// Exit code when the database is damaged (EX_DATAERR).
-const EXIT_CORRUPT: u8 = 65;
 
 /// Receives fulfilment webhooks, stores them durably and serves orders over gRPC.
 #[derive(Parser)]
@@ -160,10 +158,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ordertrail: {e:#}");
-            let corrupt = matches!(e.downcast_ref::<ServerError>(), Some(ServerError::Store(StoreError::Corrupt(_))))
-                || matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Corrupt(_)));
-            ExitCode::from(if corrupt { EXIT_CORRUPT } else { EXIT_FAILURE })
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// The exit code for an error that ended a command: 65 (EX_DATAERR) for
+/// damaged data or bad input, 70 (EX_SOFTWARE) for anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match (e.downcast_ref::<ServerError>(), e.downcast_ref::<StoreError>()) {
+        (Some(e), _) => e.exit_code(),
+        (None, Some(e)) => e.exit_code(),
+        (None, None) => ordertrail::store::EXIT_FAILURE,
     }
 }
 
@@ -196,14 +202,15 @@ fn raise_file_limit(config: &Config) -> Result<(), String> {
 }
 
 fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let data_dir = &config.store.data_dir;
     let summary = match out {
         Some(path) => {
             let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let summary = ordertrail::store::export(&config.store, &mut file)?;
+            let summary = ordertrail::store::export(data_dir, &mut file)?;
             std::io::Write::flush(&mut file)?;
             summary
         }
-        None => ordertrail::store::export(&config.store, &mut std::io::stdout().lock())?,
+        None => ordertrail::store::export(data_dir, &mut std::io::stdout().lock())?,
     };
     if summary.unreadable > 0 {
         // Exit 65 (damaged), with everything readable saved.
@@ -218,8 +225,7 @@ fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn rebuild(config: &Config) -> anyhow::Result<()> {
-    let aliases = |source: &str| config.kind_aliases(source).clone();
-    let (summary, kept) = ordertrail::store::rebuild(&config.store, &aliases).await?;
+    let (summary, kept) = ordertrail::store::rebuild(&config.store, Mapper::new(config)).await?;
     eprintln!(
         "ordertrail: rebuilt from {} deliveries ({} applied, {} quarantined, {} duplicates); the old database is in {}",
         summary.applied + summary.quarantined + summary.duplicates,
@@ -236,9 +242,8 @@ async fn import(config: &Config, file: PathBuf) -> anyhow::Result<()> {
         std::fs::File::open(&file).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?,
     );
     let store = server::open_store(config).await?;
-    let aliases = |source: &str| config.kind_aliases(source).clone();
-    let summary = ordertrail::store::import(&store, input, &aliases).await;
-    tokio::task::spawn_blocking(move || store.close()).await??;
+    let summary = ordertrail::store::import(&store, input).await;
+    store.close().await?;
     let summary = summary?;
     eprintln!(
         "ordertrail: imported {} applied, {} quarantined, {} already present",

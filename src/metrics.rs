@@ -13,10 +13,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::Subscriptions;
 use crate::store::{CommitMetrics, Store};
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The stream position of every open subscription: (id, sequence).
+pub(crate) type Positions = Box<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
 
 /// Every metric of the process.
 pub struct Metrics {
@@ -29,16 +31,16 @@ pub struct Metrics {
     quarantine_depth: Gauge,
     orders: Gauge,
     head_sequence: Gauge,
-    store_bytes: Gauge,
+    store_size_bytes: Gauge,
     subscriptions: Gauge,
     subscriber_lag: Family<Labels, Gauge>,
-    feed_lags: Gauge,
+    subscriber_store_reads: Gauge,
     store: Store,
-    subscriptions_source: Subscriptions,
+    positions: Positions,
 }
 
 impl Metrics {
-    pub fn new(store: Store, subscriptions: Subscriptions) -> Arc<Self> {
+    pub fn new(store: Store, positions: Positions) -> Arc<Self> {
         let mut registry = Registry::with_prefix("ordertrail");
         let commit: CommitMetrics = store.commit_metrics();
         let webhooks = Family::<Labels, Counter>::default();
@@ -50,12 +52,12 @@ impl Metrics {
             quarantine_depth: Gauge::default(),
             orders: Gauge::default(),
             head_sequence: Gauge::default(),
-            store_bytes: Gauge::default(),
+            store_size_bytes: Gauge::default(),
             subscriptions: Gauge::default(),
             subscriber_lag: Family::default(),
-            feed_lags: Gauge::default(),
+            subscriber_store_reads: Gauge::default(),
             store,
-            subscriptions_source: subscriptions,
+            positions,
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhooks received, by source and outcome", webhooks);
@@ -73,7 +75,7 @@ impl Metrics {
         registry.register("quarantine_depth", "Deliveries in quarantine", metrics.quarantine_depth.clone());
         registry.register("orders", "Orders stored", metrics.orders.clone());
         registry.register("head_sequence", "Newest durable event sequence", metrics.head_sequence.clone());
-        registry.register("store_size_bytes", "Database size on disk", metrics.store_bytes.clone());
+        registry.register("store_size_bytes", "Database size on disk", metrics.store_size_bytes.clone());
         registry.register("subscriptions_active", "Open Subscribe streams", metrics.subscriptions.clone());
         registry.register(
             "subscriber_lag_events",
@@ -83,7 +85,7 @@ impl Metrics {
         registry.register(
             "subscriber_store_reads",
             "Times a subscriber fell behind and read from the store",
-            metrics.feed_lags.clone(),
+            metrics.subscriber_store_reads.clone(),
         );
         Arc::new(Self { registry, ..metrics })
     }
@@ -99,8 +101,8 @@ impl Metrics {
     }
 
     /// The text exposition, with the stored-state gauges read now.
-    pub fn render(&self) -> String {
-        self.refresh();
+    pub async fn render(&self) -> String {
+        self.refresh().await;
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -108,21 +110,26 @@ impl Metrics {
         out
     }
 
-    fn refresh(&self) {
+    /// Reads the gauges of stored state. While storage is unavailable they
+    /// keep their last values (the failure has its own counter).
+    async fn refresh(&self) {
         let store = &self.store;
         let head = store.head_sequence();
         self.head_sequence.set(as_gauge(head));
-        let state = store.state_stats();
-        self.quarantine_depth.set(as_gauge(state.quarantined));
-        self.orders.set(as_gauge(state.orders));
-        self.store_bytes.set(as_gauge(state.size_on_disk));
-        self.feed_lags.set(as_gauge(store.feed_stats().1));
-        self.unmapped.clear();
-        for (provider, applies_to, value, count) in store.unmapped_statuses().unwrap_or_default() {
-            let labels = vec![("provider", provider), ("applies_to", applies_to), ("value", value)];
-            self.unmapped.get_or_create(&labels).set(as_gauge(count));
+        if let Ok(state) = store.state_stats().await {
+            self.quarantine_depth.set(as_gauge(state.quarantined));
+            self.orders.set(as_gauge(state.orders));
+            self.store_size_bytes.set(as_gauge(state.size_bytes));
         }
-        let positions = self.subscriptions_source.positions();
+        self.subscriber_store_reads.set(as_gauge(store.feed_stats().1));
+        if let Ok(unmapped) = store.unmapped_statuses().await {
+            self.unmapped.clear();
+            for (provider, applies_to, value, count) in unmapped {
+                let labels = vec![("provider", provider), ("applies_to", applies_to), ("value", value)];
+                self.unmapped.get_or_create(&labels).set(as_gauge(count));
+            }
+        }
+        let positions = (self.positions)();
         self.subscriptions.set(as_gauge(positions.len() as u64));
         self.subscriber_lag.clear();
         for (id, position) in positions {

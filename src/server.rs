@@ -16,10 +16,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::api::{AdminAuth, AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
-use crate::config::{Config, GrpcConfig, StoreConfig};
+use crate::config::{Config, GrpcConfig};
 use crate::gate;
 use crate::handover::{HandedConnection, Offer, Predecessor, Role, Successor};
 use crate::http::{self, FrontDoor};
+use crate::ingest::Mapper;
 use crate::metrics::Metrics;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::order_trail_server::OrderTrailServer;
@@ -46,6 +47,16 @@ pub enum ServerError {
     Reflection(String),
 }
 
+impl ServerError {
+    /// The process exit code for a server that ended with this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Store(e) => e.exit_code(),
+            Self::Grpc(_) | Self::Reflection(_) => crate::store::EXIT_FAILURE,
+        }
+    }
+}
+
 /// Opens the store and serves until `shutdown` is cancelled; then stops
 /// accepting, lets in-flight work finish within the grace period, and
 /// closes the store (which flushes it).
@@ -68,8 +79,8 @@ pub async fn take_over(
     let opening = async {
         match released.await {
             Ok(Ok(())) => open_store_by(&config, deadline).await,
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("hand-over failed: {e}"))),
-            Err(_) => Err(StoreError::Unavailable("hand-over failed".into())),
+            Ok(Err(e)) => Err(StoreError::unavailable_because(format!("hand-over failed: {e}"))),
+            Err(_) => Err(StoreError::unavailable_because("hand-over failed")),
         }
     };
     serve(&config, opening, listeners, Some(handed), shutdown).await
@@ -80,7 +91,7 @@ pub async fn take_over(
 async fn open_store_by(config: &Config, deadline: tokio::time::Instant) -> Result<Store, StoreError> {
     loop {
         match open_store(config).await {
-            Err(StoreError::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+            Err(StoreError::Unavailable(why, _)) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%why, "the store is not free yet");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -89,32 +100,10 @@ async fn open_store_by(config: &Config, deadline: tokio::time::Instant) -> Resul
     }
 }
 
-/// Completes a rebuild prepared by `Admin/Rebuild`, if any, then opens the
-/// store.
+/// Opens the store of `config` with the current mappers (see
+/// [`Store::open`]).
 pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
-    let aliases = |source: &str| config.kind_aliases(source).clone();
-    if let Some(kept) = crate::store::finish_pending_rebuild(&config.store, &aliases).await? {
-        tracing::info!(old = %kept.display(), "the rebuilt database is in place");
-    }
-    let store = open_store_only(&config.store).await?;
-    if let Err(e) = store.check_format() {
-        let closing = store.clone();
-        let _ = tokio::task::spawn_blocking(move || closing.close()).await;
-        return Err(e);
-    }
-    Ok(store)
-}
-
-/// Opens the store off the async runtime.
-pub async fn open_store_only(config: &StoreConfig) -> Result<Store, StoreError> {
-    let config = config.clone();
-    tokio::task::spawn_blocking(move || {
-        let store = Store::open(&config);
-        crate::memory::release_free_heap();
-        store
-    })
-    .await
-    .map_err(|e| StoreError::Unavailable(format!("store open task failed: {e}")))?
+    Store::open(&config.store, Mapper::new(config)).await
 }
 
 /// Serves an already opened store (see [`run`]); closes it at the end.
@@ -179,7 +168,8 @@ async fn serve(
     let reflection = reflection()?;
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
-    let metrics = Metrics::new(store.clone(), subscriptions.clone());
+    let positions = subscriptions.clone();
+    let metrics = Metrics::new(store.clone(), Box::new(move || positions.positions()));
     let grpc = grpc_server(&config.grpc)?
         .add_service(health)
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
@@ -198,15 +188,13 @@ async fn serve(
     let _ = webhooks.await;
     successor.close();
     let _ = admin_task.await;
-    let closed = tokio::task::spawn_blocking(move || store.close())
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("store close task failed: {e}")));
+    let closed = store.close().await;
     if let Some(offer) = offer
-        && matches!(closed, Ok(Ok(())))
+        && closed.is_ok()
     {
         offer.finish().await;
     }
-    closed??;
+    closed?;
     tracing::info!("ordertrail stopped");
     grpc_result
 }
@@ -318,7 +306,7 @@ fn order_trail(
 
 fn admin(config: &Arc<Config>, store: &Store) -> InterceptedService<AdminServer<AdminService>, AdminAuth> {
     let grpc = &config.grpc;
-    let service = AdminServer::new(AdminService::new(store.clone(), config.clone()))
+    let service = AdminServer::new(AdminService::new(store.clone(), grpc.max_message_bytes))
         .max_decoding_message_size(grpc.max_message_bytes)
         .max_encoding_message_size(grpc.max_message_bytes);
     InterceptedService::new(service, AdminAuth::new(grpc))

@@ -82,8 +82,12 @@ async fn stream_once(options: &TailOptions, position: &mut Option<u64>, out: &mu
         .reference
         .clone()
         .map(|r| OrderReference { reference: Some(order_reference::Reference::MerchantReference(r)) });
-    let request =
-        SubscribeRequest { after_sequence: *position, sources: options.sources.clone(), order, ..Default::default() };
+    let request = SubscribeRequest {
+        after_sequence: *position,
+        sources: options.sources.clone(),
+        order_reference: order,
+        ..Default::default()
+    };
     let mut stream = client.subscribe(request).await.map_err(status_failure)?.into_inner();
     loop {
         let message = match stream.message().await {
@@ -99,7 +103,7 @@ async fn stream_once(options: &TailOptions, position: &mut Option<u64>, out: &mu
                 *position = Some(event.sequence);
             }
             Some(Message::CaughtUp(c)) => *position = Some(c.sequence),
-            Some(Message::Progress(p)) => *position = Some(p.head_sequence),
+            Some(Message::Progress(p)) => *position = Some(p.resume_after_sequence),
             Some(Message::SnapshotComplete(s)) => *position = Some(s.sequence),
             Some(Message::SnapshotOrder(_)) | None => {}
         }

@@ -1,6 +1,7 @@
 //! The tonic services over the store, and the one place that maps store
 //! errors to gRPC `Status`.
 
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::proto::admin_server::Admin;
@@ -11,7 +12,11 @@ use crate::proto::{
     ListQuarantinedResponse, ListUnmappedStatusesRequest, ListUnmappedStatusesResponse, Order, OrderStatus,
     RawDelivery, Stats, SubscribeRequest, UnmappedStatus,
 };
-use crate::proto::{RebuildRequest, RebuildResponse, RedriveRequest, RedriveResponse, RedriveResult};
+use crate::proto::{
+    DeliveryOutcome, Internals, OrderReference, RebuildRequest, RebuildResponse, RedriveRequest, RedriveResponse,
+    RedriveResult,
+};
+use crate::provider::Provider;
 use crate::store::{EventFilter, IngestOutcome, Lookup, OrderFilter, Page, PageLimit, RefKind, Store, StoreError};
 
 /// Page size when the request names none.
@@ -38,19 +43,53 @@ impl OrderTrailService {
 #[derive(Clone)]
 pub struct AdminService {
     store: Store,
-    config: std::sync::Arc<crate::config::Config>,
+    /// `grpc.max_message_bytes`: what one answer may hold.
+    max_message_bytes: usize,
 }
 
 impl AdminService {
-    pub fn new(store: Store, config: std::sync::Arc<crate::config::Config>) -> Self {
-        Self { store, config }
+    pub fn new(store: Store, max_message_bytes: usize) -> Self {
+        Self { store, max_message_bytes }
+    }
+
+    /// Re-drives one quarantined delivery (or, in a dry run, says what
+    /// would become of it).
+    async fn redrive_one(&self, raw: &RawDelivery, dry_run: bool) -> Result<RedriveResult, Status> {
+        let mut result = RedriveResult { raw_id: raw.id, ..RedriveResult::default() };
+        let redriven = match dry_run {
+            true => self.store.map(raw).map(|normalized| {
+                result.events = normalized.observations.len() as u32;
+                IngestOutcome::Applied { raw_id: raw.id, sequences: Vec::new() }
+            }),
+            false => self.store.redrive(raw).await.map_err(|e| store_status(&self.store, e))?,
+        };
+        match redriven {
+            Err(reason) => {
+                result.set_outcome(DeliveryOutcome::Quarantined);
+                result.reason = reason.0;
+            }
+            Ok(IngestOutcome::Applied { sequences, .. }) => {
+                result.set_outcome(DeliveryOutcome::Applied);
+                result.events = result.events.max(sequences.len() as u32);
+                result.sequences = sequences;
+            }
+            Ok(IngestOutcome::Duplicate { raw_id, .. }) => {
+                result.set_outcome(DeliveryOutcome::Applied);
+                result.duplicate_of = raw_id;
+            }
+            Ok(IngestOutcome::Quarantined { reason, .. }) => {
+                result.set_outcome(DeliveryOutcome::Quarantined);
+                result.reason = reason;
+            }
+        }
+        Ok(result)
     }
 
     /// The quarantined deliveries a re-drive covers.
     async fn quarantined(&self, request: &RedriveRequest) -> Result<Vec<RawDelivery>, Status> {
         if request.raw_id != 0 {
             let id = request.raw_id;
-            let raw = blocking(&self.store, move |s| s.raw(id)).await?;
+            let raw = self.store.delivery(id).await.map_err(|e| store_status(&self.store, e))?;
             return match raw {
                 Some(raw) if raw.outcome() == proto::DeliveryOutcome::Quarantined => Ok(vec![raw]),
                 Some(_) => Ok(Vec::new()),
@@ -62,7 +101,7 @@ impl AdminService {
         let mut position = 0;
         loop {
             let limit = PageLimit { items: MAX_PAGE_SIZE, bytes: usize::MAX };
-            let page = blocking(&self.store, move |s| s.list_quarantine(position, limit)).await?;
+            let page = self.store.list_quarantined(position, limit).await.map_err(|e| store_status(&self.store, e))?;
             all.extend(
                 page.items
                     .into_iter()
@@ -84,8 +123,9 @@ fn store_status(store: &Store, e: StoreError) -> Status {
         store.note_damage(why);
     }
     match e {
-        StoreError::Unavailable(_) | StoreError::Closed => Status::unavailable("storage unavailable; retry later"),
+        StoreError::Unavailable(..) | StoreError::Closed => Status::unavailable("storage unavailable; retry later"),
         StoreError::Corrupt(_) => Status::data_loss("stored data could not be read"),
+        StoreError::Invalid(why) => Status::invalid_argument(why),
     }
 }
 
@@ -101,39 +141,6 @@ fn echoed(value: &str) -> String {
     }
 }
 
-/// Runs a store query off the async runtime.
-async fn blocking<T: Send + 'static>(
-    store: &Store,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, Status> {
-    let answer = tokio::task::spawn_blocking({
-        let store = store.clone();
-        move || f(&store)
-    })
-    .await
-    .map_err(|_| Status::internal("query failed"))?;
-    answer.map_err(|e| store_status(store, e))
-}
-
-/// Converts one of the generated `reference` oneofs (same member names in
-/// every request) into a store lookup.
-macro_rules! lookup_from {
-    ($reference:expr, $module:ident) => {{
-        use proto::Provider as P;
-        use proto::$module::Reference as R;
-        match $reference {
-            None => None,
-            Some(R::ExternalOrderId(v)) => Some((RefKind::Merchant, v, Some(P::Ordermesh))),
-            Some(R::CustomerRef(v)) => Some((RefKind::Merchant, v, Some(P::Withings))),
-            Some(R::PoNumber(v)) => Some((RefKind::Merchant, v, Some(P::Winkelstraat))),
-            Some(R::MerchantReference(v)) => Some((RefKind::Merchant, v, None)),
-            Some(R::ProviderOrderId(v)) => Some((RefKind::ProviderOrder, v, None)),
-            Some(R::SafeId(v)) => Some((RefKind::Safe, v, Some(P::Ordermesh))),
-            Some(R::TrackingNumber(v)) => Some((RefKind::Tracking, v, None)),
-        }
-    }};
-}
-
 mod auth;
 mod subscribe;
 mod wire;
@@ -143,13 +150,33 @@ pub use auth::{AdminAuth, BearerAuth};
 pub use subscribe::{Outbound, Subscriptions, TypedOutbound};
 pub use wire::SubscribeRoute;
 
-fn lookup(parts: Option<(RefKind, String, Option<proto::Provider>)>) -> Result<Lookup, Status> {
-    match parts {
-        Some((kind, value, provider)) if !value.is_empty() => Ok(Lookup { kind, value, provider }),
-        _ => Err(Status::invalid_argument(
+/// The reference a `GetOrderRequest` or `FindOrdersRequest` names: their
+/// reference fields have `OrderReference`'s numbers and types (service.proto
+/// says so), so either request reads as an `OrderReference`.
+fn reference_in(request: &impl prost::Message) -> OrderReference {
+    OrderReference::decode(request.encode_to_vec().as_slice()).unwrap_or_default()
+}
+
+/// The store lookup a reference asks for.
+fn lookup(reference: &OrderReference) -> Result<Lookup, Status> {
+    use proto::Provider as P;
+    use proto::order_reference::Reference as R;
+    let (kind, value, provider) = match &reference.reference {
+        Some(R::ExternalOrderId(v)) => (RefKind::Merchant, v.as_str(), Some(P::Ordermesh)),
+        Some(R::CustomerRef(v)) => (RefKind::Merchant, v.as_str(), Some(P::Withings)),
+        Some(R::PoNumber(v)) => (RefKind::Merchant, v.as_str(), Some(P::Winkelstraat)),
+        Some(R::MerchantReference(v)) => (RefKind::Merchant, v.as_str(), None),
+        Some(R::ProviderOrderId(v)) => (RefKind::ProviderOrder, v.as_str(), None),
+        Some(R::SafeId(v)) => (RefKind::Safe, v.as_str(), Some(P::Ordermesh)),
+        Some(R::TrackingNumber(v)) => (RefKind::Tracking, v.as_str(), None),
+        None => (RefKind::Merchant, "", None),
+    };
+    if value.is_empty() {
+        return Err(Status::invalid_argument(
             "set exactly one reference: external_order_id, customer_ref, po_number, provider_order_id, safe_id, tracking_number or merchant_reference",
-        )),
+        ));
     }
+    Ok(Lookup { kind, value: value.to_string(), provider })
 }
 
 fn source_filter(source: String) -> Option<String> {
@@ -211,11 +238,10 @@ fn next_token<T>(page: &Page<T>, tag: &str) -> String {
 impl OrderTrail for OrderTrailService {
     async fn get_order(&self, request: Request<GetOrderRequest>) -> Result<Response<Order>, Status> {
         let request = request.into_inner();
-        let lookup = lookup(lookup_from!(request.reference, get_order_request))?;
+        let lookup = lookup(&reference_in(&request))?;
         let source = source_filter(request.source);
-        // A point lookup (one index read, a few orders): cheaper inline than
-        // handed to the blocking pool, which cost more than the read itself.
-        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(|e| store_status(&self.store, e))?;
+        let orders =
+            self.store.find_orders(&lookup, source.as_deref()).await.map_err(|e| store_status(&self.store, e))?;
         match orders.len() {
             0 => Err(Status::not_found(format!("no order with that reference `{}`", echoed(&lookup.value)))),
             1 => Ok(Response::new(orders.into_iter().next().unwrap_or_default())),
@@ -233,9 +259,10 @@ impl OrderTrail for OrderTrailService {
 
     async fn find_orders(&self, request: Request<FindOrdersRequest>) -> Result<Response<FindOrdersResponse>, Status> {
         let request = request.into_inner();
-        let lookup = lookup(lookup_from!(request.reference, find_orders_request))?;
+        let lookup = lookup(&reference_in(&request))?;
         let source = source_filter(request.source);
-        let orders = self.store.find_orders(&lookup, source.as_deref()).map_err(|e| store_status(&self.store, e))?;
+        let orders =
+            self.store.find_orders(&lookup, source.as_deref()).await.map_err(|e| store_status(&self.store, e))?;
         Ok(Response::new(FindOrdersResponse { orders }))
     }
 
@@ -249,7 +276,7 @@ impl OrderTrail for OrderTrailService {
             updated_after: request.updated_after,
         };
         let limit = page_limit(request.page_size, self.max_message_bytes);
-        let page = blocking(&self.store, move |s| s.list_orders(&filter, after, limit)).await?;
+        let page = self.store.list_orders(&filter, after, limit).await.map_err(|e| store_status(&self.store, e))?;
         answerable(&page, self.max_message_bytes, |o: &Order| format!("order {}", o.id))?;
         let next_page_token = next_token(&page, "o");
         Ok(Response::new(ListOrdersResponse { orders: page.items, next_page_token }))
@@ -261,11 +288,12 @@ impl OrderTrail for OrderTrailService {
         let filter = EventFilter {
             order_id: (request.order_id != 0).then_some(request.order_id),
             sources: request.sources,
+            providers: request.providers.into_iter().filter_map(|p| proto::Provider::try_from(p).ok()).collect(),
             kinds: request.kinds.into_iter().filter_map(|k| EventKind::try_from(k).ok()).collect(),
         };
         let limit = page_limit(request.page_size, self.max_message_bytes);
         let head_sequence = self.store.head_sequence();
-        let page = blocking(&self.store, move |s| s.list_events(&filter, after, limit)).await?;
+        let page = self.store.list_events(&filter, after, limit).await.map_err(|e| store_status(&self.store, e))?;
         answerable(&page, self.max_message_bytes, |e: &proto::Event| format!("event {}", e.sequence))?;
         let next_page_token = next_token(&page, "e");
         Ok(Response::new(ListEventsResponse { events: page.items, next_page_token, head_sequence }))
@@ -291,9 +319,9 @@ impl Admin for AdminService {
     ) -> Result<Response<ListQuarantinedResponse>, Status> {
         let request = request.into_inner();
         let after = parse_token(&request.page_token, "q")?.unwrap_or(0);
-        let max_message_bytes = self.config.grpc.max_message_bytes;
+        let max_message_bytes = self.max_message_bytes;
         let limit = page_limit(request.page_size, max_message_bytes);
-        let page = blocking(&self.store, move |s| s.list_quarantine(after, limit)).await?;
+        let page = self.store.list_quarantined(after, limit).await.map_err(|e| store_status(&self.store, e))?;
         answerable(&page, max_message_bytes, |r: &RawDelivery| format!("delivery {}", r.id))?;
         let next_page_token = next_token(&page, "q");
         Ok(Response::new(ListQuarantinedResponse { deliveries: page.items, next_page_token }))
@@ -303,25 +331,34 @@ impl Admin for AdminService {
         &self,
         _request: Request<ListUnmappedStatusesRequest>,
     ) -> Result<Response<ListUnmappedStatusesResponse>, Status> {
-        let rows = blocking(&self.store, |s| s.unmapped_statuses()).await?;
+        let rows = self.store.unmapped_statuses().await.map_err(|e| store_status(&self.store, e))?;
         let statuses = rows
             .into_iter()
-            .map(|(provider, applies_to, value, count)| UnmappedStatus { provider, applies_to, value, count })
+            .map(|(provider, applies_to, value, count)| {
+                let provider = Provider::from_name(&provider).map_or(proto::Provider::Unspecified, Provider::to_proto);
+                UnmappedStatus { provider: provider as i32, applies_to, value, count }
+            })
             .collect();
         Ok(Response::new(ListUnmappedStatusesResponse { statuses }))
     }
 
     async fn get_stats(&self, _request: Request<GetStatsRequest>) -> Result<Response<Stats>, Status> {
         let store = &self.store;
-        let (flushes, flushed_replies) = store.commit_stats();
-        let (backlog, feed_lags) = store.feed_stats();
+        let state = store.state_stats().await.map_err(|e| store_status(store, e))?;
+        let (group_commits, group_commit_replies) = store.commit_stats();
+        let (backlog, subscriber_store_reads) = store.feed_stats();
         Ok(Response::new(Stats {
             head_sequence: store.head_sequence(),
             oldest_retained_sequence: store.oldest_retained(),
-            flushes,
-            flushed_replies,
-            feed_backlog: backlog as u64,
-            feed_lags,
+            orders: state.orders,
+            quarantined: state.quarantined,
+            store_size_bytes: state.size_bytes,
+            internals: Some(Internals {
+                group_commits,
+                group_commit_replies,
+                feed_backlog: backlog as u64,
+                subscriber_store_reads,
+            }),
         }))
     }
 
@@ -329,30 +366,11 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let mut response = RedriveResponse::default();
         for raw in self.quarantined(&request).await? {
-            let mapped = crate::ingest::map_raw(&raw, self.config.kind_aliases(&raw.source));
-            let mut result = RedriveResult { raw_id: raw.id, ..RedriveResult::default() };
-            match mapped {
-                Err(reason) => {
-                    result.outcome = "quarantined".into();
-                    result.reason = reason.0;
-                    response.still_quarantined += 1;
-                }
-                Ok(normalized) if request.dry_run => {
-                    result.outcome = "applied".into();
-                    result.events = normalized.observations.len() as u32;
-                    response.applied += 1;
-                }
-                Ok(normalized) => {
-                    result.events = normalized.observations.len() as u32;
-                    match self.store.redrive(raw.id, normalized).await.map_err(|e| store_status(&self.store, e))? {
-                        IngestOutcome::Applied { sequences, .. } => {
-                            result.outcome = "applied".into();
-                            result.sequences = sequences;
-                            response.applied += 1;
-                        }
-                        _ => result.outcome = "duplicate".into(),
-                    }
-                }
+            let result = self.redrive_one(&raw, request.dry_run).await?;
+            match (result.outcome(), result.duplicate_of) {
+                (DeliveryOutcome::Quarantined, _) => response.still_quarantined += 1,
+                (DeliveryOutcome::Applied, 0) => response.applied += 1,
+                _ => {}
             }
             response.results.push(result);
         }
@@ -366,10 +384,7 @@ impl Admin for AdminService {
     }
 
     async fn rebuild(&self, _request: Request<RebuildRequest>) -> Result<Response<RebuildResponse>, Status> {
-        let config = self.config.clone();
-        let aliases = |source: &str| config.kind_aliases(source).clone();
-        let (summary, up_to_raw_id) =
-            self.store.prepare_rebuild(&self.config.store, &aliases).await.map_err(|e| store_status(&self.store, e))?;
+        let (summary, up_to_raw_id) = self.store.prepare_rebuild().await.map_err(|e| store_status(&self.store, e))?;
         tracing::info!(up_to_raw_id, "rebuild prepared; it is swapped in at the next start");
         Ok(Response::new(RebuildResponse {
             applied: summary.applied,
@@ -381,7 +396,7 @@ impl Admin for AdminService {
 
     async fn get_delivery(&self, request: Request<GetDeliveryRequest>) -> Result<Response<RawDelivery>, Status> {
         let raw_id = request.into_inner().raw_id;
-        match blocking(&self.store, move |s| s.raw(raw_id)).await? {
+        match self.store.delivery(raw_id).await.map_err(|e| store_status(&self.store, e))? {
             Some(raw) => Ok(Response::new(raw)),
             None => Err(Status::not_found(format!("no stored delivery {raw_id}"))),
         }

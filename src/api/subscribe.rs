@@ -179,7 +179,7 @@ impl Task {
         loop {
             let message = tokio::select! {
                 () = self.tx.closed() => return,
-                _ = ticker.tick() => Ok(Some(message(Message::Progress(Progress { head_sequence: self.feed.position() })))),
+                _ = ticker.tick() => Ok(Some(message(Message::Progress(Progress { resume_after_sequence: self.feed.position() })))),
                 item = self.feed.next() => self.on_item(item),
             };
             if !self.send(message).await {
@@ -269,8 +269,8 @@ struct Filter {
 
 impl Filter {
     fn new(request: &SubscribeRequest) -> Result<Self, Status> {
-        let reference = match request.order.as_ref() {
-            Some(order) => Some(lookup(lookup_from!(order.reference.clone(), order_reference))?),
+        let reference = match &request.order_reference {
+            Some(reference) => Some(lookup(reference)?),
             None => None,
         };
         Ok(Self {
@@ -285,11 +285,7 @@ impl Filter {
     /// Finds the orders that already carry the reference.
     async fn seed(&mut self, store: &Store) -> Result<(), Status> {
         let Some(lookup) = self.reference.clone() else { return Ok(()) };
-        let reader = store.clone();
-        let orders = tokio::task::spawn_blocking(move || reader.find_orders(&lookup, None))
-            .await
-            .map_err(|_| Status::internal("order lookup failed"))?
-            .map_err(|e| store_status(store, e))?;
+        let orders = store.find_orders(&lookup, None).await.map_err(|e| store_status(store, e))?;
         self.orders.extend(orders.iter().map(|o| o.id));
         Ok(())
     }
@@ -412,7 +408,7 @@ fn position_after(response: &Outgoing) -> Option<u64> {
     match response.message.as_ref()? {
         Message::Event(event) => Some(event.sequence),
         Message::CaughtUp(c) => Some(c.sequence),
-        Message::Progress(p) => Some(p.head_sequence),
+        Message::Progress(p) => Some(p.resume_after_sequence),
         Message::SnapshotComplete(s) => Some(s.sequence),
         Message::SnapshotOrder(_) => None,
     }

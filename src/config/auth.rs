@@ -200,15 +200,15 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> 
             "sources.{name}.rate_limit: per_second and burst must be greater than 0"
         )));
     }
-    if !source.kind_aliases.is_empty() && source.provider != crate::ingest::Provider::Winkelstraat {
+    if !source.kind_aliases.is_empty() && source.provider != crate::provider::Provider::Winkelstraat {
         return Err(ConfigError::new(format!("sources.{name}.kind_aliases: only Winkelstraat sources have kinds")));
     }
     if let Some((alias, kind)) =
-        source.kind_aliases.iter().find(|(_, kind)| !crate::ingest::WINKELSTRAAT_KINDS.contains(&kind.as_str()))
+        source.kind_aliases.iter().find(|(_, kind)| !crate::provider::WINKELSTRAAT_KINDS.contains(&kind.as_str()))
     {
         return Err(ConfigError::new(format!(
             "sources.{name}.kind_aliases: `{alias}` maps to `{kind}`, which is not one of {}",
-            crate::ingest::WINKELSTRAAT_KINDS.join(", ")
+            crate::provider::WINKELSTRAAT_KINDS.join(", ")
         )));
     }
     let fail = |key: &str, why: &str| Err(ConfigError::new(format!("sources.{name}.auth.{key}: {why}")));

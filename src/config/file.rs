@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{AuthConfig, ConfigError, Durability, GrpcTls, Network, RateLimit, Secret};
-use crate::ingest::Provider;
+use super::{AuthConfig, Backend, ConfigError, Durability, GrpcTls, Network, RateLimit, Secret};
+use crate::provider::Provider;
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,15 +101,24 @@ pub(super) struct FileAdmin {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileStore {
+    pub(super) backend: Option<Backend>,
     pub(super) data_dir: Option<PathBuf>,
     pub(super) durability: Option<Durability>,
-    pub(super) cache_capacity_bytes: Option<u64>,
     #[serde(default)]
     pub(super) retain_events: u64,
     pub(super) feed_buffer_events: Option<usize>,
+    #[cfg(any(test, feature = "test-util"))]
     #[serde(default)]
     pub(super) unsafe_ack_before_durable: bool,
     pub(super) verify_on_start: Option<bool>,
+    #[serde(default)]
+    pub(super) sled: FileSled,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSled {
+    pub(super) cache_capacity_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::ingest::Provider;
+use crate::provider::Provider;
 
 mod auth;
 mod file;
@@ -202,15 +202,34 @@ pub struct AdminConfig {
     pub addr: SocketAddr,
 }
 
-/// When a write counts as durable.
+/// When a write counts as durable, by what it survives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// sled's flush plus an fsync of its files and directories: survives
-    /// power loss. The default.
+    /// An acknowledged webhook survives a power loss or a kernel crash:
+    /// the data and the metadata that finds it reached the disk (fsync).
+    /// The default.
     Fsync,
-    /// sled's flush only: survives a crash of the process.
+    /// An acknowledged webhook survives a crash of the process, but not a
+    /// power loss: it is in the operating system's hands, not yet on disk.
     Flush,
+}
+
+/// The storage engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded sled database in `data_dir`: one process, no server.
+    Sled,
+}
+
+impl Backend {
+    fn parse(value: &str) -> Option<Self> {
+        match value {
+            "sled" => Some(Self::Sled),
+            _ => None,
+        }
+    }
 }
 
 impl Durability {
@@ -223,12 +242,16 @@ impl Durability {
     }
 }
 
-/// The embedded database.
+/// Where and how deliveries are stored.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    pub backend: Backend,
+    /// The data directory: the database (sled), the durability mark, the
+    /// hand-over socket.
     pub data_dir: PathBuf,
     pub durability: Durability,
-    pub cache_capacity_bytes: u64,
+    /// Settings of the sled engine.
+    pub sled: SledConfig,
     /// Keep only this many newest events (0: keep all). Raw deliveries are
     /// always kept.
     pub retain_events: u64,
@@ -240,8 +263,17 @@ pub struct StoreConfig {
     pub verify_on_start: bool,
     /// UNSAFE, for the crash harness's negative control only: answer as soon
     /// as the delivery is processed, before it is written or durable, so a
-    /// crash can lose acknowledged webhooks.
+    /// crash can lose acknowledged webhooks. Only in builds with the
+    /// `test-util` feature.
+    #[cfg(any(test, feature = "test-util"))]
     pub unsafe_ack_before_durable: bool,
+}
+
+/// Settings of the sled engine (`[store.sled]`).
+#[derive(Clone, Debug)]
+pub struct SledConfig {
+    /// sled's page cache; the operating system's page cache serves the rest.
+    pub cache_capacity_bytes: u64,
 }
 
 /// One configured webhook sender: `POST /webhooks/{name}[/{kind}]`.
@@ -309,6 +341,11 @@ impl Config {
             Some(v) => Durability::parse(&v)
                 .ok_or_else(|| ConfigError::new(format!("ORDERTRAIL_DURABILITY: `{v}` is not one of fsync, flush")))?,
             None => file.store.durability.unwrap_or(Durability::Fsync),
+        };
+        let backend = match env("ORDERTRAIL_STORE_BACKEND") {
+            Some(v) => Backend::parse(&v)
+                .ok_or_else(|| ConfigError::new(format!("ORDERTRAIL_STORE_BACKEND: `{v}` is not one of sled")))?,
+            None => file.store.backend.unwrap_or(Backend::Sled),
         };
         let data_dir = env("ORDERTRAIL_DATA_DIR")
             .map(PathBuf::from)
@@ -381,11 +418,15 @@ impl Config {
                 addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
             },
             store: StoreConfig {
+                backend,
                 data_dir,
                 durability,
-                cache_capacity_bytes: file.store.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
+                sled: SledConfig {
+                    cache_capacity_bytes: file.store.sled.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
+                },
                 retain_events: file.store.retain_events,
                 feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
+                #[cfg(any(test, feature = "test-util"))]
                 unsafe_ack_before_durable: file.store.unsafe_ack_before_durable,
                 verify_on_start: file.store.verify_on_start.unwrap_or(true),
             },

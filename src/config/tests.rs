@@ -78,7 +78,7 @@ fn example_config_is_valid_and_shows_the_defaults() {
     assert_eq!(c.admin.addr, defaults.admin.addr);
     assert_eq!(c.store.data_dir, defaults.store.data_dir);
     assert_eq!(c.store.durability, defaults.store.durability);
-    assert_eq!(c.store.cache_capacity_bytes, defaults.store.cache_capacity_bytes);
+    assert_eq!(c.store.sled.cache_capacity_bytes, defaults.store.sled.cache_capacity_bytes);
     assert_eq!(c.shutdown_grace, defaults.shutdown_grace);
     assert_eq!(c.store.retain_events, defaults.store.retain_events);
     assert_eq!(c.store.feed_buffer_events, defaults.store.feed_buffer_events);

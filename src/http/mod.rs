@@ -30,7 +30,7 @@ use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
 use crate::ingest::{self, auth};
 use crate::metrics::Metrics;
 use crate::proto::RawDelivery;
-use crate::store::{Incoming, IngestOutcome, Store, StoreError};
+use crate::store::{IngestOutcome, Store, StoreError};
 
 /// The response header that carries the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -77,7 +77,7 @@ impl Refusal {
             Self::Auth(auth::AuthError::Unauthorized) => StatusCode::UNAUTHORIZED,
             Self::Auth(auth::AuthError::Forbidden) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(..) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -91,7 +91,7 @@ impl Refusal {
             Self::BadRequest(why) => (*why).into(),
             Self::Auth(e) => e.to_string(),
             Self::RateLimited(_) => "rate limit of this source exceeded; nothing was stored, retry later".into(),
-            Self::Unavailable(_) => "storage unavailable; nothing was stored, retry later".into(),
+            Self::Unavailable(..) => "storage unavailable; nothing was stored, retry later".into(),
             Self::Busy => "too many requests in flight; nothing was stored, retry".into(),
         }
     }
@@ -281,8 +281,7 @@ impl FrontDoor {
             body,
             ..RawDelivery::default()
         };
-        let mapped = ingest::map_raw(&raw, &source.kind_aliases);
-        let outcome = self.store.ingest(Incoming { raw, mapped }).await.map_err(Refusal::Unavailable)?;
+        let outcome = self.store.ingest(raw).await.map_err(Refusal::Unavailable)?;
         tracing::debug!(request_id, source = %source.name, ?outcome, "webhook stored");
         Ok(outcome)
     }
@@ -297,7 +296,7 @@ impl FrontDoor {
             Err(Refusal::TooLarge(_)) => "too_large",
             Err(Refusal::Timeout) => "timeout",
             Err(Refusal::RateLimited(_)) => "rate_limited",
-            Err(Refusal::Unavailable(_)) => "storage_error",
+            Err(Refusal::Unavailable(..)) => "storage_error",
             Err(Refusal::Busy) => "busy",
             Err(Refusal::BadRequest(_) | Refusal::NotFound | Refusal::MethodNotAllowed(_)) => "bad_request",
         };
@@ -451,7 +450,7 @@ impl Door {
         };
         match opened {
             Some(front) => front.handle(req, peer).await,
-            None => refused(Refusal::Unavailable(StoreError::Unavailable("the store did not open in time".into()))),
+            None => refused(Refusal::Unavailable(StoreError::unavailable_because("the store did not open in time"))),
         }
     }
 }
@@ -477,7 +476,7 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown:
         let metrics = metrics.clone();
         let service = service_fn(move |req: Request<Body>| {
             let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(admin_response(&req, &metrics)) }
+            async move { Ok::<_, Infallible>(admin_response(&req, &metrics).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
@@ -490,10 +489,10 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown:
     }
 }
 
-fn admin_response(req: &Request<Body>, metrics: &Metrics) -> Response<Full<Bytes>> {
+async fn admin_response(req: &Request<Body>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render().await)
         }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),

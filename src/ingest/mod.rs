@@ -11,67 +11,14 @@ mod ordermesh;
 mod winkelstraat;
 mod withings;
 
-use serde::Deserialize;
-
 use crate::proto;
+use crate::provider::Provider;
 
 pub use mapping::match_key;
-pub use winkelstraat::KINDS as WINKELSTRAAT_KINDS;
-pub use withings::PARCEL_ID as WITHINGS_PARCEL_ID;
 
 /// Version of the mappers. Recorded on every event; bump it whenever a mapper
 /// changes what it produces.
 pub const MAPPER_VERSION: u32 = 2;
-
-/// The providers ordertrail understands: a closed set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Withings,
-    Winkelstraat,
-    #[serde(rename = "ordermesh")]
-    OrderMesh,
-}
-
-impl Provider {
-    pub const ALL: [Provider; 3] = [Provider::Withings, Provider::Winkelstraat, Provider::OrderMesh];
-
-    /// The provider's name in config and URLs.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Withings => "withings",
-            Self::Winkelstraat => "winkelstraat",
-            Self::OrderMesh => "ordermesh",
-        }
-    }
-
-    pub fn to_proto(self) -> proto::Provider {
-        match self {
-            Self::Withings => proto::Provider::Withings,
-            Self::Winkelstraat => proto::Provider::Winkelstraat,
-            Self::OrderMesh => proto::Provider::Ordermesh,
-        }
-    }
-
-    pub fn from_proto(p: proto::Provider) -> Option<Self> {
-        match p {
-            proto::Provider::Withings => Some(Self::Withings),
-            proto::Provider::Winkelstraat => Some(Self::Winkelstraat),
-            proto::Provider::Ordermesh => Some(Self::OrderMesh),
-            proto::Provider::Unspecified => None,
-        }
-    }
-
-    /// Whether `/webhooks/{source}/{kind}` is a path of this provider.
-    /// Winkelstraat posts each kind to its own URL; the others post to one.
-    /// An unknown Winkelstraat kind is still a webhook: it is quarantined.
-    pub fn accepts_kind(self, kind: Option<&str>) -> bool {
-        match self {
-            Self::Winkelstraat => true,
-            Self::Withings | Self::OrderMesh => kind.is_none(),
-        }
-    }
-}
 
 /// What the mapper needs to know about a delivery besides its body.
 #[derive(Clone, Copy, Debug)]
@@ -180,6 +127,28 @@ pub fn map_raw(
     let meta = DeliveryMeta { provider, kind, content_type: &raw.content_type };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| normalize(meta, &raw.body)))
         .unwrap_or_else(|_| Err(Unrecognized("the mapper failed on this delivery".into())))
+}
+
+/// The current mappers with each source's kind aliases: what a stored or
+/// arriving raw delivery means. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Mapper {
+    /// Kind aliases by source name.
+    aliases: std::sync::Arc<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
+}
+
+impl Mapper {
+    /// The mappers with the kind aliases of `config`'s sources.
+    pub fn new(config: &crate::config::Config) -> Self {
+        let aliases = config.sources.iter().map(|s| (s.name.clone(), s.kind_aliases.clone())).collect();
+        Self { aliases: std::sync::Arc::new(aliases) }
+    }
+
+    /// What the current mappers make of `raw`.
+    pub fn map(&self, raw: &proto::RawDelivery) -> Result<Normalized, Unrecognized> {
+        static NONE: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+        map_raw(raw, self.aliases.get(&raw.source).unwrap_or(&NONE))
+    }
 }
 
 /// Hex SHA-256 of `bytes`.

@@ -172,7 +172,7 @@ fn package_shipment(id: String, package: Option<Package>) -> Shipment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::Provider;
+    use crate::provider::Provider;
 
     fn map(body: &[u8], content_type: &str) -> Result<Normalized, Unrecognized> {
         normalize(DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type }, body)

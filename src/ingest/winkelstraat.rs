@@ -37,7 +37,7 @@ const SHIPMENT_STATUS: &[(&str, ShipmentStatus)] = &[
 ];
 
 /// The kinds, by the last segment of the URL they are posted to.
-pub const KINDS: &[&str] = &["order", "shipment", "invoice", "rma", "creditmemo", "order-payment-request"];
+use crate::provider::WINKELSTRAAT_KINDS as KINDS;
 
 pub(super) fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unrecognized> {
     let kind = match meta.kind {

@@ -218,7 +218,7 @@ fn parcel(fields: &Fields) -> Option<Shipment> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::Provider;
+    use crate::provider::Provider;
 
     fn dedup_key(content_type: &str, body: &str) -> String {
         let meta = DeliveryMeta { provider: Provider::Withings, kind: None, content_type };

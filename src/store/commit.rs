@@ -7,11 +7,10 @@
 //! flushes, the writer keeps applying the next deliveries, so many requests
 //! share one flush. Nothing is answered or published before it is durable.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
-use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+#[cfg(any(test, feature = "test-util"))]
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,10 +19,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::engine::Engine;
 use super::feed::Published;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
-use crate::config::Durability;
+use crate::config::{Durability, StoreConfig};
 
 pub(super) type Reply = oneshot::Sender<Result<IngestOutcome, StoreError>>;
 
@@ -96,6 +96,7 @@ pub(super) struct Shared {
     pub feed_lags: AtomicU64,
     /// An injected storage fault (fault-injection tests): 0 none, else a
     /// [`FaultPoint`] as u8.
+    #[cfg(any(test, feature = "test-util"))]
     fault: AtomicU8,
     /// How far the database is durable (for the durability mark).
     durable_mark: Mutex<Mark>,
@@ -118,6 +119,7 @@ struct Queue {
     last_raw: u64,
     closed: bool,
     /// Commits are held (tests only).
+    #[cfg(any(test, feature = "test-util"))]
     held: bool,
 }
 
@@ -145,6 +147,7 @@ impl Shared {
             #[cfg(test)]
             writer_gate: Mutex::new(()),
             feed_lags: AtomicU64::new(0),
+            #[cfg(any(test, feature = "test-util"))]
             fault: AtomicU8::new(0),
             durable_mark: Mutex::new(durable),
             metrics: CommitMetrics::default(),
@@ -224,14 +227,23 @@ impl Shared {
         self.lock().closed
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     pub fn set_fault(&self, fault: Option<FaultPoint>) {
         self.fault.store(fault.map_or(0, |f| f as u8), Ordering::SeqCst);
     }
 
+    /// An injected fault at `point`, if one is set (tests only).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn fault(&self, point: FaultPoint) -> Result<(), std::io::Error> {
         if self.fault.load(Ordering::SeqCst) == point as u8 {
             return Err(std::io::Error::other(format!("injected storage fault ({point:?})")));
         }
+        Ok(())
+    }
+
+    #[cfg(not(any(test, feature = "test-util")))]
+    #[inline(always)]
+    pub fn fault(&self, _point: FaultPoint) -> Result<(), std::io::Error> {
         Ok(())
     }
 
@@ -267,7 +279,7 @@ impl Shared {
         let failed = !self.healthy.load(Ordering::SeqCst);
         for (reply, outcome, events) in turn {
             if failed {
-                let _ = reply.send(Err(StoreError::Unavailable("storage failed".into())));
+                let _ = reply.send(Err(StoreError::unavailable_because("storage failed")));
                 continue;
             }
             if let Some(last) = events.last() {
@@ -288,7 +300,7 @@ impl Shared {
     }
 
     /// Holds or releases commits: while held, replies queue up unanswered.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "test-util"))]
     pub fn hold(&self, held: bool) {
         self.lock().held = held;
         self.wake.notify_one();
@@ -307,11 +319,11 @@ impl Shared {
         loop {
             if !self.healthy.load(Ordering::SeqCst) {
                 for pending in std::mem::take(&mut queue.waiting) {
-                    let _ = pending.reply.send(Err(StoreError::Unavailable("storage failed".into())));
+                    let _ = pending.reply.send(Err(StoreError::unavailable_because("storage failed")));
                 }
                 return None;
             }
-            if !(queue.waiting.is_empty() || queue.held) {
+            if !(queue.waiting.is_empty() || queue.is_held()) {
                 break;
             }
             if queue.closed {
@@ -333,6 +345,16 @@ impl Shared {
 }
 
 impl Queue {
+    #[cfg(any(test, feature = "test-util"))]
+    fn is_held(&self) -> bool {
+        self.held
+    }
+
+    #[cfg(not(any(test, feature = "test-util")))]
+    fn is_held(&self) -> bool {
+        false
+    }
+
     fn marks(&self) -> Mark {
         Mark { durable_sequence: self.last_sequence, durable_raw: self.last_raw }
     }
@@ -342,27 +364,36 @@ impl Queue {
 
 /// Makes everything written so far durable, then publishes and answers it.
 pub(super) struct Flusher {
-    pub db: sled::Db,
-    pub durability: Durability,
-    /// sled's directory.
-    pub dir: PathBuf,
+    engine: Arc<Engine>,
+    durability: Durability,
     /// The data directory, where the durability mark lives.
-    pub data_dir: PathBuf,
-    pub shared: Arc<Shared>,
-    pub synced_blobs: HashSet<OsString>,
+    data_dir: PathBuf,
+    shared: Arc<Shared>,
     /// When the durability mark was last written.
-    pub mark_written: Instant,
+    mark_written: Instant,
 }
 
 impl Flusher {
+    pub fn new(engine: Arc<Engine>, shared: Arc<Shared>, config: &StoreConfig) -> Self {
+        Self {
+            engine,
+            durability: config.durability,
+            data_dir: config.data_dir.clone(),
+            shared,
+            mark_written: Instant::now(),
+        }
+    }
+
     /// Runs until the store closes, or until storage fails: a failed flush
     /// leaves the pages it covered in doubt (a later successful fsync does
     /// not prove they reached the disk), so nothing more is acknowledged
-    /// through this sled instance; [`super::recovery`] reopens it.
+    /// through this engine instance; [`super::recovery`] reopens it. This
+    /// is the fsync-failure policy: never retry a failed flush in place.
     pub fn run(mut self) {
         while let Some((waiting, marks)) = self.shared.take() {
             let started = Instant::now();
-            match self.make_durable() {
+            let durable = self.shared.fault(FaultPoint::Flush).and_then(|()| self.engine.make_durable(self.durability));
+            match durable {
                 Ok(()) => {
                     if !waiting.is_empty() {
                         self.shared.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
@@ -373,8 +404,9 @@ impl Flusher {
                 }
                 Err(e) => {
                     self.shared.fail(&format_args!("flush failed: {e}"));
+                    let e = StoreError::unavailable("flush failed", e);
                     for pending in waiting {
-                        let _ = pending.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                        let _ = pending.reply.send(Err(e.clone()));
                     }
                 }
             }
@@ -418,43 +450,5 @@ impl Flusher {
         if let Err(e) = mark::write(&self.data_dir, self.shared.durable_mark(), sync) {
             tracing::warn!(error = %e, "cannot write the durability mark");
         }
-    }
-
-    /// sled's flush writes its log and waits for it (sync_file_range); in
-    /// `fsync` mode the files, blobs and directories are then fsynced too,
-    /// so metadata and the disk cache are covered as well.
-    pub fn make_durable(&mut self) -> std::io::Result<()> {
-        self.shared.fault(FaultPoint::Flush)?;
-        self.db.flush().map_err(std::io::Error::other)?;
-        if self.durability == Durability::Flush {
-            return Ok(());
-        }
-        File::open(self.dir.join("db"))?.sync_all()?;
-        self.sync_blobs()?;
-        File::open(&self.dir)?.sync_all()
-    }
-
-    /// sled writes large values as files under `blobs/` without fsync.
-    fn sync_blobs(&mut self) -> std::io::Result<()> {
-        let blobs = self.dir.join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blobs) else { return Ok(()) };
-        let mut present = HashSet::new();
-        let mut new_files = false;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !self.synced_blobs.contains(&name) {
-                // A blob can be removed by sled between listing and opening.
-                if let Ok(file) = File::open(blobs.join(&name)) {
-                    file.sync_all()?;
-                }
-                new_files = true;
-            }
-            present.insert(name);
-        }
-        self.synced_blobs = present;
-        if new_files {
-            File::open(&blobs)?.sync_all()?;
-        }
-        Ok(())
     }
 }

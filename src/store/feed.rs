@@ -168,7 +168,7 @@ impl Feed {
         };
         // Held in `self` while awaited, so a cancelled `next` keeps it.
         let read = &mut self.prefetch.insert((after, read)).1;
-        let page = read.await.map_err(|_| StoreError::Unavailable("event read failed".into()));
+        let page = read.await.map_err(|_| StoreError::unavailable_because("event read failed"));
         self.prefetch = None;
         let page = page??;
         match page.first() {
@@ -190,9 +190,9 @@ impl Feed {
     /// Starts reading the page of stored events after `after`.
     fn read_page(&self, after: u64) -> JoinHandle<PageRead> {
         let (store, decode) = (self.store.clone(), self.decode);
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let mut page = Vec::with_capacity(PAGE);
-            for (sequence, encoded) in store.list_events_encoded(after, PAGE, PAGE_BYTES)? {
+            for (sequence, encoded) in store.list_events_encoded(after, PAGE, PAGE_BYTES).await? {
                 let event = if decode { Some(Event::decode(encoded.as_ref())?) } else { None };
                 page.push(Published { sequence, event, encoded });
             }
@@ -201,5 +201,5 @@ impl Feed {
     }
 }
 
-/// A page of stored events, read off the runtime.
+/// A page of stored events, read ahead.
 type PageRead = Result<Vec<Published>, StoreError>;

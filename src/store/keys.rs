@@ -3,12 +3,14 @@
 //! strings inside composite keys are length-prefixed so no value can forge a
 //! boundary.
 
+use super::plan::RefKind;
+
 /// Raw deliveries: `r` + raw id -> `RawDelivery`.
 pub const RAW: u8 = b'r';
 /// Events: `e` + sequence -> `Event`.
 pub const EVENT: u8 = b'e';
-/// Orders: `o` + order id -> `Order` followed by the order's event
-/// sequences (see `super::encode_order`).
+/// Orders: `o` + order id -> `StoredOrder` (the order and its event
+/// sequences).
 pub const ORDER: u8 = b'o';
 // `h` (one key per event of an order) was used up to storage format 2.
 /// Reference indexes: `i` + ref kind + ref + source -> the ids of the
@@ -23,19 +25,7 @@ pub const META: u8 = b'm';
 /// Unmapped status values: `u` + provider + what + value -> count (u64).
 pub const UNMAPPED: u8 = b'u';
 
-/// The reference kinds that have an index. All are scoped by source.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RefKind {
-    /// ExternalOrderId / customer_ref / po_number.
-    Merchant,
-    /// The provider's order id.
-    ProviderOrder,
-    /// OrderMesh SafeId.
-    Safe,
-    /// Carrier tracking number.
-    Tracking,
-}
-
+/// The one-byte tag of a reference kind in index keys.
 impl RefKind {
     fn tag(self) -> u8 {
         match self {

@@ -12,8 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 
-const FILE_NAME: &str = "ordertrail-state.json";
-
 /// How far the database was durable when the mark was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {
@@ -22,7 +20,7 @@ pub struct Mark {
 }
 
 fn path(data_dir: &Path) -> PathBuf {
-    data_dir.join(FILE_NAME)
+    super::layout::mark_file(data_dir)
 }
 
 /// The mark, if one was ever written.
@@ -33,7 +31,7 @@ pub fn read(data_dir: &Path) -> Result<Option<Mark>, StoreError> {
             .map(Some)
             .map_err(|e| StoreError::Corrupt(format!("{} is unreadable ({e}); refusing to start", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::Unavailable(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(StoreError::unavailable_because(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
@@ -42,7 +40,7 @@ pub fn read(data_dir: &Path) -> Result<Option<Mark>, StoreError> {
 /// not fsynced either: a mark must never be more durable than the data.
 pub fn write(data_dir: &Path, mark: Mark, sync: bool) -> std::io::Result<()> {
     let target = path(data_dir);
-    let temporary = data_dir.join(format!("{FILE_NAME}.tmp"));
+    let temporary = data_dir.join(format!("{}.tmp", super::layout::MARK_FILE));
     let mut file = File::create(&temporary)?;
     file.write_all(&serde_json::to_vec(&mark).unwrap_or_default())?;
     if sync {

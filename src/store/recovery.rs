@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::commit::{FaultPoint, Shared};
-use super::writer::{Command, Work};
-use super::{Engine, Inner, Store, StoreError};
+use super::engine::Engine;
+use super::writer::Command;
+use super::{Inner, Store, StoreError, layout};
 
 /// How often failed storage is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -30,8 +31,6 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 const LOG_EVERY: Duration = Duration::from_secs(30);
 /// How long reads in flight get to let go of the failed instance.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Written and fsynced to see whether storage works again.
-const PROBE_FILE: &str = "ordertrail-probe";
 
 /// Watches the store until it closes (or its last handle is dropped);
 /// reopens it after each failure. Holds the store only while acting, so
@@ -47,7 +46,7 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
                 return;
             }
             let Some(store) = upgrade() else { return };
-            match probe(&store.inner.data_dir, &shared).and_then(|()| store.reopen()) {
+            match probe(&store.inner.config.data_dir, &shared).and_then(|()| store.reopen()) {
                 Ok(engine) => {
                     let durable = shared.durable_mark().durable_sequence;
                     match store.restart(engine, failing.queue) {
@@ -74,9 +73,9 @@ struct Failing {
 impl Failing {
     /// Answers whatever reached the queue: 503.
     fn refuse_waiting(&mut self) {
-        while let Ok(Command { work, reply }) = self.queue.try_recv() {
-            if !matches!(work, Work::Stop) {
-                let _ = reply.send(Err(StoreError::Unavailable("storage failed; retry later".into())));
+        while let Ok(command) = self.queue.try_recv() {
+            if let Command::Do { reply, .. } = command {
+                let _ = reply.send(Err(StoreError::unavailable_because("storage failed; retry later")));
             }
         }
     }
@@ -91,9 +90,9 @@ impl Failing {
 
 /// Whether storage takes a synced write again.
 fn probe(data_dir: &Path, shared: &Shared) -> Result<(), StoreError> {
-    let unavailable = |e: std::io::Error| StoreError::Unavailable(e.to_string());
+    let unavailable = |e: std::io::Error| StoreError::unavailable("the storage probe failed", e);
     shared.fault(FaultPoint::Write).and_then(|()| shared.fault(FaultPoint::Flush)).map_err(unavailable)?;
-    let path = data_dir.join(PROBE_FILE);
+    let path = layout::probe_file(data_dir);
     let written = File::create(&path).and_then(|mut file| {
         file.write_all(&[0u8; 4096])?;
         file.sync_all()
@@ -124,10 +123,9 @@ impl Store {
     /// when the store is closing.
     fn stop_workers(&self) -> Option<mpsc::Receiver<Command>> {
         let sender = self.inner.commands.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
-        let (reply, _) = tokio::sync::oneshot::channel();
         let writer = self.workers().writer.take()?;
-        // The writer answers what is ahead of this with 503.
-        let _ = sender.blocking_send(Command { work: Work::Stop, reply });
+        // The writer answers what is ahead of this.
+        let _ = sender.blocking_send(Command::Stop);
         drop(sender);
         let queue = writer.join().ok().flatten();
         if let Some(flusher) = self.workers().flusher.take() {
@@ -146,10 +144,10 @@ impl Store {
             }
             drop(failed);
         }
-        forget_cached(&self.inner.data_dir.join("sled"));
-        let (engine, counters) = Engine::open(&self.inner.config)?;
+        forget_cached(&layout::engine_dir(&self.inner.config.data_dir));
+        let engine = Engine::open(&self.inner.config)?;
         let acknowledged = self.inner.shared.durable_mark();
-        let recovered = counters.mark();
+        let recovered = engine.counters()?.mark();
         if recovered.durable_sequence < acknowledged.durable_sequence
             || recovered.durable_raw < acknowledged.durable_raw
         {
@@ -162,13 +160,13 @@ impl Store {
                 acknowledged.durable_raw
             )));
         }
-        Ok(engine)
+        Ok(Arc::new(engine))
     }
 
     /// Makes what the reopened `engine` recovered durable, and serves it.
     fn restart(&self, engine: Arc<Engine>, queue: mpsc::Receiver<Command>) -> Result<(), StoreError> {
-        let counters = super::writer::Counters::load(&engine.tree)?;
-        engine.db.flush()?;
+        let counters = engine.counters()?;
+        engine.flush()?;
         self.inner.shared.recovered(counters.mark());
         self.start(engine, counters, queue)
     }

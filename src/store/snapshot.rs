@@ -6,9 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use prost::Message;
-
-use super::{EventFilter, FeedError, Store, StoreError, keys};
+use super::{EventFilter, FeedError, Store, StoreError};
 use crate::proto::Order;
 
 /// Rounds of re-reading before giving up under a write load that keeps
@@ -22,16 +20,12 @@ impl Store {
         F: Fn(&Order) -> bool + Clone + Send + 'static,
     {
         let start = self.head_sequence();
-        let (mut orders, mut cut) = {
-            let (store, matches) = (self.clone(), matches.clone());
-            run_blocking(move || store.scan_orders(&matches)).await??
-        };
+        let (mut orders, mut cut) = self.scan_orders(matches.clone()).await?;
         cut = cut.max(start);
         let mut scanned = start;
         for _ in 0..MAX_ROUNDS {
             self.wait_durable(cut).await?;
-            let (store, matches, from, to) = (self.clone(), matches.clone(), scanned, cut);
-            let (reread, newest) = run_blocking(move || store.reread_touched(from, to, &matches)).await??;
+            let (reread, newest) = self.reread_touched(scanned, cut, &matches).await?;
             for (id, order) in reread {
                 match order {
                     Some(order) => orders.insert(id, order),
@@ -44,33 +38,37 @@ impl Store {
             }
             cut = newest;
         }
-        Err(StoreError::Unavailable("no consistent snapshot under this write load; retry".into()).into())
+        Err(StoreError::unavailable_because("no consistent snapshot under this write load; retry").into())
     }
 
     /// Every matching order, and the newest sequence any order reflects.
-    fn scan_orders(&self, matches: &impl Fn(&Order) -> bool) -> Result<(BTreeMap<u64, Order>, u64), StoreError> {
-        let mut orders = BTreeMap::new();
-        let mut newest = 0;
-        let engine = self.engine()?;
-        for entry in engine.tree.scan_prefix([keys::ORDER]) {
-            let (_, value) = entry?;
-            let order = Order::decode(&*value)?;
-            newest = newest.max(order.last_sequence);
-            if matches(&order) {
-                orders.insert(order.id, order);
+    async fn scan_orders(
+        &self,
+        matches: impl Fn(&Order) -> bool + Send + 'static,
+    ) -> Result<(BTreeMap<u64, Order>, u64), StoreError> {
+        self.read_off_runtime(move |engine| {
+            let mut orders = BTreeMap::new();
+            let mut newest = 0;
+            for order in engine.orders_after(0) {
+                let order = order?;
+                newest = newest.max(order.last_sequence);
+                if matches(&order) {
+                    orders.insert(order.id, order);
+                }
             }
-        }
-        Ok((orders, newest))
+            Ok((orders, newest))
+        })
+        .await
     }
 
     /// Re-reads the orders touched by events in `(from, to]`: each as it is
     /// now if it matches (`None` if not), and the newest sequence they reflect.
-    fn reread_touched(&self, from: u64, to: u64, matches: &impl Fn(&Order) -> bool) -> Result<Reread, FeedError> {
+    async fn reread_touched(&self, from: u64, to: u64, matches: &impl Fn(&Order) -> bool) -> Result<Reread, FeedError> {
         let mut touched = BTreeSet::new();
         let mut after = from;
         while after < to {
-            let page =
-                self.list_events(&EventFilter::default(), after, super::PageLimit { items: 1000, bytes: usize::MAX })?;
+            let limit = super::PageLimit { items: 1000, bytes: usize::MAX };
+            let page = self.list_events(&EventFilter::default(), after, limit).await?;
             let mut expected = after + 1;
             for event in page.items.iter().take_while(|e| e.sequence <= to) {
                 if event.sequence != expected {
@@ -87,7 +85,7 @@ impl Store {
         let mut newest = to;
         let mut reread = Vec::with_capacity(touched.len());
         for id in touched {
-            let order = self.order(id)?;
+            let order = self.order(id).await?;
             newest = newest.max(order.as_ref().map_or(0, |o| o.last_sequence));
             reread.push((id, order.filter(|o| matches(o))));
         }
@@ -97,7 +95,3 @@ impl Store {
 
 /// Re-read orders (`None`: no longer matching) and the newest sequence.
 type Reread = (Vec<(u64, Option<Order>)>, u64);
-
-async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Unavailable("snapshot task failed".into()))
-}

@@ -8,11 +8,8 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use prost::Message;
-
 use super::commit::Shared;
-use super::{Inner, Store, keys};
-use crate::proto::{Event, Order, RawDelivery};
+use super::{Inner, Store};
 
 /// Records read per step; the store is not held between steps.
 const STEP: usize = 1024;
@@ -30,23 +27,13 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
         let Some(inner) = store.upgrade() else { return };
         let store = Store { inner };
         let Ok(engine) = store.engine() else { return };
-        let from = std::ops::Bound::Excluded(after.clone());
-        let range =
-            if after.is_empty() { engine.tree.iter() } else { engine.tree.range((from, std::ops::Bound::Unbounded)) };
-        let (mut read, mut bytes) = (0, 0);
-        for entry in range.take(STEP) {
-            read += 1;
-            match entry {
-                Ok((key, value)) => {
-                    bytes += key.len() + value.len();
-                    if let Err(why) = check(&key, &value) {
-                        return store.note_damage(&why);
-                    }
-                    after = key.to_vec();
-                }
-                Err(e) => return store.note_damage(&format!("a record after key {after:?} cannot be read: {e}")),
+        let (read, bytes) = match engine.verify_step(&after, STEP) {
+            Ok((last, read, bytes)) => {
+                after = last;
+                (read, bytes)
             }
-        }
+            Err(why) => return store.note_damage(&why),
+        };
         drop((engine, store));
         records += read as u64;
         if read < STEP {
@@ -55,15 +42,4 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
         }
         std::thread::sleep(Duration::from_secs_f64(bytes as f64 / BYTES_PER_SECOND));
     }
-}
-
-/// Whether a record decodes as what its keyspace holds.
-fn check(key: &[u8], value: &[u8]) -> Result<(), String> {
-    let decoded = match key.first() {
-        Some(&keys::RAW) => RawDelivery::decode(value).map(drop),
-        Some(&keys::EVENT) => Event::decode(value).map(drop),
-        Some(&keys::ORDER) => Order::decode(value).map(drop),
-        _ => Ok(()),
-    };
-    decoded.map_err(|e| format!("record {:?} {} is damaged: {e}", key[0] as char, keys::trailing_u64(key)))
 }

@@ -2,12 +2,10 @@
 //! never 2xx; readiness fails while the process stays up and keeps serving
 //! reads; ingest resumes when the fault clears; nothing acknowledged is lost.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::TestServer;
 use bytes::Bytes;
-use common::TestServer;
 use ordertrail::store::FaultPoint;
 
 fn creation(i: usize) -> String {

@@ -3,11 +3,9 @@
 //! the header twice; allowlisted and other peers; forged X-Forwarded-For.
 //! Every rejection stores nothing.
 
-mod common;
-
+use crate::common::{TestServer, fixture};
 use base64::Engine;
 use bytes::Bytes;
-use common::{TestServer, fixture};
 use hmac::{Hmac, Mac};
 
 const HMAC_KEY: &str = "an-hmac-key-of-at-least-24-bytes";

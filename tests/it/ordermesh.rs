@@ -1,9 +1,7 @@
 //! OrderMesh end to end: the documented examples POSTed to the real server
 //! and read back over gRPC.
 
-mod common;
-
-use common::{TestServer, fixture};
+use crate::common::{TestServer, fixture};
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::{
     EventKind, FindOrdersRequest, GetOrderRequest, ListEventsRequest, Order, OrderStatus, ShipmentStatus,

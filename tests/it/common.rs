@@ -1,7 +1,6 @@
 //! Test harness: starts the real server on ephemeral loopback ports with a
 //! temporary data dir, and talks to it with a real HTTP client and a real
 //! gRPC client.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -188,7 +187,8 @@ impl TestServer {
     pub async fn feed_stats(&self) -> (u64, u64) {
         let stats = self.admin().await.get_stats(ordertrail::proto::GetStatsRequest {}).await.expect("GetStats");
         let stats = stats.into_inner();
-        (stats.feed_backlog, stats.feed_lags)
+        let internals = stats.internals.unwrap_or_default();
+        (internals.feed_backlog, internals.subscriber_store_reads)
     }
 
     /// Every quarantined delivery.

@@ -2,11 +2,9 @@
 //! lifecycles found by the merchant's reference, out-of-order arrival, and
 //! late updates that must not move anything back.
 
-mod common;
-
-use common::{TestServer, fixture};
+use crate::common::{TestServer, fixture};
 use ordertrail::proto::get_order_request::Reference;
-use ordertrail::proto::{EventKind, GetOrderRequest, ListEventsRequest, Order, OrderStatus, ShipmentStatus};
+use ordertrail::proto::{EventKind, GetOrderRequest, ListEventsRequest, Order, OrderStatus, Provider, ShipmentStatus};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -247,7 +245,10 @@ async fn unknown_status_values_are_kept_verbatim_and_counted() {
     let request = ordertrail::proto::ListUnmappedStatusesRequest {};
     let mut statuses = server.admin().await.list_unmapped_statuses(request).await.unwrap().into_inner().statuses;
     statuses.sort_by(|a, b| a.applies_to.cmp(&b.applies_to));
-    let rows: Vec<(&str, &str, &str, u64)> =
-        statuses.iter().map(|s| (s.provider.as_str(), s.applies_to.as_str(), s.value.as_str(), s.count)).collect();
-    assert_eq!(rows, [("withings", "order", "TELEPORTED", 2), ("withings", "shipment", "on_the_moon", 2)]);
+    let rows: Vec<(Provider, &str, &str, u64)> =
+        statuses.iter().map(|s| (s.provider(), s.applies_to.as_str(), s.value.as_str(), s.count)).collect();
+    assert_eq!(
+        rows,
+        [(Provider::Withings, "order", "TELEPORTED", 2), (Provider::Withings, "shipment", "on_the_moon", 2)]
+    );
 }

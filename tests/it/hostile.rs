@@ -1,12 +1,10 @@
 //! Hostile and broken HTTP clients against the real server: slow bodies,
 //! slowloris, connection floods, pipelining, deeply nested and huge JSON.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::TestServer;
 use bytes::Bytes;
-use common::TestServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -45,7 +43,7 @@ async fn slowloris_connections_are_closed_and_legitimate_traffic_still_served() 
         slow.push(stream);
     }
     // A legitimate request waits for a slot, which the header timeout frees.
-    let body = common::fixture("ordermesh/order-creation.json");
+    let body = crate::common::fixture("ordermesh/order-creation.json");
     let answer = tokio::time::timeout(PATIENCE, server.post_json("/webhooks/ordermesh", body)).await.expect("starved");
     assert_eq!(answer.status, 200);
     for mut stream in slow {
@@ -57,7 +55,7 @@ async fn slowloris_connections_are_closed_and_legitimate_traffic_still_served() 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let server = TestServer::start().await;
-    let body = String::from_utf8(common::fixture("ordermesh/order-creation.json")).unwrap();
+    let body = String::from_utf8(crate::common::fixture("ordermesh/order-creation.json")).unwrap();
     let second = body.replace("WBTEST22", "WBTEST99").replace("7d20", "7d99");
     let mut pipeline = String::new();
     for body in [&body, &second] {

@@ -1,8 +1,6 @@
 //! The `ordertrail` binary itself: config errors, start-up from the
 //! environment, graceful exit on SIGTERM, and `ordertrail tail`.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -100,7 +98,7 @@ fn post_std(addr: &str, path: &str, body: &[u8]) -> String {
     answer
 }
 
-async fn post(server: &common::TestServer, i: usize) {
+async fn post(server: &crate::common::TestServer, i: usize) {
     let body =
         format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o-{i}","ExternalOrderId":"E-{i}"}}"#);
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
@@ -109,7 +107,7 @@ async fn post(server: &common::TestServer, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_prints_events_and_resumes_after_a_server_restart() {
     use tokio::io::AsyncBufReadExt;
-    let server = common::TestServer::start().await;
+    let server = crate::common::TestServer::start().await;
     post(&server, 1).await;
     let mut child = tokio::process::Command::new(BIN)
         .args(["tail", "--after", "0", "--json", "--grpc", &server.grpc_addr.to_string()])
@@ -180,15 +178,15 @@ fn a_damaged_database_is_refused_not_recreated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_then_import_rebuilds_identical_state() {
-    let server = common::TestServer::start().await;
+    let server = crate::common::TestServer::start().await;
     for name in ["order-creation", "order-update", "shipment-created", "shipment-update"] {
-        let body = common::fixture(&format!("ordermesh/{name}.json"));
+        let body = crate::common::fixture(&format!("ordermesh/{name}.json"));
         assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
     }
     let form = "customer_ref=MREF-1001&status=OPEN&parcel_status=in_transit&tracking_number=1Z";
     assert_eq!(server.post("/webhooks/withings", "application/x-www-form-urlencoded", form).await.status, 200);
     for kind in ["order", "shipment", "rma"] {
-        let body = common::fixture(&format!("winkelstraat/{kind}.json"));
+        let body = crate::common::fixture(&format!("winkelstraat/{kind}.json"));
         assert_eq!(server.post_json(&format!("/webhooks/winkelstraat/{kind}"), body).await.status, 200);
     }
     assert_eq!(server.post_json("/webhooks/ordermesh", vec![0xffu8, 0x00, 0x7b]).await.status, 202);
@@ -215,7 +213,7 @@ async fn export_then_import_rebuilds_identical_state() {
     let again = cli(vec!["import".into(), file.display().to_string()], target.path());
     assert!(again.contains("imported 0 applied, 0 quarantined, 9 already present"), "{again}");
 
-    let rebuilt = common::TestServer::start_in(target, "").await;
+    let rebuilt = crate::common::TestServer::start_in(target, "").await;
     assert_eq!(rebuilt.all_events().await, events, "events identical, provenance included");
     assert_eq!(rebuilt.quarantine().await, quarantine);
     rebuilt.stop().await;
@@ -224,7 +222,7 @@ async fn export_then_import_rebuilds_identical_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_sends_a_bearer_token_and_stops_when_refused() {
     let token = "a-bearer-token-of-sufficient-length";
-    let server = common::TestServer::start_with(&format!("[grpc]\nbearer_tokens = [\"{token}\"]\n")).await;
+    let server = crate::common::TestServer::start_with(&format!("[grpc]\nbearer_tokens = [\"{token}\"]\n")).await;
     post(&server, 1).await;
     let grpc = server.grpc_addr.to_string();
     let refused = tokio::process::Command::new(BIN)
@@ -288,7 +286,7 @@ fn json_logs_are_one_object_per_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_posts_a_captured_webhook() {
-    let server = common::TestServer::start_with(
+    let server = crate::common::TestServer::start_with(
         "[[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"key-1\"] }\n",
     )
     .await;
@@ -310,15 +308,18 @@ async fn send_posts_a_captured_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_from_raw_deliveries_gives_identical_state() {
-    let server = common::TestServer::start().await;
+    let server = crate::common::TestServer::start().await;
     for name in ["order-creation", "order-update", "shipment-created", "shipment-update"] {
         assert_eq!(
-            server.post_json("/webhooks/ordermesh", common::fixture(&format!("ordermesh/{name}.json"))).await.status,
+            server
+                .post_json("/webhooks/ordermesh", crate::common::fixture(&format!("ordermesh/{name}.json")))
+                .await
+                .status,
             200
         );
     }
     for kind in ["order", "shipment", "rma"] {
-        let body = common::fixture(&format!("winkelstraat/{kind}.json"));
+        let body = crate::common::fixture(&format!("winkelstraat/{kind}.json"));
         assert_eq!(server.post_json(&format!("/webhooks/winkelstraat/{kind}"), body).await.status, 200);
     }
     assert_eq!(server.post_json("/webhooks/ordermesh", "oops").await.status, 202);
@@ -341,7 +342,7 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
         .filter_map(Result::ok)
         .any(|e| e.file_name().to_string_lossy().starts_with("sled.before-rebuild-"));
     assert!(kept, "the old database is kept");
-    let rebuilt = common::TestServer::start_in(dir, "").await;
+    let rebuilt = crate::common::TestServer::start_in(dir, "").await;
     assert_eq!(rebuilt.all_events().await, events, "byte-identical events");
     assert_eq!(rebuilt.quarantine().await, quarantine);
     let again = rebuilt.all_orders().await;
@@ -355,8 +356,8 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
 async fn an_older_storage_format_is_refused_until_rebuilt() {
     use ordertrail::proto::GetOrderRequest;
     use ordertrail::proto::get_order_request::Reference;
-    let server = common::TestServer::start().await;
-    let body = common::fixture("ordermesh/order-creation.json");
+    let server = crate::common::TestServer::start().await;
+    let body = crate::common::fixture("ordermesh/order-creation.json");
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
     let dir = server.stop().await;
     // What an older build leaves: the same data without the format key.
@@ -371,7 +372,7 @@ async fn an_older_storage_format_is_refused_until_rebuilt() {
     assert!(stderr.contains("storage format 1") && stderr.contains("ordertrail rebuild"), "{stderr}");
     let rebuilt = run_with(&["rebuild"], &[("ORDERTRAIL_DATA_DIR", dir.path().to_str().unwrap())]);
     assert!(rebuilt.status.success(), "{}", String::from_utf8_lossy(&rebuilt.stderr));
-    let server = common::TestServer::start_in(dir, "").await;
+    let server = crate::common::TestServer::start_in(dir, "").await;
     let request =
         GetOrderRequest { reference: Some(Reference::ExternalOrderId("WBTEST22".into())), source: String::new() };
     let order = server.grpc().await.get_order(request).await.unwrap().into_inner();

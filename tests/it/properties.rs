@@ -2,10 +2,9 @@
 //! never panic and always end in observations or a quarantine reason; over
 //! the real server, in an event, a quarantine entry, or a clear 4xx.
 
-mod common;
-
-use common::TestServer;
-use ordertrail::ingest::{self, DeliveryMeta, Provider, WINKELSTRAAT_KINDS};
+use crate::common::TestServer;
+use ordertrail::ingest::{self, DeliveryMeta};
+use ordertrail::provider::{Provider, WINKELSTRAAT_KINDS};
 use proptest::prelude::*;
 use serde_json::Value;
 

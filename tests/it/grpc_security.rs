@@ -1,11 +1,9 @@
 //! gRPC protections against the real server: bearer tokens, TLS and mTLS,
 //! message size, concurrent streams per connection, and keepalive.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestServer;
+use crate::common::TestServer;
 use ordertrail::proto::admin_client::AdminClient;
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::order_trail_client::OrderTrailClient;

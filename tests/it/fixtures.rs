@@ -10,8 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
-use ordertrail::ingest::{self, DeliveryMeta, Observation, Provider};
+use ordertrail::ingest::{self, DeliveryMeta, Observation};
 use ordertrail::proto::{Address, Item, Money, ReturnItem, Shipment};
+use ordertrail::provider::Provider;
 use prost_types::Timestamp;
 use serde_json::{Map, Value, json};
 

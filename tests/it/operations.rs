@@ -2,11 +2,9 @@
 //! grpcurl uses) and the standard health service following store health and
 //! shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestServer;
+use crate::common::TestServer;
 use ordertrail::store::FaultPoint;
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
@@ -107,10 +105,10 @@ async fn metrics_count_exactly_what_happened() {
          [[sources]]\nname = \"k\"\nprovider = \"winkelstraat\"\nauth = { scheme = \"header\", header = \"x-api-key\", secrets = [\"key\"] }\n",
     )
     .await;
-    let creation = common::fixture("ordermesh/order-creation.json");
+    let creation = crate::common::fixture("ordermesh/order-creation.json");
     for (body, status) in [
         (creation.clone(), 200),
-        (common::fixture("ordermesh/order-update.json"), 200),
+        (crate::common::fixture("ordermesh/order-update.json"), 200),
         (creation, 200),
         (b"garbage".to_vec(), 202),
         (vec![b' '; 4096], 413),
@@ -154,7 +152,7 @@ async fn metrics_count_exactly_what_happened() {
 async fn redrive_applies_what_the_mappers_learned_once() {
     use ordertrail::proto::{GetOrderRequest, RedriveRequest, get_order_request::Reference};
     let server = TestServer::start().await;
-    let order = common::fixture("winkelstraat/order.json");
+    let order = crate::common::fixture("winkelstraat/order.json");
     // Winkelstraat starts posting orders to a URL name nobody configured.
     let answer = server.post_json("/webhooks/winkelstraat/stock-order", order.clone()).await;
     assert_eq!(answer.status, 202);

@@ -2,9 +2,7 @@
 //! as by count, and one order stays within its bound however many large
 //! returns it gets.
 
-mod common;
-
-use common::{TestServer, fixture};
+use crate::common::{TestServer, fixture};
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::{GetOrderRequest, ListEventsRequest, ListOrdersRequest, ListQuarantinedRequest};
 use prost::Message;

@@ -2,13 +2,11 @@
 //! concurrent ingest, slow consumers, snapshot + tail, filters, progress,
 //! shutdown, retention and the concurrency limit.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestServer;
+use crate::common::TestServer;
 use ordertrail::proto::subscribe_response::Message;
 use ordertrail::proto::{
     EventKind, ListOrdersRequest, Order, OrderReference, Provider, SubscribeRequest, SubscribeResponse, order_reference,
@@ -243,7 +241,7 @@ async fn filters_select_sources_kinds_and_one_order() {
     let by_provider =
         SubscribeRequest { after_sequence: Some(0), providers: vec![Provider::Withings as i32], ..Default::default() };
     let reference = OrderReference { reference: Some(order_reference::Reference::ExternalOrderId("E-1".into())) };
-    let by_order = SubscribeRequest { after_sequence: Some(0), order: Some(reference), ..Default::default() };
+    let by_order = SubscribeRequest { after_sequence: Some(0), order_reference: Some(reference), ..Default::default() };
     let mut streams = Vec::new();
     for request in [by_source, by_kind, by_provider, by_order] {
         streams.push(subscribe(&server, request).await);
@@ -274,7 +272,7 @@ async fn filters_select_sources_kinds_and_one_order() {
         loop {
             match next(stream).await {
                 Message::Event(e) => panic!("unexpected event {}", e.sequence),
-                Message::Progress(p) if p.head_sequence >= 6 => break,
+                Message::Progress(p) if p.resume_after_sequence >= 6 => break,
                 _ => {}
             }
         }
@@ -295,8 +293,8 @@ async fn progress_reaches_the_head_even_when_nothing_matches() {
     }
     loop {
         match next(&mut stream).await {
-            Message::Progress(p) if p.head_sequence == 5 => break,
-            Message::Progress(p) => assert!(p.head_sequence <= 5),
+            Message::Progress(p) if p.resume_after_sequence == 5 => break,
+            Message::Progress(p) => assert!(p.resume_after_sequence <= 5),
             Message::CaughtUp(_) => {}
             other => panic!("unexpected {other:?}"),
         }

@@ -1,10 +1,8 @@
 //! The webhook front door's unhappy paths and the gRPC query errors, against
 //! the real server.
 
-mod common;
-
+use crate::common::{TestServer, fixture};
 use bytes::Bytes;
-use common::{TestServer, fixture};
 use ordertrail::proto::get_order_request::Reference;
 use ordertrail::proto::{GetOrderRequest, ListOrdersRequest, OrderStatus};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,0 +1,121 @@
+//! The storage engines behind [`super::Store`], and the one interface they
+//! share.
+//!
+//! An enum, not a trait: the set of engines is closed and known at build
+//! time, and an enum lets each engine answer in its own way: sled reads a
+//! local B-tree page synchronously, a networked engine awaits a round trip.
+//! `Store`'s queries are `async` and decide per engine whether a read runs
+//! inline or on the blocking pool, so callers (the gRPC handlers, metrics,
+//! the feed) never know which it is. Adding an engine is adding a variant:
+//! the compiler then lists every operation it must provide.
+//!
+//! The interface: open and recover ([`Engine::open`]), the batch reads of
+//! the domain pipeline ([`super::plan::Reader`]), the atomic commit of a
+//! write set with the counters it assigned ([`Engine::apply`]), durable
+//! flush ([`Engine::make_durable`]), point and range reads, stats, and
+//! close ([`Engine::flush`]). Export, import and rebuild are built on these
+//! in [`super::export`].
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::StoreError;
+use super::plan::{Counters, Found, Reader, RefKind, Wants, WithHistory, WriteSet};
+use super::sled_engine::SledEngine;
+use crate::config::{Durability, StoreConfig};
+use crate::proto::{Event, Order, RawDelivery};
+
+/// One opened storage engine.
+pub(crate) enum Engine {
+    Sled(SledEngine),
+}
+
+impl Engine {
+    /// Opens (or creates) the configured engine's database; the engine
+    /// recovers what it holds.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
+    }
+
+    /// Opens an existing database for reading out what it holds (export):
+    /// never creates one.
+    pub fn open_existing(data_dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self::Sled(SledEngine::open_existing(data_dir)?))
+    }
+
+    /// Whether reads of this engine are cheap enough to run on the async
+    /// runtime (a local page) rather than the blocking pool.
+    pub fn reads_inline(&self) -> bool {
+        match self {
+            Self::Sled(_) => true,
+        }
+    }
+}
+
+/// Each operation, answered by the engine in use.
+macro_rules! delegate {
+    ($($(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        impl Engine {
+            $(
+                $(#[$doc])*
+                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Self::Sled(engine) => engine.$name($($arg),*),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+delegate! {
+    /// The last ids handed out, as committed.
+    fn counters(&self) -> Result<Counters, StoreError>;
+    /// The storage format of the database (`current` for a new one).
+    fn format(&self, current: u64, empty: bool) -> Result<u64, StoreError>;
+    /// Commits a write set atomically, with its counters (not yet durable).
+    fn apply(&self, writes: &WriteSet) -> Result<(), StoreError>;
+    /// Makes every committed write set durable.
+    fn make_durable(&self, durability: Durability) -> std::io::Result<()>;
+    /// Writes everything out before a close.
+    fn flush(&self) -> Result<(), StoreError>;
+    fn order(&self, id: u64) -> Result<Option<Order>, StoreError>;
+    fn order_and_history(&self, id: u64) -> Result<Option<WithHistory>, StoreError>;
+    fn event(&self, sequence: u64) -> Result<Option<Event>, StoreError>;
+    fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError>;
+    /// Ids of the orders with this reference, in one source or in any.
+    fn indexed(&self, kind: RefKind, value: &str, source: Option<&str>) -> Result<Vec<u64>, StoreError>;
+    /// Orders with ids above `after`, ascending.
+    fn orders_after(&self, after: u64) -> impl Iterator<Item = Result<Order, StoreError>> + use<>;
+    /// Events in `(after, upto]` as stored: (sequence, encoding).
+    fn events_encoded(&self, after: u64, upto: u64) -> impl Iterator<Item = Result<(u64, Bytes), StoreError>> + use<>;
+    /// Raw deliveries with ids in `(after, upto]`.
+    fn raws(&self, after: u64, upto: u64) -> impl Iterator<Item = Result<RawDelivery, StoreError>> + use<>;
+    /// Every raw record from id `from` on; `Err(())` for a record that
+    /// cannot be read at all (the scan then ends), `Ok((id, Err))` for one
+    /// that does not decode.
+    fn raw_records_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Result<RawDelivery, String>), ()>> + use<>;
+    /// Quarantined raw ids above `after`.
+    fn quarantined_after(&self, after: u64) -> impl Iterator<Item = Result<u64, StoreError>> + use<>;
+    /// (provider, applies to, value, count) of every unmapped status value.
+    fn unmapped(&self) -> Result<Vec<(String, String, String, u64)>, StoreError>;
+    fn quarantined_count(&self) -> u64;
+    fn size_on_disk(&self) -> u64;
+    /// Reads and checks up to `step` records after `after`: (last key, records, bytes).
+    fn verify_step(&self, after: &[u8], step: usize) -> Result<(Vec<u8>, usize, usize), String>;
+}
+
+#[cfg(any(test, feature = "test-util"))]
+delegate! {
+    /// Records an older storage format (tests of the format check).
+    fn set_format(&self, format: u64) -> Result<(), StoreError>;
+}
+
+impl Reader for Engine {
+    fn read(&self, wants: &Wants) -> Result<Found, StoreError> {
+        match self {
+            Self::Sled(engine) => engine.read(wants),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The integration tests, one binary: each module starts the real server
+//! (or the real binary) on loopback with temporary data and talks to it
+//! with real HTTP and gRPC clients. `common` holds what they share.
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on what it did not expect")]
+
+mod auth;
+mod bench;
+mod binary;
+mod common;
+mod crash;
+mod disk_full;
+mod dockerfile;
+mod faults;
+mod fixtures;
+mod front_door;
+mod grpc_security;
+mod handover;
+mod hostile;
+mod large_data;
+mod operations;
+mod ordermesh;
+mod properties;
+mod providers;
+mod subscribe;
+mod tidy;
