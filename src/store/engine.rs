@@ -110,6 +110,8 @@ delegate! {
 delegate! {
     /// Records an older storage format (tests of the format check).
     fn set_format(&self, format: u64) -> Result<(), StoreError>;
+    /// Writes or removes a raw record's bytes as they are (tests of damage).
+    fn put_raw_record(&self, id: u64, bytes: Option<&[u8]>) -> Result<(), StoreError>;
 }
 
 impl Reader for Engine {

@@ -534,8 +534,15 @@ impl Store {
 
     /// Records an older storage format in a closed data dir (tests of the
     /// format check and of `rebuild`).
-    pub fn downgrade_format(config: &StoreConfig, format: u64) -> Result<(), StoreError> {
-        Engine::open(config)?.set_format(format)
+    pub fn downgrade_format(data_dir: &std::path::Path, format: u64) -> Result<(), StoreError> {
+        Engine::open_existing(data_dir)?.set_format(format)
+    }
+
+    /// Overwrites (`Some`) or removes (`None`) the stored record of raw
+    /// delivery `id` in a closed data dir, bypassing every check (tests of
+    /// damage).
+    pub fn tamper_raw_record(data_dir: &std::path::Path, id: u64, bytes: Option<&[u8]>) -> Result<(), StoreError> {
+        Engine::open_existing(data_dir)?.put_raw_record(id, bytes)
     }
 }
 

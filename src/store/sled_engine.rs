@@ -93,7 +93,7 @@ impl SledEngine {
 
     /// Writes (or removes) a raw record's bytes as they are, durably: for
     /// tests of what reads do with damaged records.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "test-util"))]
     pub fn put_raw_record(&self, id: u64, bytes: Option<&[u8]>) -> Result<(), StoreError> {
         let key = keys::numbered(keys::RAW, id);
         match bytes {

@@ -274,12 +274,9 @@ async fn export_skips_what_it_cannot_read_and_saves_the_rest() {
     let config = store.inner.config.clone();
     store.close().await.unwrap();
     drop(store);
-    {
-        let engine = sled_engine::SledEngine::open_existing(dir.path()).unwrap();
-        engine.put_raw_record(3, Some(b"\xff\xff\xff not a delivery")).unwrap();
-        engine.put_raw_record(4, None).unwrap();
-        engine.put_raw_record(6, None).unwrap();
-    }
+    Store::tamper_raw_record(dir.path(), 3, Some(b"\xff\xff\xff not a delivery")).unwrap();
+    Store::tamper_raw_record(dir.path(), 4, None).unwrap();
+    Store::tamper_raw_record(dir.path(), 6, None).unwrap();
     let mut out = Vec::new();
     let summary = export(&config.data_dir, &mut out).unwrap();
     assert_eq!(summary, ExportSummary { exported: 3, unreadable: 3 });

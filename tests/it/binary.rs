@@ -360,12 +360,9 @@ async fn an_older_storage_format_is_refused_until_rebuilt() {
     let body = crate::common::fixture("ordermesh/order-creation.json");
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
     let dir = server.stop().await;
-    // What an older build leaves: the same data without the format key.
-    {
-        let db = sled::open(dir.path().join("sled")).unwrap();
-        assert!(db.remove(b"mformat").unwrap().is_some(), "this build records its format");
-        db.flush().unwrap();
-    }
+    // What an older build leaves: the same raw deliveries, derived state in
+    // format 1.
+    ordertrail::store::Store::downgrade_format(dir.path(), 1).unwrap();
     let refused = spawn_server(&[], dir.path()).wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(65), "{stderr}");

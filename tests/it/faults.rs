@@ -111,27 +111,7 @@ async fn damaged_data_dir() -> tempfile::TempDir {
     }
     let dir = server.stop().await;
     // Overwrite delivery 2's stored record with bytes that are no record.
-    use prost::Message;
-    // sled's lock can outlive the stop by a moment.
-    let mut db = sled::open(dir.path().join("sled"));
-    for _ in 0..100 {
-        if db.is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        db = sled::open(dir.path().join("sled"));
-    }
-    let db = db.unwrap();
-    let key = db
-        .iter()
-        .filter_map(Result::ok)
-        .find(|(_, value)| {
-            ordertrail::proto::RawDelivery::decode(&**value).is_ok_and(|raw| raw.id == 2 && !raw.body.is_empty())
-        })
-        .map(|(key, _)| key)
-        .expect("delivery 2 is stored");
-    db.insert(key, &b"\xff\xff\xff\xff damaged"[..]).unwrap();
-    db.flush().unwrap();
+    ordertrail::store::Store::tamper_raw_record(dir.path(), 2, Some(b"\xff\xff\xff\xff damaged")).unwrap();
     dir
 }
 

@@ -56,10 +56,15 @@ fn the_architecture_invariants_hold() {
     let mut found = Vec::new();
     for file in files {
         let path = file.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
-        // Tests may use any crate; they must still say what they are.
+        // Tests may use any crate but sled (the store's layout is private:
+        // tests use its `test-util` hooks); they must still say what they
+        // are. This file names sled in its own checks.
         let text = std::fs::read_to_string(&file).unwrap();
         let problems = problems(&path, &text);
-        found.extend(problems.into_iter().filter(|p| !path.starts_with("tests/") || p.contains("//!")));
+        let applies = |p: &String| {
+            !path.starts_with("tests/") || p.contains("//!") || (p.contains("sled::") && path != "tests/it/tidy.rs")
+        };
+        found.extend(problems.into_iter().filter(applies));
     }
     assert!(found.is_empty(), "{found:#?}");
 }
@@ -67,6 +72,7 @@ fn the_architecture_invariants_hold() {
 #[test]
 fn the_check_sees_each_kind_of_breach() {
     assert!(problems("src/api/mod.rs", "//! ok\nuse sled::Db;\n")[0].contains("sled::"));
+    assert!(problems("tests/it/binary.rs", "//! ok\nlet db = sled::open(dir);\n")[0].contains("sled::"));
     assert!(problems("src/api/mod.rs", "//! ok\nfn f() { let _ = hyper::Error; }\n")[0].contains("hyper::"));
     assert!(problems("src/server.rs", "//! ok\nuse hyper_util::rt::TokioIo;\n")[0].contains("hyper_util::"));
     assert!(problems("src/store/x.rs", "use sled::Db;\n")[0].contains("//!"));
