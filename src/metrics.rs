@@ -62,7 +62,7 @@ impl Metrics {
         };
         registry.register("webhooks", "Webhooks received, by source and outcome", webhooks);
         registry.register("ingest_latency_seconds", "From receiving a webhook to its durable answer", ingest_latency);
-        registry.register("commit_batch_size", "Deliveries answered by one group commit", commit.batch_size);
+        registry.register("group_commit_size", "Deliveries answered by one group commit", commit.group_size);
         registry.register("flush_seconds", "Time to make one group commit durable", commit.flush_seconds);
         registry.register("events", "Events committed, by kind", commit.events);
         registry.register(

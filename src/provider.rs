@@ -15,12 +15,12 @@ pub const WINKELSTRAAT_KINDS: &[&str] = &["order", "shipment", "invoice", "rma",
 pub enum Provider {
     Withings,
     Winkelstraat,
-    #[serde(rename = "ordermesh")]
-    OrderMesh,
+    /// Spelled as the generated `proto::Provider::Ordermesh`, one name.
+    Ordermesh,
 }
 
 impl Provider {
-    pub const ALL: [Provider; 3] = [Provider::Withings, Provider::Winkelstraat, Provider::OrderMesh];
+    pub const ALL: [Provider; 3] = [Provider::Withings, Provider::Winkelstraat, Provider::Ordermesh];
 
     /// The provider of a name in config, URLs and exports.
     pub fn from_name(name: &str) -> Option<Self> {
@@ -32,7 +32,7 @@ impl Provider {
         match self {
             Self::Withings => "withings",
             Self::Winkelstraat => "winkelstraat",
-            Self::OrderMesh => "ordermesh",
+            Self::Ordermesh => "ordermesh",
         }
     }
 
@@ -40,7 +40,7 @@ impl Provider {
         match self {
             Self::Withings => proto::Provider::Withings,
             Self::Winkelstraat => proto::Provider::Winkelstraat,
-            Self::OrderMesh => proto::Provider::Ordermesh,
+            Self::Ordermesh => proto::Provider::Ordermesh,
         }
     }
 
@@ -48,7 +48,7 @@ impl Provider {
         match p {
             proto::Provider::Withings => Some(Self::Withings),
             proto::Provider::Winkelstraat => Some(Self::Winkelstraat),
-            proto::Provider::Ordermesh => Some(Self::OrderMesh),
+            proto::Provider::Ordermesh => Some(Self::Ordermesh),
             proto::Provider::Unspecified => None,
         }
     }
@@ -59,7 +59,7 @@ impl Provider {
     pub fn accepts_kind(self, kind: Option<&str>) -> bool {
         match self {
             Self::Winkelstraat => true,
-            Self::Withings | Self::OrderMesh => kind.is_none(),
+            Self::Withings | Self::Ordermesh => kind.is_none(),
         }
     }
 }

@@ -106,7 +106,7 @@ impl Observation {
 /// Maps one authentic delivery. Never panics on any input.
 pub fn normalize(meta: DeliveryMeta<'_>, body: &[u8]) -> Result<Normalized, Unrecognized> {
     match meta.provider {
-        Provider::OrderMesh => ordermesh::normalize(meta, body),
+        Provider::Ordermesh => ordermesh::normalize(meta, body),
         Provider::Withings => withings::normalize(meta, body),
         Provider::Winkelstraat => winkelstraat::normalize(meta, body),
     }

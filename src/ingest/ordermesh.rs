@@ -175,7 +175,7 @@ mod tests {
     use crate::provider::Provider;
 
     fn map(body: &[u8], content_type: &str) -> Result<Normalized, Unrecognized> {
-        normalize(DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type }, body)
+        normalize(DeliveryMeta { provider: Provider::Ordermesh, kind: None, content_type }, body)
     }
 
     /// Maps a fixture and checks the one observation's kind and statuses.

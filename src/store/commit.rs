@@ -34,7 +34,7 @@ const MARK_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct CommitMetrics {
     /// Deliveries answered by one commit.
-    pub batch_size: Histogram,
+    pub group_size: Histogram,
     /// Time to make one commit durable.
     pub flush_seconds: Histogram,
     /// Committed events by kind.
@@ -48,7 +48,7 @@ pub struct CommitMetrics {
 impl Default for CommitMetrics {
     fn default() -> Self {
         Self {
-            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            group_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             flush_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             events: Family::default(),
             failures: Counter::default(),
@@ -64,51 +64,68 @@ struct Pending {
     events: Vec<Published>,
 }
 
-/// State shared by the writer, the flusher and readers.
+/// State shared by the writer, the flusher and readers, by concern.
 pub(super) struct Shared {
-    queue: Mutex<Queue>,
-    wake: Condvar,
-    /// Signalled when storage fails or the store closes.
-    changed: Condvar,
-    /// The newest durable sequence; readers can wait on it.
-    durable: watch::Sender<u64>,
-    /// Durable events, in sequence order.
-    feed: broadcast::Sender<Arc<Published>>,
+    handoff: Handoff,
+    reach: Reach,
+    /// False after a storage failure, until the store is reopened (see
+    /// [`super::recovery`]): nothing written after a failed write or flush
+    /// is acknowledged by this engine instance.
+    healthy: AtomicBool,
     /// What a read found damaged, if anything did: the store is then not
     /// ready (ingest goes on).
     damage: Mutex<Option<String>>,
-    /// The newest sequence written (durable or not).
-    written: AtomicU64,
-    /// False after a storage failure, until the store is reopened (see
-    /// [`super::recovery`]): nothing written after a failed write or flush
-    /// is acknowledged by this sled instance.
-    pub healthy: AtomicBool,
-    /// Successful group commits so far.
-    pub flushes: AtomicU64,
-    /// Replies answered by those commits.
-    pub flushed_replies: AtomicU64,
-    /// Batches the writer applied (each holds one or more deliveries).
-    pub turns: AtomicU64,
-    /// Held by a test to make the writer wait before each turn.
-    #[cfg(test)]
-    pub writer_gate: Mutex<()>,
-    /// Times a subscriber fell behind the live feed and went back to the store.
-    pub feed_lags: AtomicU64,
+    pub stats: Stats,
     /// An injected storage fault (fault-injection tests): 0 none, else a
     /// [`FaultPoint`] as u8.
     #[cfg(any(test, feature = "test-util"))]
     fault: AtomicU8,
+    /// Held by a test to make the writer wait before each turn.
+    #[cfg(test)]
+    pub writer_gate: Mutex<()>,
+}
+
+/// The writer's hand-off to the flusher: the replies waiting for a flush,
+/// and the signals of a failure or a close.
+struct Handoff {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Signalled when storage fails or the store closes.
+    changed: Condvar,
+}
+
+/// How far the store got: written (`written`), durable (`durable`, which
+/// readers wait on) and marked (`mark`); and the feed of durable events.
+struct Reach {
+    /// The newest durable sequence.
+    durable: watch::Sender<u64>,
+    /// Durable events, in sequence order.
+    feed: broadcast::Sender<Arc<Published>>,
+    /// The newest sequence written (durable or not).
+    written: AtomicU64,
     /// How far the database is durable (for the durability mark).
-    durable_mark: Mutex<Mark>,
+    mark: Mutex<Mark>,
+}
+
+/// Counters for stats and metrics.
+pub(super) struct Stats {
+    /// Successful group commits so far.
+    pub group_commits: AtomicU64,
+    /// Replies answered by those commits.
+    pub group_commit_replies: AtomicU64,
+    /// Turns the writer committed (each holds one or more deliveries).
+    pub turns: AtomicU64,
+    /// Times a subscriber fell behind the live feed and went back to the store.
+    pub subscriber_store_reads: AtomicU64,
     pub metrics: CommitMetrics,
 }
 
 /// Where an injected storage fault strikes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// Writing a delivery's batch fails.
+    /// Committing a turn's write set fails.
     Write = 1,
-    /// Making written batches durable fails.
+    /// Making committed write sets durable fails.
     Flush = 2,
 }
 
@@ -129,47 +146,53 @@ impl Shared {
     pub fn new(durable: Mark, feed_capacity: usize) -> Self {
         let durable_head = durable.durable_sequence;
         Self {
-            queue: Mutex::new(Queue {
-                last_sequence: durable.durable_sequence,
-                last_raw: durable.durable_raw,
-                ..Queue::default()
-            }),
-            wake: Condvar::new(),
-            changed: Condvar::new(),
-            durable: watch::Sender::new(durable_head),
-            feed: broadcast::Sender::new(feed_capacity.max(1)),
-            damage: Mutex::new(None),
-            written: AtomicU64::new(durable_head),
+            handoff: Handoff {
+                queue: Mutex::new(Queue {
+                    last_sequence: durable.durable_sequence,
+                    last_raw: durable.durable_raw,
+                    ..Queue::default()
+                }),
+                wake: Condvar::new(),
+                changed: Condvar::new(),
+            },
+            reach: Reach {
+                durable: watch::Sender::new(durable_head),
+                feed: broadcast::Sender::new(feed_capacity.max(1)),
+                written: AtomicU64::new(durable_head),
+                mark: Mutex::new(durable),
+            },
             healthy: AtomicBool::new(true),
-            flushes: AtomicU64::new(0),
-            flushed_replies: AtomicU64::new(0),
-            turns: AtomicU64::new(0),
-            #[cfg(test)]
-            writer_gate: Mutex::new(()),
-            feed_lags: AtomicU64::new(0),
+            damage: Mutex::new(None),
+            stats: Stats {
+                group_commits: AtomicU64::new(0),
+                group_commit_replies: AtomicU64::new(0),
+                turns: AtomicU64::new(0),
+                subscriber_store_reads: AtomicU64::new(0),
+                metrics: CommitMetrics::default(),
+            },
             #[cfg(any(test, feature = "test-util"))]
             fault: AtomicU8::new(0),
-            durable_mark: Mutex::new(durable),
-            metrics: CommitMetrics::default(),
+            #[cfg(test)]
+            writer_gate: Mutex::new(()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A poisoned lock only means a thread panicked while holding it; the
         // queue itself is still consistent.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.handoff.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Storage failed: from now on nothing is acknowledged until the store
     /// is reopened. Logged once per failure.
     pub fn fail(&self, error: &dyn std::fmt::Display) {
         if self.healthy.swap(false, Ordering::SeqCst) {
-            self.metrics.failures.inc();
+            self.stats.metrics.failures.inc();
             tracing::error!(%error, "storage failed: answering 503 until the store is reopened");
         }
         let _queue = self.lock();
-        self.wake.notify_all();
-        self.changed.notify_all();
+        self.handoff.wake.notify_all();
+        self.handoff.changed.notify_all();
     }
 
     /// Waits until storage fails (true) or the store closes (false).
@@ -182,7 +205,7 @@ impl Shared {
             if !self.is_healthy() {
                 return true;
             }
-            queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+            queue = self.handoff.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -195,13 +218,13 @@ impl Shared {
             queue.last_raw = recovered.durable_raw;
         }
         self.written(recovered.durable_sequence);
-        *self.durable_mark.lock().unwrap_or_else(|e| e.into_inner()) = recovered;
-        self.durable.send_if_modified(|head| {
+        *self.reach.mark.lock().unwrap_or_else(|e| e.into_inner()) = recovered;
+        self.reach.durable.send_if_modified(|head| {
             let moved = recovered.durable_sequence > *head;
             *head = (*head).max(recovered.durable_sequence);
             moved
         });
-        self.metrics.reopens.inc();
+        self.stats.metrics.reopens.inc();
         self.healthy.store(true, Ordering::SeqCst);
     }
 
@@ -248,28 +271,28 @@ impl Shared {
     }
 
     pub fn durable_head(&self) -> u64 {
-        *self.durable.borrow()
+        *self.reach.durable.borrow()
     }
 
     pub fn watch_durable(&self) -> watch::Receiver<u64> {
-        self.durable.subscribe()
+        self.reach.durable.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
-        self.feed.subscribe()
+        self.reach.feed.subscribe()
     }
 
     /// Events published and still kept for subscribers that lag.
     pub fn feed_backlog(&self) -> usize {
-        self.feed.len()
+        self.reach.feed.len()
     }
 
     pub fn written_head(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+        self.reach.written.load(Ordering::SeqCst)
     }
 
     pub fn written(&self, sequence: u64) {
-        self.written.store(sequence, Ordering::SeqCst);
+        self.reach.written.store(sequence, Ordering::SeqCst);
     }
 
     /// Queues a turn's replies (in sequence order) for the next flush.
@@ -290,20 +313,20 @@ impl Shared {
             }
             queue.waiting.push(Pending { reply, outcome, events });
         }
-        self.wake.notify_one();
+        self.handoff.wake.notify_one();
     }
 
     pub fn close(&self) {
         self.lock().closed = true;
-        self.wake.notify_all();
-        self.changed.notify_all();
+        self.handoff.wake.notify_all();
+        self.handoff.changed.notify_all();
     }
 
     /// Holds or releases commits: while held, replies queue up unanswered.
     #[cfg(any(test, feature = "test-util"))]
     pub fn hold(&self, held: bool) {
         self.lock().held = held;
-        self.wake.notify_one();
+        self.handoff.wake.notify_one();
     }
 
     /// Replies waiting for a flush.
@@ -332,7 +355,7 @@ impl Shared {
                 }
                 break;
             }
-            queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            queue = self.handoff.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
         }
         let marks = queue.marks();
         Some((std::mem::take(&mut queue.waiting), marks))
@@ -340,7 +363,7 @@ impl Shared {
 
     /// What the queue's writes reach once durable.
     pub fn durable_mark(&self) -> Mark {
-        *self.durable_mark.lock().unwrap_or_else(|e| e.into_inner())
+        *self.reach.mark.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -396,8 +419,8 @@ impl Flusher {
             match durable {
                 Ok(()) => {
                     if !waiting.is_empty() {
-                        self.shared.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
-                        self.shared.metrics.batch_size.observe(waiting.len() as f64);
+                        self.shared.stats.metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+                        self.shared.stats.metrics.group_size.observe(waiting.len() as f64);
                     }
                     self.committed(waiting, marks);
                     self.maybe_write_mark();
@@ -418,22 +441,22 @@ impl Flusher {
     fn committed(&self, waiting: Vec<Pending>, marks: Mark) {
         let shared = &self.shared;
         let last_sequence = marks.durable_sequence;
-        *shared.durable_mark.lock().unwrap_or_else(|e| e.into_inner()) = marks;
-        shared.durable.send_if_modified(|head| {
+        *shared.reach.mark.lock().unwrap_or_else(|e| e.into_inner()) = marks;
+        shared.reach.durable.send_if_modified(|head| {
             let moved = last_sequence > *head;
             *head = (*head).max(last_sequence);
             moved
         });
-        shared.flushes.fetch_add(1, Ordering::Relaxed);
-        shared.flushed_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+        shared.stats.group_commit_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
         for pending in waiting {
             for published in pending.events {
                 if let Some(event) = &published.event {
                     let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
-                    shared.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
+                    shared.stats.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
                 }
                 // Sent as stored to every subscriber; no subscriber is not an error.
-                let _ = shared.feed.send(Arc::new(published));
+                let _ = shared.reach.feed.send(Arc::new(published));
             }
             let _ = pending.reply.send(Ok(pending.outcome));
         }

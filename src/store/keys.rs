@@ -102,10 +102,10 @@ pub fn dedup(source: &str, dedup_key: &str) -> Vec<u8> {
     key
 }
 
-pub fn unmapped(provider: &str, what: &str, value: &str) -> Vec<u8> {
+pub fn unmapped(provider: &str, applies_to: &str, value: &str) -> Vec<u8> {
     let mut key = vec![UNMAPPED];
     push_str(&mut key, provider);
-    push_str(&mut key, what);
+    push_str(&mut key, applies_to);
     key.extend_from_slice(value.as_bytes());
     key
 }
@@ -120,8 +120,8 @@ pub fn parse_unmapped(key: &[u8]) -> Option<(String, String, String)> {
         Some(text)
     };
     let provider = next()?;
-    let what = next()?;
-    Some((provider, what, String::from_utf8_lossy(rest).into_owned()))
+    let applies_to = next()?;
+    Some((provider, applies_to, String::from_utf8_lossy(rest).into_owned()))
 }
 
 pub fn meta(name: &str) -> Vec<u8> {

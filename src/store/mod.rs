@@ -488,7 +488,7 @@ impl Store {
 
     /// The group commit's metrics (shared handles).
     pub fn commit_metrics(&self) -> CommitMetrics {
-        self.inner.shared.metrics.clone()
+        self.inner.shared.stats.metrics.clone()
     }
 
     /// Counts of stored state, for metrics.
@@ -504,17 +504,17 @@ impl Store {
     /// subscriber lagged and went back to reading the store).
     pub fn feed_stats(&self) -> (usize, u64) {
         let shared = &self.inner.shared;
-        (shared.feed_backlog(), shared.feed_lags.load(Ordering::Relaxed))
+        (shared.feed_backlog(), shared.stats.subscriber_store_reads.load(Ordering::Relaxed))
     }
 
     fn note_feed_lag(&self) {
-        self.inner.shared.feed_lags.fetch_add(1, Ordering::Relaxed);
+        self.inner.shared.stats.subscriber_store_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Group-commit statistics: (commits, replies they answered).
     pub fn commit_stats(&self) -> (u64, u64) {
         let shared = &self.inner.shared;
-        (shared.flushes.load(Ordering::Relaxed), shared.flushed_replies.load(Ordering::Relaxed))
+        (shared.stats.group_commits.load(Ordering::Relaxed), shared.stats.group_commit_replies.load(Ordering::Relaxed))
     }
 }
 

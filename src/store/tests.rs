@@ -25,10 +25,10 @@ fn delivery(n: usize) -> Delivery {
 }
 
 fn ordermesh(body: String) -> Delivery {
-    let meta = DeliveryMeta { provider: Provider::OrderMesh, kind: None, content_type: "application/json" };
+    let meta = DeliveryMeta { provider: Provider::Ordermesh, kind: None, content_type: "application/json" };
     let raw = RawDelivery {
         source: "ordermesh".into(),
-        provider: Provider::OrderMesh.to_proto() as i32,
+        provider: Provider::Ordermesh.to_proto() as i32,
         body_sha256: ingest::sha256_hex(body.as_bytes()),
         body: body.clone().into_bytes().into(),
         ..RawDelivery::default()
@@ -122,7 +122,7 @@ async fn deliveries_in_one_turn_see_each_other() {
     let deliveries =
         vec![delivery(1), delivery(1), update(1, "ReadyForFulfillment"), delivery(2), update(1, "Shipped")];
     let outcomes: Vec<IngestOutcome> = in_one_turn(&store, deliveries).await.into_iter().map(Result::unwrap).collect();
-    assert!(store.inner.shared.turns.load(Ordering::Relaxed) <= 2, "the deliveries shared a turn");
+    assert!(store.inner.shared.stats.turns.load(Ordering::Relaxed) <= 2, "the deliveries shared a turn");
     assert!(matches!(outcomes[1], IngestOutcome::Duplicate { raw_id: 1, .. }), "{outcomes:?}");
     let sequences: Vec<u64> = outcomes
         .iter()

@@ -129,7 +129,7 @@ impl Writer {
         match applied {
             Ok(()) => {
                 self.counters = planned.writes.counters;
-                self.shared.turns.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.turns.fetch_add(1, Ordering::Relaxed);
                 self.shared.written(self.counters.last_sequence);
                 self.shared.enqueue(done);
             }

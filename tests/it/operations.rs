@@ -142,7 +142,7 @@ async fn metrics_count_exactly_what_happened() {
     for (name, value) in expect {
         assert_eq!(sample(&page, name), Some(value), "{name} in:\n{page}");
     }
-    assert!(sample(&page, "ordertrail_commit_batch_size_count").is_some_and(|n| n >= 1.0), "{page}");
+    assert!(sample(&page, "ordertrail_group_commit_size_count").is_some_and(|n| n >= 1.0), "{page}");
     assert!(sample(&page, "ordertrail_flush_seconds_count").is_some_and(|n| n >= 1.0), "{page}");
     assert!(sample(&page, "ordertrail_store_size_bytes").is_some_and(|n| n > 0.0), "{page}");
     assert!(page.contains("ordertrail_subscriber_lag_events{subscriber="), "{page}");
