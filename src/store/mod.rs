@@ -65,6 +65,19 @@ use engine::Engine;
 use plan::{Counters, Work};
 use writer::{Command, Writer};
 
+/// The sled engine's key layout and directory, for the bench's sled
+/// baselines only: a layout change then breaks the bench's build instead of
+/// letting it measure a stale layout.
+#[doc(hidden)]
+pub mod bench_layout {
+    pub use super::keys::*;
+
+    /// sled's directory in a data dir.
+    pub fn engine_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+        super::layout::engine_dir(data_dir)
+    }
+}
+
 /// How many deliveries may wait for the writer before senders wait too.
 const WRITER_QUEUE: usize = 4096;
 
