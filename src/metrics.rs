@@ -17,8 +17,15 @@ use crate::store::{CommitMetrics, Store};
 
 type Labels = Vec<(&'static str, String)>;
 
-/// The stream position of every open subscription: (id, sequence).
-pub(crate) type Positions = Box<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+/// What the gauges read at a scrape, besides the store.
+pub struct Gauges {
+    /// The stream position of every open subscription: (id, sequence).
+    pub positions: Box<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>,
+    /// Open webhook connections.
+    pub connections: Box<dyn Fn() -> usize + Send + Sync>,
+    /// The bounds webhook bodies are read within.
+    pub bodies: crate::http::Bodies,
+}
 
 /// Every metric of the process.
 pub struct Metrics {
@@ -35,12 +42,15 @@ pub struct Metrics {
     subscriptions: Gauge,
     subscriber_lag: Family<Labels, Gauge>,
     subscriber_store_reads: Gauge,
+    http_connections: Gauge,
+    body_memory_bytes: Gauge,
+    unverified_bodies: Gauge,
     store: Store,
-    positions: Positions,
+    gauges: Gauges,
 }
 
 impl Metrics {
-    pub fn new(store: Store, positions: Positions) -> Arc<Self> {
+    pub fn new(store: Store, gauges: Gauges) -> Arc<Self> {
         let mut registry = Registry::with_prefix("ordertrail");
         let commit: CommitMetrics = store.commit_metrics();
         let webhooks = Family::<Labels, Counter>::default();
@@ -56,8 +66,11 @@ impl Metrics {
             subscriptions: Gauge::default(),
             subscriber_lag: Family::default(),
             subscriber_store_reads: Gauge::default(),
+            http_connections: Gauge::default(),
+            body_memory_bytes: Gauge::default(),
+            unverified_bodies: Gauge::default(),
             store,
-            positions,
+            gauges,
             registry: Registry::default(),
         };
         registry.register("webhooks", "Webhooks received, by source and outcome", webhooks);
@@ -77,6 +90,17 @@ impl Metrics {
         registry.register("head_sequence", "Newest durable event sequence", metrics.head_sequence.clone());
         registry.register("store_size_bytes", "Database size on disk", metrics.store_size_bytes.clone());
         registry.register("subscriptions_active", "Open Subscribe streams", metrics.subscriptions.clone());
+        registry.register("http_connections", "Open webhook connections", metrics.http_connections.clone());
+        registry.register(
+            "http_body_memory_bytes",
+            "Bytes reserved for webhook bodies being read or stored (bounded by http.body_memory_bytes)",
+            metrics.body_memory_bytes.clone(),
+        );
+        registry.register(
+            "http_unverified_bodies",
+            "Bodies being read whose sender only the body can authenticate (bounded by http.max_unverified_bodies)",
+            metrics.unverified_bodies.clone(),
+        );
         registry.register(
             "subscriber_lag_events",
             "Events a subscriber is behind the head",
@@ -129,7 +153,10 @@ impl Metrics {
                 self.unmapped.get_or_create(&labels).set(as_gauge(count));
             }
         }
-        let positions = (self.positions)();
+        self.http_connections.set(as_gauge((self.gauges.connections)() as u64));
+        self.body_memory_bytes.set(as_gauge(self.gauges.bodies.in_memory_bytes() as u64));
+        self.unverified_bodies.set(as_gauge(self.gauges.bodies.unverified() as u64));
+        let positions = (self.gauges.positions)();
         self.subscriptions.set(as_gauge(positions.len() as u64));
         self.subscriber_lag.clear();
         for (id, position) in positions {

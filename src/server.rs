@@ -21,7 +21,7 @@ use crate::gate;
 use crate::handover::{HandedConnection, Offer, Predecessor, Role, Successor};
 use crate::http::{self, FrontDoor};
 use crate::ingest::Mapper;
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics};
 use crate::proto::admin_server::AdminServer;
 use crate::proto::order_trail_server::OrderTrailServer;
 use crate::store::{Store, StoreError};
@@ -133,14 +133,15 @@ async fn serve(
     let successor = Arc::new(Successor::default());
     let http_addr = local(&listeners.http);
     let (door, open_door) = http::Door::new(config.handover_timeout);
+    let connections = tokio_util::task::TaskTracker::new();
     let webhooks = tokio::spawn(http::serve(
         listeners.http,
         door,
         config.clone(),
         shutdown.clone(),
-        grace,
         handed,
         successor.clone(),
+        connections.clone(),
     ));
     let store = match opening.await {
         Ok(store) => store,
@@ -169,7 +170,13 @@ async fn serve(
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
     let positions = subscriptions.clone();
-    let metrics = Metrics::new(store.clone(), Box::new(move || positions.positions()));
+    let bodies = http::Bodies::new(&config.http);
+    let gauges = Gauges {
+        positions: Box::new(move || positions.positions()),
+        connections: Box::new(move || connections.len()),
+        bodies: bodies.clone(),
+    };
+    let metrics = Metrics::new(store.clone(), gauges);
     let grpc = grpc_server(&config.grpc)?
         .add_service(health)
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
@@ -182,7 +189,13 @@ async fn serve(
         );
     tokio::spawn(report_health(health_reporter, store.clone(), shutdown.clone()));
     let admin_task = tokio::spawn(http::serve_admin(listeners.admin, metrics.clone(), shutdown.clone()));
-    let _ = open_door.send(Some(Arc::new(FrontDoor::new(config.clone(), store.clone(), shutdown.clone(), metrics))));
+    let _ = open_door.send(Some(Arc::new(FrontDoor::new(
+        config.clone(),
+        store.clone(),
+        shutdown.clone(),
+        metrics,
+        bodies,
+    ))));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();
     let _ = webhooks.await;

@@ -20,8 +20,9 @@ use crate::config::HttpConfig;
 /// once they are all gone.
 const TRIM_AFTER_BYTES: usize = 32 << 20;
 
-/// The bounds every body is read within.
-pub(super) struct Bodies {
+/// The bounds every body is read within; clones share them.
+#[derive(Clone)]
+pub struct Bodies {
     /// Bytes of bodies that may be in memory at once.
     memory: Arc<Semaphore>,
     memory_bytes: usize,
@@ -29,6 +30,7 @@ pub(super) struct Bodies {
     trim_due: Arc<AtomicBool>,
     /// Bodies of not yet authenticated senders read at once.
     unverified: Arc<Semaphore>,
+    unverified_max: usize,
     limit: usize,
     timeout: Duration,
     unverified_timeout: Duration,
@@ -51,10 +53,21 @@ impl Bodies {
             memory_bytes,
             trim_due: Arc::default(),
             unverified: Arc::new(Semaphore::new(config.max_unverified_bodies)),
+            unverified_max: config.max_unverified_bodies,
             limit: config.body_limit_bytes,
             timeout: config.body_read_timeout,
             unverified_timeout: config.unverified_body_timeout.min(config.body_read_timeout),
         }
+    }
+
+    /// Bytes reserved for bodies being read or stored now.
+    pub fn in_memory_bytes(&self) -> usize {
+        self.memory_bytes.saturating_sub(self.memory.available_permits())
+    }
+
+    /// Bodies of not yet authenticated senders being read now.
+    pub fn unverified(&self) -> usize {
+        self.unverified_max.saturating_sub(self.unverified.available_permits())
     }
 
     /// Reads a body of at most `expected` bytes (`Content-Length`, else the
@@ -62,7 +75,12 @@ impl Bodies {
     /// takes a slot of the unverified share and has the shorter deadline.
     /// Waiting for memory or a slot counts against the deadline; past it,
     /// 408 when the body was late, 503 when the server was busy.
-    pub async fn read(&self, body: Body, expected: Option<u64>, verified: bool) -> Result<(Bytes, Held), Refusal> {
+    pub(super) async fn read(
+        &self,
+        body: Body,
+        expected: Option<u64>,
+        verified: bool,
+    ) -> Result<(Bytes, Held), Refusal> {
         let deadline = tokio::time::Instant::now() + if verified { self.timeout } else { self.unverified_timeout };
         let busy = || Refusal::Busy;
         let unverified = match verified {

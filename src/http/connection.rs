@@ -48,15 +48,16 @@ const PROBE_SLOTS: usize = 64;
 const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Accepts connections (and those a predecessor hands over) until
-/// `shutdown`, then ends each as the module says, within `grace`.
+/// `shutdown`, then ends each as the module says, within `shutdown_grace`;
+/// `connections` tracks the open ones (the metrics read it).
 pub async fn serve(
     listener: TcpListener,
     door: Door,
     config: Arc<Config>,
     shutdown: CancellationToken,
-    grace: Duration,
     mut handed: Option<mpsc::UnboundedReceiver<HandedConnection>>,
     successor: Arc<Successor>,
+    connections: TaskTracker,
 ) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(config.http.header_read_timeout);
@@ -64,7 +65,6 @@ pub async fn serve(
     overflow_builder.header_read_timeout(config.http.header_read_timeout.min(PROBE_HEADER_TIMEOUT));
     let slots = Arc::new(tokio::sync::Semaphore::new(config.http.max_connections));
     let overflow = Arc::new(tokio::sync::Semaphore::new(PROBE_SLOTS));
-    let connections = TaskTracker::new();
     loop {
         // A regular slot if there is one, else one beyond the limit.
         let (slot, beyond) = tokio::select! {
@@ -107,6 +107,7 @@ pub async fn serve(
     }
     drop(listener);
     connections.close();
+    let grace = config.shutdown_grace;
     if tokio::time::timeout(grace, connections.wait()).await.is_err() {
         tracing::warn!(?grace, "webhook connections still open after the grace period");
     }

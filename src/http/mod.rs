@@ -46,7 +46,7 @@ pub struct FrontDoor {
     /// Token buckets of the sources that have a rate limit.
     limiters: HashMap<String, DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
-    bodies: body::Bodies,
+    bodies: Bodies,
 }
 
 /// Why a request was not stored. Mapped to a status code in one place.
@@ -157,13 +157,18 @@ static STORAGE_REFUSALS: Throttle = Throttle::new(Duration::from_secs(10));
 // === impl FrontDoor ===
 
 impl FrontDoor {
-    pub fn new(config: Arc<Config>, store: Store, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+        bodies: Bodies,
+    ) -> Self {
         let limiters = config
             .sources
             .iter()
             .filter_map(|source| Some((source.name.clone(), limiter(source.rate_limit?)?)))
             .collect();
-        let bodies = body::Bodies::new(&config.http);
         Self { config, store, shutdown, limiters, metrics, bodies }
     }
 
@@ -387,6 +392,7 @@ fn now() -> prost_types::Timestamp {
 
 mod body;
 mod connection;
+pub use body::Bodies;
 pub use connection::serve;
 
 /// 503 with `Retry-After`: too many requests in flight.

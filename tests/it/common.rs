@@ -49,6 +49,11 @@ pub struct Answer {
     pub json: serde_json::Value,
 }
 
+/// The value of one sample line of a metrics page.
+pub fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines().find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 impl TestServer {
     /// Default config: one open source per provider.
     pub async fn start() -> Self {
@@ -132,6 +137,29 @@ impl TestServer {
         let bytes = response.into_body().collect().await.expect("HTTP body").to_bytes();
         let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Answer { status, headers, json }
+    }
+
+    /// The admin listener's metrics page.
+    pub async fn metrics(&self) -> String {
+        let request = Request::get(format!("http://{}/metrics", self.admin_addr)).body(Full::default()).unwrap();
+        let response = self.http.request(request).await.expect("GET /metrics");
+        assert_eq!(response.status(), StatusCode::OK);
+        String::from_utf8(response.into_body().collect().await.expect("metrics").to_bytes().to_vec()).unwrap()
+    }
+
+    /// Waits until the metric `name` satisfies `reached`: how a test knows
+    /// the server has seen what it did (a connection, a body in memory)
+    /// before it goes on.
+    pub async fn metric_becomes(&self, name: &str, reached: impl Fn(f64) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let page = self.metrics().await;
+            if sample(&page, name).is_some_and(&reached) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{name} never reached the expected value:\n{page}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn grpc(&self) -> OrderTrailClient<Channel> {

@@ -88,8 +88,11 @@ async fn graceful_shutdown_under_load_loses_nothing_acknowledged() {
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    // Shut down while 16 clients keep posting; well inside the grace period.
+    // Shut down while 16 clients keep posting (once some answers came
+    // back), well inside the grace period.
+    while acked.lock().unwrap().len() <= 20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let dir = tokio::time::timeout(Duration::from_secs(15), server.stop()).await.expect("shutdown hung");
     stop.cancel();
     posters.join_all().await;

@@ -205,9 +205,10 @@ async fn concurrent_streams_per_connection_are_limited() {
     let stream = client.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
     // The one stream slot of this connection is taken: a second call waits.
     let mut second = client.clone();
-    let call = tokio::spawn(async move { second.get_order(get("x")).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!call.is_finished(), "a second stream was opened past the limit");
+    let mut call = tokio::spawn(async move { second.get_order(get("x")).await });
+    // A negative: only waiting can show that nothing happens.
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut call).await;
+    assert!(early.is_err(), "a second stream was opened past the limit");
     drop(stream);
     let status = tokio::time::timeout(Duration::from_secs(60), call).await.expect("never served").unwrap();
     assert_eq!(status.unwrap_err().code(), Code::NotFound);

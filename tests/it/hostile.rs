@@ -213,7 +213,7 @@ async fn a_sender_only_its_body_can_authenticate_has_a_short_deadline_and_a_smal
     );
     let started = tokio::time::Instant::now();
     stalled.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.metric_becomes("ordertrail_http_unverified_bodies", |n| n == 1.0).await;
     // A real webhook waits for the slot, then goes through.
     let body = r#"{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"h-1"}"#;
     let signature = signed(key, body);
@@ -255,7 +255,7 @@ async fn bodies_in_memory_are_bounded_by_a_budget() {
     let head = "POST /webhooks/winkelstraat/order HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
                 x-api-key: the-right-key\r\ncontent-length: 600000\r\n\r\n{\"Pad\":\"";
     holder.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.metric_becomes("ordertrail_http_body_memory_bytes", |n| n >= 600_000.0).await;
     // Another 590 kB body does not fit beside it: it waits, and is answered
     // 503 (retry) when its deadline (300 ms) passes, not read into memory.
     let big = format!(
@@ -283,7 +283,7 @@ async fn probes_never_queue_behind_webhooks_at_the_connection_limit() {
         stream.write_all(b"POST /webhooks/ordermesh HTTP/1.1\r\nhost: x\r\n").await.unwrap();
         holders.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.metric_becomes("ordertrail_http_connections", |n| n >= 2.0).await;
     let started = tokio::time::Instant::now();
     for path in ["/healthz", "/readyz"] {
         let answer = server.request("GET", path, &[], Bytes::new()).await;

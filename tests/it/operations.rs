@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::TestServer;
+use crate::common::{TestServer, sample};
 use ordertrail::store::FaultPoint;
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;
@@ -93,11 +93,6 @@ async fn health_follows_storage_failures_and_shutdown() {
         .unwrap();
 }
 
-/// The value of one sample line of the metrics page.
-fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
-    page.lines().find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_count_exactly_what_happened() {
     let server = TestServer::start_with(
@@ -144,6 +139,10 @@ async fn metrics_count_exactly_what_happened() {
     }
     assert!(sample(&page, "ordertrail_group_commit_size_count").is_some_and(|n| n >= 1.0), "{page}");
     assert!(sample(&page, "ordertrail_flush_seconds_count").is_some_and(|n| n >= 1.0), "{page}");
+    // The test client keeps its connection open; no body is being read.
+    assert!(sample(&page, "ordertrail_http_connections").is_some_and(|n| n >= 1.0), "{page}");
+    assert_eq!(sample(&page, "ordertrail_http_body_memory_bytes"), Some(0.0), "{page}");
+    assert_eq!(sample(&page, "ordertrail_http_unverified_bodies"), Some(0.0), "{page}");
     assert!(sample(&page, "ordertrail_store_size_bytes").is_some_and(|n| n > 0.0), "{page}");
     assert!(page.contains("ordertrail_subscriber_lag_events{subscriber="), "{page}");
 }

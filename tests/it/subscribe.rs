@@ -195,7 +195,10 @@ async fn snapshot_and_tail_together_equal_the_final_state() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The snapshot is taken while updates are being committed.
+    while server.head().await <= 20 {
+        tokio::task::yield_now().await;
+    }
     let mut stream = subscribe(&server, SubscribeRequest { snapshot: true, ..Default::default() }).await;
     let mut snapshot: BTreeMap<u64, Order> = BTreeMap::new();
     let cut = loop {
