@@ -70,7 +70,8 @@ impl Setup {
     }
 
     async fn wait_ready(&self, child: &mut Child) {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        // No pooled connection is left behind: tests count connections.
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http::<Full<Bytes>>();
         for _ in 0..3000 {
             assert!(child.try_wait().unwrap().is_none(), "the server exited on start-up");
             let uri = format!("http://{}/readyz", self.http).parse().unwrap();
@@ -82,6 +83,24 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("the server never became ready");
+    }
+
+    /// Waits until the running server has exactly `open` webhook
+    /// connections: it has seen (or let go of) the test's connections.
+    async fn http_connections_become(&self, open: u64) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let uri: hyper::Uri = format!("http://{}/metrics", self.admin).parse().unwrap();
+        for _ in 0..6000 {
+            if let Ok(response) = client.get(uri.clone()).await {
+                let page = response.into_body().collect().await.unwrap().to_bytes();
+                let page = String::from_utf8_lossy(&page);
+                if crate::common::sample(&page, "ordertrail_http_connections") == Some(open as f64) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server never had {open} webhook connections");
     }
 
     /// Lets the load run a little longer, stops it, checks what it got, and
@@ -331,9 +350,10 @@ async fn idle_and_new_connections_are_handed_over_not_closed() {
     let (status, head, _) = exchange(&mut idle, 1).expect("the first answer");
     assert_eq!(status, 200);
     assert!(!head.contains("connection: close"), "{head}");
+    setup.http_connections_become(1).await;
     // Connected, nothing sent yet.
     let mut quiet = std::net::TcpStream::connect(setup.http).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    setup.http_connections_become(2).await;
 
     let mut new = Process::spawn(&mut setup.command());
     assert!(exited(&mut old).await.success());
@@ -354,7 +374,10 @@ async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with
     let mut idle = std::net::TcpStream::connect(setup.http).unwrap();
     assert_eq!(exchange(&mut idle, 1).expect("the first answer").0, 200);
     terminate(&server);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Stopping: the listener is closed before connections are drained.
+    while std::net::TcpStream::connect(setup.http).is_ok() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let (status, head, body) = exchange(&mut idle, 2).expect("the idle connection was closed at once");
     assert_eq!(status, 200, "{body}");
     assert!(head.contains("connection: close"), "{head}");
@@ -365,9 +388,10 @@ async fn at_a_plain_stop_the_next_request_on_an_idle_connection_is_answered_with
 async fn a_silent_webhook_connection_does_not_hold_a_plain_stop() {
     let setup = Setup::new();
     let mut server = setup.start().await;
+    setup.http_connections_become(0).await;
     // Connected, never sends: hyper would wait for its request headers.
     let silent = std::net::TcpStream::connect(setup.http).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    setup.http_connections_become(1).await;
     let stopping = std::time::Instant::now();
     terminate(&server);
     assert!(exited(&mut server).await.success());
