@@ -597,11 +597,7 @@ impl Turn<'_> {
         let provenance = provenance(raw);
         let provider = provider_of(raw);
         for obs in &normalized.observations {
-            for (applies_to, value) in obs.unmapped() {
-                let key = unmapped_key(provider, applies_to, value);
-                let count = self.unmapped_count(&key)?;
-                self.current.unmapped.insert(key, count + 1);
-            }
+            self.count_unmapped(provider, obs)?;
             let (found, loaded) = match self.resolve(&obs.references, &raw.source, &touched)? {
                 Some((id, loaded)) => (Some(id), loaded),
                 None => (None, None),
@@ -633,20 +629,42 @@ impl Turn<'_> {
                 order.original_order_id = self.original_of(&order)?;
             }
             event.provenance = Some(provenance.clone());
-            for key in index_entries(Some(&order)).into_iter().filter(|k| !before.contains(k)) {
-                self.current.index.entry(key).or_default().push(order_id);
-            }
-            let encoded = Bytes::from(event.encode_to_vec());
-            self.current.events.push((event.sequence, encoded.clone()));
-            if self.retain_events > 0 && event.sequence > self.retain_events {
-                self.current.pruned_events.push(event.sequence - self.retain_events);
-            }
+            self.index_new_references(&before, &order);
             history.push(event.sequence);
-            events.push(Published { sequence: event.sequence, event: Some(event), encoded });
+            events.push(self.keep_event(event));
             touched.insert(order_id, (order, history));
         }
         self.current.orders.extend(touched);
         Ok(events)
+    }
+
+    /// Counts the status values of `obs` the mapping tables do not know.
+    fn count_unmapped(&mut self, provider: &str, obs: &crate::ingest::Observation) -> Result<(), Stop> {
+        for (applies_to, value) in obs.unmapped() {
+            let key = unmapped_key(provider, applies_to, value);
+            let count = self.unmapped_count(&key)?;
+            self.current.unmapped.insert(key, count + 1);
+        }
+        Ok(())
+    }
+
+    /// Indexes `order` under the references it gained (`before`: the index
+    /// entries it had).
+    fn index_new_references(&mut self, before: &[RefKey], order: &Order) {
+        for key in index_entries(Some(order)).into_iter().filter(|k| !before.contains(k)) {
+            self.current.index.entry(key).or_default().push(order.id);
+        }
+    }
+
+    /// Writes an event, encoded once (subscribers get these bytes), and
+    /// prunes the one `store.retain_events` no longer keeps.
+    fn keep_event(&mut self, event: crate::proto::Event) -> Published {
+        let encoded = Bytes::from(event.encode_to_vec());
+        self.current.events.push((event.sequence, encoded.clone()));
+        if self.retain_events > 0 && event.sequence > self.retain_events {
+            self.current.pruned_events.push(event.sequence - self.retain_events);
+        }
+        Published { sequence: event.sequence, event: Some(event), encoded }
     }
 
     /// Finds the order an observation belongs to: by provider order id, then
@@ -738,5 +756,109 @@ fn provenance(raw: &RawDelivery) -> Provenance {
         mapper_version: MAPPER_VERSION,
         dedup_key: raw.dedup_key.clone(),
         request_id: raw.request_id.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::ingest::{self, DeliveryMeta};
+    use crate::provider::Provider;
+    use crate::store::sled_engine::SledEngine;
+
+    /// The sled engine, counting the read rounds a batch takes.
+    struct Counting {
+        engine: SledEngine,
+        rounds: Cell<usize>,
+    }
+
+    impl Reader for Counting {
+        fn read(&self, wants: &Wants) -> Result<Found, StoreError> {
+            self.rounds.set(self.rounds.get() + 1);
+            self.engine.read(wants)
+        }
+    }
+
+    fn ordermesh(body: String) -> Work {
+        let meta = DeliveryMeta { provider: Provider::Ordermesh, kind: None, content_type: "application/json" };
+        let raw = RawDelivery {
+            source: "ordermesh".into(),
+            provider: Provider::Ordermesh.to_proto() as i32,
+            body_sha256: ingest::sha256_hex(body.as_bytes()),
+            body: body.clone().into_bytes().into(),
+            ..RawDelivery::default()
+        };
+        Work::Ingest(Box::new(Delivery { raw, mapped: ingest::normalize(meta, body.as_bytes()) }))
+    }
+
+    fn creation(n: usize) -> Work {
+        ordermesh(format!(
+            r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#
+        ))
+    }
+
+    fn update(n: usize, status: &str) -> Work {
+        ordermesh(format!(
+            r#"{{"EventType":"OrderUpdate","OrderId":"o{n}","ExternalOrderId":"E{n}","OldStatus":"Open","NewStatus":"{status}"}}"#
+        ))
+    }
+
+    fn engine() -> (tempfile::TempDir, Counting) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = SledEngine::open(dir.path(), None).unwrap();
+        (dir, Counting { engine, rounds: Cell::new(0) })
+    }
+
+    /// What a networked engine needs: a batch is read in a fixed number of
+    /// set-based rounds (the keys the deliveries name, then the orders
+    /// those lead to), not one read per delivery.
+    #[test]
+    fn a_batch_is_read_in_two_rounds_however_many_deliveries_it_holds() {
+        let (_dir, engine) = engine();
+        let created = plan_with(&engine, &(0..100).map(creation).collect::<Vec<_>>(), Counters::default(), 0).unwrap();
+        assert_eq!(engine.rounds.get(), 1, "new orders: nothing to read but the keys");
+        assert_eq!(created.writes.orders.len(), 100);
+        engine.engine.apply(&created.writes).unwrap();
+        engine.rounds.set(0);
+        let updates: Vec<Work> = (0..100).map(|n| update(n, "Shipped")).collect();
+        let updated = plan_with(&engine, &updates, created.writes.counters, 0).unwrap();
+        assert_eq!(engine.rounds.get(), 2, "the keys, then the orders they lead to");
+        assert!(updated.outcomes.iter().all(|o| matches!(o, Ok((IngestOutcome::Applied { .. }, _)))));
+        assert_eq!(updated.writes.orders.len(), 100, "every update found its order");
+        assert_eq!(updated.writes.counters.last_order, 100, "no order was created twice");
+    }
+
+    /// Within a batch each delivery sees the ones before it: a resend is a
+    /// duplicate, an update finds the order created just before it.
+    #[test]
+    fn deliveries_of_one_batch_see_each_other() {
+        let (_dir, engine) = engine();
+        let batch = vec![creation(1), creation(1), update(1, "Shipped")];
+        let planned = plan_with(&engine, &batch, Counters::default(), 0).unwrap();
+        let outcomes: Vec<IngestOutcome> = planned.outcomes.into_iter().map(|o| o.unwrap().0).collect();
+        assert!(matches!(outcomes[0], IngestOutcome::Applied { raw_id: 1, .. }), "{outcomes:?}");
+        assert_eq!(outcomes[1], IngestOutcome::Duplicate { raw_id: 1, quarantined: false });
+        assert!(matches!(outcomes[2], IngestOutcome::Applied { raw_id: 2, .. }), "{outcomes:?}");
+        let (order, history) = &planned.writes.orders[&1];
+        assert_eq!((order.status(), history.as_slice()), (crate::proto::OrderStatus::Shipped, &[1, 2][..]));
+        assert_eq!(planned.writes.counters, Counters { last_sequence: 2, last_raw: 2, last_order: 1 });
+    }
+
+    /// A key nobody predicted (here: an order the first round could not
+    /// know about) is read in one more round, and planning gives the same
+    /// answer it would have with everything read up front.
+    #[test]
+    fn a_key_not_read_yet_is_asked_for_and_planning_starts_over() {
+        let batch = vec![creation(7)];
+        let found = Found::default();
+        let Err(wants) = plan(&batch, Counters::default(), &found, 0) else { panic!("planned without reading") };
+        assert_eq!(wants.dedup.len(), 1, "{wants:?}");
+        let (_dir, engine) = engine();
+        let mut found = engine.read(&first_wants(&batch)).unwrap();
+        found.absorb(engine.read(&order_wants(&found)).unwrap());
+        let planned = plan(&batch, Counters::default(), &found, 0).unwrap();
+        assert!(matches!(planned.outcomes[0], Ok((IngestOutcome::Applied { raw_id: 1, .. }, _))));
     }
 }

@@ -2,6 +2,7 @@
 use super::*;
 use crate::config::{Backend, Durability, SledConfig};
 use crate::ingest::{self, DeliveryMeta, Mapper};
+use crate::proto::{Order, OrderStatus};
 use crate::provider::Provider;
 
 fn open(dir: &std::path::Path) -> Store {
