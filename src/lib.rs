@@ -12,7 +12,7 @@
 //!   by a running ordertrail on the same data dir, inherited from systemd,
 //!   or bound anew.
 //! - `gate`: the gRPC accept loop (connection limit, first-bytes deadline).
-//! - [`http`]: the hyper front door. Routing, limits, authentication calls,
+//! - `http`: the hyper front door. Routing, limits, authentication calls,
 //!   and the single mapping from ingest errors to HTTP status codes.
 //! - [`provider`]: the closed set of providers, named once; a leaf.
 //! - [`ingest`]: per-source authentication and one module per provider that
@@ -20,7 +20,7 @@
 //!   [`ingest::Mapper`] that applies the current mappers (with each source's
 //!   kind aliases) to a raw delivery. Pure: no I/O, time and ids are passed
 //!   in.
-//! - [`state`]: the canonical state rules (rank tables, no regression, sticky
+//! - `state`: the canonical state rules (rank tables, no regression, sticky
 //!   terminal states, derived order status). Pure.
 //! - [`store`]: raw log, events, orders, indexes, dedup, quarantine, group
 //!   commit, the live event feed, consistent snapshots, and recovery from
@@ -31,18 +31,9 @@
 //!   `Store`'s async queries); `store::sled_engine` is the only module that
 //!   imports sled. Its lifecycle (open, format check, rebuild swap, close)
 //!   runs through `Store`.
-//!
-//! # Request flow
-//!
-//! A webhook: `http` (limits, authentication) → `Store::ingest` (maps with
-//! the current mappers, hands the delivery to the writer) → `store::plan`
-//! (one batch) → the engine's atomic commit → the group commit's durable
-//! flush → the 2xx and the events on the feed. A query: `api` → `Store`'s
-//! async reads → the engine. A stream: `api::subscribe` → `store::Feed`
-//! (stored events, then the live broadcast).
-//! - [`api`]: the tonic services and the single mapping from store errors to
+//! - `api`: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
-//! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - `metrics`: Prometheus metrics for the admin listener.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`send`]: `ordertrail send`, posting a captured webhook (an HTTP client).
 //! - [`proto`]: the generated protobuf types (the public contract, and the
@@ -52,6 +43,15 @@
 //! durability, format downgrade) exist only with the `test-util` feature,
 //! which the tests turn on and release builds do not have.
 //!
+//! # Request flow
+//!
+//! A webhook: `http` (limits, authentication) → `Store::ingest` (maps with
+//! the current mappers, hands the delivery to the writer) → `store::plan`
+//! (one batch) → the engine's atomic commit → the group commit's durable
+//! flush → the 2xx and the events on the feed. A query: `api` → `Store`'s
+//! async reads → the engine. A stream: `api::subscribe` → `store::Feed`
+//! (stored events, then the live broadcast).
+//!
 //! # Architecture invariants
 //!
 //! - Only `store::sled_engine` imports sled; only `http` (and the `send` client) imports
@@ -59,14 +59,14 @@
 //!   hyper types); only `api` implements tonic services. Provider JSON/form shapes never leave their
 //!   provider module in `ingest`. (The `ordertrail-bench` binary is outside
 //!   these rules: it drives hyper and sled directly as baselines.)
-//!   `tests/tidy.rs` checks this, and that every source file opens with a
-//!   `//!` line.
+//!   `tests/it/tidy.rs` checks this (and that no test names sled), and
+//!   that every source file opens with a `//!` line.
 //! - A webhook is answered 2xx only after the store reported its raw bytes
-//!   (and everything derived from them) durable, and never through a sled
+//!   (and everything derived from them) durable, and never through an engine
 //!   instance a write or flush failed on (it is reopened first). Every reply, including one
 //!   for a duplicate, waits for a flush that covers it.
 //! - The raw delivery and everything derived from it are written in one
-//!   atomic batch, so a crash leaves either all of it or none of it, and
+//!   atomic write set, so a crash leaves either all of it or none of it, and
 //!   sequences stay gap-free.
 //! - `ingest` and `state` are pure functions of their inputs, so stored raw
 //!   deliveries can be re-run through them at any time.
@@ -75,21 +75,23 @@
 //!   moves before events are published, so anything a subscriber missed on
 //!   the broadcast is in the store below the head. Nothing a subscriber does
 //!   can block the writer.
+//! - Nothing but `store::plan` decides what a delivery means for the stored
+//!   state; an engine only reads keys and commits write sets.
 // One exception, documented in `memory`: a call into glibc.
 #![deny(unsafe_code)]
 
-pub mod api;
+mod api;
 pub mod config;
 mod gate;
 pub mod handover;
-pub mod http;
+mod http;
 pub mod ingest;
-pub mod memory;
-pub mod metrics;
+mod memory;
+mod metrics;
 pub mod provider;
 pub mod send;
 pub mod server;
-pub mod state;
+mod state;
 pub mod store;
 pub mod tail;
 

@@ -147,7 +147,7 @@ mod wire;
 pub use wire::ProtoCodec;
 
 pub use auth::{AdminAuth, BearerAuth};
-pub use subscribe::{Outbound, Subscriptions, TypedOutbound};
+pub use subscribe::{Subscriptions, TypedOutbound};
 pub use wire::SubscribeRoute;
 
 /// The reference a `GetOrderRequest` or `FindOrdersRequest` names: their

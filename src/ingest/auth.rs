@@ -175,7 +175,7 @@ fn second_factor_matches(factor: &SecondFactor, facts: &RequestFacts<'_>) -> boo
 /// The sender's address: the TCP peer, unless the peer is a trusted proxy;
 /// then the rightmost `X-Forwarded-For` hop that is not a trusted proxy.
 /// `None` when a hop that must be believed cannot be parsed.
-pub fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[Network]) -> Option<IpAddr> {
+fn client_ip(headers: &HeaderMap, peer: SocketAddr, trusted: &[Network]) -> Option<IpAddr> {
     let peer_ip = peer.ip().to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer_ip) {

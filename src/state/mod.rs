@@ -42,7 +42,7 @@ fn order_rank(status: OrderStatus) -> Option<u8> {
 /// Never backwards; terminal states are sticky, except that a successful
 /// (re-)creation replaces a rejection; cancellation and failure may end any
 /// non-terminal order; a rejection only applies before acceptance.
-pub fn order_transition_allowed(current: OrderStatus, new: OrderStatus, kind: EventKind) -> bool {
+fn order_transition_allowed(current: OrderStatus, new: OrderStatus, kind: EventKind) -> bool {
     use OrderStatus::*;
     if current == new {
         return true;
@@ -74,7 +74,7 @@ fn shipment_rank(status: ShipmentStatus) -> Option<u8> {
 /// Whether a shipment may move from `current` to `new`: never backwards,
 /// delivered and cancelled are sticky, delivery and cancellation may end any
 /// other state.
-pub fn shipment_transition_allowed(current: ShipmentStatus, new: ShipmentStatus) -> bool {
+fn shipment_transition_allowed(current: ShipmentStatus, new: ShipmentStatus) -> bool {
     use ShipmentStatus::*;
     if current == new || new == Unspecified {
         return true;

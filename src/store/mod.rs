@@ -52,7 +52,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use commit::{CommitMetrics, FaultPoint};
+pub(crate) use commit::CommitMetrics;
+pub use commit::FaultPoint;
 pub use export::{ExportSummary, ImportSummary, export, import, rebuild};
 pub use feed::{Feed, FeedError, FeedItem, Published};
 pub use plan::RefKind;
@@ -433,7 +434,7 @@ impl Store {
     }
 
     /// Waits until `sequence` is durable.
-    pub async fn wait_durable(&self, sequence: u64) -> Result<(), StoreError> {
+    pub(crate) async fn wait_durable(&self, sequence: u64) -> Result<(), StoreError> {
         let mut head = self.inner.shared.watch_durable();
         head.wait_for(|h| *h >= sequence).await.map(|_| ()).map_err(|_| StoreError::Closed)
     }
@@ -454,12 +455,12 @@ impl Store {
     }
 
     /// The group commit's metrics (shared handles).
-    pub fn commit_metrics(&self) -> CommitMetrics {
+    pub(crate) fn commit_metrics(&self) -> CommitMetrics {
         self.inner.shared.stats.metrics.clone()
     }
 
     /// Counts of stored state, for metrics.
-    pub async fn state_stats(&self) -> Result<StateStats, StoreError> {
+    pub(crate) async fn state_stats(&self) -> Result<StateStats, StoreError> {
         self.read_off_runtime(move |engine| {
             let orders = engine.counters()?.last_order;
             Ok(StateStats { orders, quarantined: engine.quarantined_count(), size_bytes: engine.size_on_disk() })
@@ -469,7 +470,7 @@ impl Store {
 
     /// Live-feed statistics: (events kept for slow subscribers, times a
     /// subscriber lagged and went back to reading the store).
-    pub fn feed_stats(&self) -> (usize, u64) {
+    pub(crate) fn feed_stats(&self) -> (usize, u64) {
         let shared = &self.inner.shared;
         (shared.feed_backlog(), shared.stats.subscriber_store_reads.load(Ordering::Relaxed))
     }
@@ -479,7 +480,7 @@ impl Store {
     }
 
     /// Group-commit statistics: (commits, replies they answered).
-    pub fn commit_stats(&self) -> (u64, u64) {
+    pub(crate) fn commit_stats(&self) -> (u64, u64) {
         let shared = &self.inner.shared;
         (shared.stats.group_commits.load(Ordering::Relaxed), shared.stats.group_commit_replies.load(Ordering::Relaxed))
     }

@@ -116,7 +116,7 @@ impl Store {
     /// Stored events after `after` (up to the durable head), as stored:
     /// (sequence, protobuf encoding), not decoded. Stops after `limit`
     /// events or once `max_bytes` are read.
-    pub async fn list_events_encoded(
+    pub(crate) async fn list_events_encoded(
         &self,
         after: u64,
         limit: usize,
