@@ -15,6 +15,12 @@
 //! flush ([`Engine::make_durable`]), point and range reads, stats, and
 //! close ([`Engine::flush`]). Export, import and rebuild are built on these
 //! in [`super::export`].
+//!
+//! The feed of committed events is the store's: the group commit publishes
+//! what it made durable ([`super::commit`]). That covers every event while
+//! one process owns the data, which sled's lock guarantees; an engine shared
+//! by several processes must also feed what the others committed, in
+//! sequence order, before it can be a variant here.
 
 use std::path::Path;
 
@@ -23,7 +29,7 @@ use bytes::Bytes;
 use super::StoreError;
 use super::plan::{Counters, Found, Reader, RefKind, Wants, WithHistory, WriteSet};
 use super::sled_engine::SledEngine;
-use crate::config::{Durability, StoreConfig};
+use crate::config::{Backend, Durability, StoreConfig};
 use crate::proto::{Event, Order, RawDelivery};
 
 /// One opened storage engine.
@@ -35,7 +41,11 @@ impl Engine {
     /// Opens (or creates) the configured engine's database; the engine
     /// recovers what it holds.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
+        match config.backend {
+            Backend::Sled => {
+                Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
+            }
+        }
     }
 
     /// Opens an existing database for reading out what it holds (export):

@@ -24,7 +24,7 @@
 //! were; a bug that panics on one delivery keeps it in quarantine instead of
 //! losing it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 
 use bytes::Bytes;
@@ -133,12 +133,12 @@ impl Wants {
 /// per record, so one damaged order fails only the deliveries that need it.
 #[derive(Debug, Default)]
 pub(crate) struct Found {
-    pub dedup: HashMap<DedupKey, Option<DedupEntry>>,
-    pub refs: HashMap<RefKey, Vec<u64>>,
-    pub orders: HashMap<u64, Result<Option<WithHistory>, StoreError>>,
+    pub dedup: BTreeMap<DedupKey, Option<DedupEntry>>,
+    pub refs: BTreeMap<RefKey, Vec<u64>>,
+    pub orders: BTreeMap<u64, Result<Option<WithHistory>, StoreError>>,
     /// A raw record and whether it is quarantined.
-    pub raws: HashMap<u64, Result<Option<(RawDelivery, bool)>, StoreError>>,
-    pub unmapped: HashMap<UnmappedKey, u64>,
+    pub raws: BTreeMap<u64, Result<Option<(RawDelivery, bool)>, StoreError>>,
+    pub unmapped: BTreeMap<UnmappedKey, u64>,
 }
 
 impl Found {
@@ -169,7 +169,7 @@ pub(crate) struct WriteSet {
     /// Orders, new or changed, with their event sequences.
     pub orders: BTreeMap<u64, WithHistory>,
     /// Order ids to add to index entries (present ones are kept).
-    pub index: BTreeMap<RefKey, Vec<u64>>,
+    pub index: BTreeMap<RefKey, IndexAdd>,
     pub dedup: Vec<(DedupKey, DedupEntry)>,
     /// Raw ids entering (true) or leaving (false) the quarantine.
     pub quarantine: Vec<(u64, bool)>,
@@ -177,6 +177,15 @@ pub(crate) struct WriteSet {
     pub unmapped: BTreeMap<UnmappedKey, u64>,
     /// The counters after this write set.
     pub counters: Counters,
+}
+
+/// Order ids added to one index entry.
+#[derive(Debug, Default)]
+pub(crate) struct IndexAdd {
+    pub ids: Vec<u64>,
+    /// The ids the entry held, when the batch read them (an engine that
+    /// stores the entry as one value need not read it again).
+    pub present: Option<Vec<u64>>,
 }
 
 /// One delivery's answer, and the events it produced.
@@ -320,7 +329,7 @@ pub(crate) fn plan(batch: &[Work], counters: Counters, found: &Found, retain_eve
         };
         outcomes.push(outcome);
     }
-    Ok(Planned { writes: turn.kept.into_writes(turn.counters), outcomes })
+    Ok(Planned { writes: turn.kept.into_writes(turn.counters, found), outcomes })
 }
 
 /// Why planning a delivery stopped.
@@ -344,11 +353,11 @@ struct Layer {
     raws: Vec<RawDelivery>,
     events: Vec<(u64, Bytes)>,
     pruned_events: Vec<u64>,
-    orders: HashMap<u64, WithHistory>,
-    index: HashMap<RefKey, Vec<u64>>,
-    dedup: HashMap<DedupKey, DedupEntry>,
-    quarantine: HashMap<u64, bool>,
-    unmapped: HashMap<UnmappedKey, u64>,
+    orders: BTreeMap<u64, WithHistory>,
+    index: BTreeMap<RefKey, Vec<u64>>,
+    dedup: BTreeMap<DedupKey, DedupEntry>,
+    quarantine: BTreeMap<u64, bool>,
+    unmapped: BTreeMap<UnmappedKey, u64>,
     counters: Option<Counters>,
 }
 
@@ -369,13 +378,17 @@ impl Layer {
         self.unmapped.extend(later.unmapped);
     }
 
-    fn into_writes(self, counters: Counters) -> WriteSet {
+    fn into_writes(self, counters: Counters, found: &Found) -> WriteSet {
+        let index = self.index.into_iter().map(|(key, ids)| {
+            let present = found.refs.get(&key).cloned();
+            (key, IndexAdd { ids, present })
+        });
         WriteSet {
             raws: self.raws,
             events: self.events,
             pruned_events: self.pruned_events,
             orders: self.orders.into_iter().collect(),
-            index: self.index.into_iter().collect(),
+            index: index.collect(),
             dedup: self.dedup.into_iter().collect(),
             quarantine: self.quarantine.into_iter().collect(),
             unmapped: self.unmapped.into_iter().collect(),
@@ -396,7 +409,7 @@ struct Turn<'a> {
 }
 
 /// Orders changed so far by one delivery, with their event sequences.
-type Touched = HashMap<u64, WithHistory>;
+type Touched = BTreeMap<u64, WithHistory>;
 
 /// Stops to read what `want` adds.
 fn missing<T>(want: impl FnOnce(&mut Wants) -> T) -> Stop {

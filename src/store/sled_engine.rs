@@ -118,10 +118,14 @@ impl SledEngine {
         for (id, (order, history)) in &writes.orders {
             batch.insert(&keys::numbered(keys::ORDER, *id), encode_order(order, history));
         }
-        for (key, ids) in &writes.index {
+        for (key, add) in &writes.index {
             let key = keys::index(key.kind, &key.value, &key.source);
-            let mut value = self.tree.get(&key)?.map(|v| v.to_vec()).unwrap_or_default();
-            for id in ids {
+            let mut value = match &add.present {
+                // Nothing else writes between the batch's read and this.
+                Some(present) => present.iter().flat_map(|id| id.to_be_bytes()).collect(),
+                None => self.tree.get(&key)?.map(|v| v.to_vec()).unwrap_or_default(),
+            };
+            for id in &add.ids {
                 if let Some(with) = keys::with_id(&value, *id) {
                     value = with;
                 }
