@@ -777,8 +777,6 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::ingest::{self, DeliveryMeta};
-    use crate::provider::Provider;
     use crate::store::sled_engine::SledEngine;
 
     /// The sled engine, counting the read rounds a batch takes.
@@ -795,15 +793,7 @@ mod tests {
     }
 
     fn ordermesh(body: String) -> Work {
-        let meta = DeliveryMeta { provider: Provider::Ordermesh, kind: None, content_type: "application/json" };
-        let raw = RawDelivery {
-            source: "ordermesh".into(),
-            provider: Provider::Ordermesh.to_proto() as i32,
-            body_sha256: ingest::sha256_hex(body.as_bytes()),
-            body: body.clone().into_bytes().into(),
-            ..RawDelivery::default()
-        };
-        Work::Ingest(Box::new(Delivery { raw, mapped: ingest::normalize(meta, body.as_bytes()) }))
+        Work::Ingest(Box::new(crate::store::tests::ordermesh(body)))
     }
 
     fn creation(n: usize) -> Work {

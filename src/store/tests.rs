@@ -25,7 +25,8 @@ fn delivery(n: usize) -> Delivery {
     ))
 }
 
-fn ordermesh(body: String) -> Delivery {
+/// An unauthenticated OrderMesh delivery of `body`, mapped.
+pub(super) fn ordermesh(body: String) -> Delivery {
     let meta = DeliveryMeta { provider: Provider::Ordermesh, kind: None, content_type: "application/json" };
     let raw = RawDelivery {
         source: "ordermesh".into(),
