@@ -27,12 +27,24 @@ fn environment_overrides_file() {
         "ORDERTRAIL_HTTP_ADDR" => Some("127.0.0.1:1".to_string()),
         "ORDERTRAIL_DATA_DIR" => Some("/tmp/x".to_string()),
         "ORDERTRAIL_DURABILITY" => Some("flush".to_string()),
+        "ORDERTRAIL_STORE_BACKEND" => Some("sled".to_string()),
         _ => None,
     };
     let c = Config::from_toml("[http]\naddr = \"127.0.0.1:2\"\n", &env).unwrap();
     assert_eq!(c.http.addr.port(), 1);
+    assert_eq!(c.store.backend, Backend::Sled);
     assert_eq!(c.store.data_dir, PathBuf::from("/tmp/x"));
     assert_eq!(c.store.durability, Durability::Flush);
+}
+
+#[test]
+fn the_sled_settings_have_their_own_table_and_an_unknown_backend_is_named() {
+    let c = Config::from_toml("[store]\nbackend = \"sled\"\n[store.sled]\ncache_capacity_bytes = 1048576\n", &no_env)
+        .unwrap();
+    assert_eq!(c.store.sled.cache_capacity_bytes, 1 << 20);
+    let env = |k: &str| (k == "ORDERTRAIL_STORE_BACKEND").then(|| "postgres".to_string());
+    let err = Config::from_toml("", &env).unwrap_err().to_string();
+    assert!(err.contains("ORDERTRAIL_STORE_BACKEND") && err.contains("sled"), "{err}");
 }
 
 #[test]
@@ -41,6 +53,9 @@ fn bad_configs_are_refused_with_one_line() {
         ("[http]\naddr = \"nope\"", "http.addr"),
         ("[htp]\naddr = \"127.0.0.1:1\"", "unknown field"),
         ("[store]\ndurability = \"sometimes\"", "invalid config"),
+        ("[store]\nbackend = \"mysql\"", "invalid config"),
+        // sled's settings live in their own table.
+        ("[store]\ncache_capacity_bytes = 1", "unknown field"),
         ("[[sources]]\nname = \"A B\"\nprovider = \"ordermesh\"", "must be 1 to 64"),
         ("[[sources]]\nname = \"a\"\nprovider = \"nobody\"", "invalid config"),
         (

@@ -149,7 +149,7 @@ async fn metrics_count_exactly_what_happened() {
 
 #[tokio::test]
 async fn redrive_applies_what_the_mappers_learned_once() {
-    use ordertrail::proto::{GetOrderRequest, RedriveRequest, get_order_request::Reference};
+    use ordertrail::proto::{DeliveryOutcome, GetOrderRequest, RedriveRequest, get_order_request::Reference};
     let server = TestServer::start().await;
     let order = crate::common::fixture("winkelstraat/order.json");
     // Winkelstraat starts posting orders to a URL name nobody configured.
@@ -172,6 +172,9 @@ async fn redrive_applies_what_the_mappers_learned_once() {
     let done = admin.redrive(all(false)).await.unwrap().into_inner();
     assert_eq!((done.applied, done.still_quarantined), (1, 1), "{done:?}");
     assert_eq!(done.results[0].sequences, [1]);
+    let outcomes: Vec<_> = done.results.iter().map(|r| (r.raw_id, r.outcome(), r.duplicate_of)).collect();
+    assert_eq!(outcomes, [(1, DeliveryOutcome::Applied, 0), (2, DeliveryOutcome::Quarantined, 0)]);
+    assert!(!done.results[1].reason.is_empty(), "a result still quarantined says why: {done:?}");
     let request =
         GetOrderRequest { reference: Some(Reference::PoNumber("YOUR_ORDER_REFERENCE".into())), source: String::new() };
     let stored = server.grpc().await.get_order(request).await.unwrap().into_inner();

@@ -252,3 +252,17 @@ async fn unknown_status_values_are_kept_verbatim_and_counted() {
         [(Provider::Withings, "order", "TELEPORTED", 2), (Provider::Withings, "shipment", "on_the_moon", 2)]
     );
 }
+
+#[tokio::test]
+async fn the_event_log_filters_by_provider() {
+    let server = TestServer::start().await;
+    post_form(&server, "customer_ref=MREF-7&status=OPEN").await;
+    let ordermesh = r#"{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o-7","ExternalOrderId":"E-7"}"#;
+    assert_eq!(server.post_json("/webhooks/ordermesh", ordermesh).await.status, 200);
+    for provider in [Provider::Withings, Provider::Ordermesh] {
+        let request = ListEventsRequest { providers: vec![provider as i32], ..Default::default() };
+        let events = server.grpc().await.list_events(request).await.unwrap().into_inner().events;
+        let providers: Vec<Provider> = events.iter().map(|e| e.provider()).collect();
+        assert_eq!(providers, [provider], "only {provider:?}'s events");
+    }
+}
