@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::engine::Engine;
-use super::{Delivery, IngestOutcome, Store, StoreError, layout};
+use super::{IngestOutcome, Store, StoreError, layout};
 use crate::config::StoreConfig;
 use crate::ingest::{self, Mapper};
 use crate::proto::RawDelivery;
@@ -288,10 +288,8 @@ async fn store_all(
     let mut summary = ImportSummary::default();
     let mut in_flight = tokio::task::JoinSet::new();
     for raw in deliveries {
-        let raw = raw?;
-        let mapped = store.map(&raw);
         // Submitted in file order; only the waits for durability overlap.
-        let durable = store.submit(Delivery { raw, mapped }).await?;
+        let durable = store.submit_raw(raw?).await?;
         in_flight.spawn(durable);
         if in_flight.len() >= IMPORT_IN_FLIGHT {
             count(&mut summary, in_flight.join_next().await)?;

@@ -354,8 +354,18 @@ impl Store {
     /// Maps a raw delivery with the current mappers, stores it and waits
     /// until it is durable.
     pub async fn ingest(&self, raw: RawDelivery) -> Result<IngestOutcome, StoreError> {
+        self.submit_raw(raw).await?.await
+    }
+
+    /// Maps a raw delivery with the current mappers and hands it to the
+    /// writer: the one place where "map, then store" happens (the front
+    /// door, import and rebuild all come through here).
+    pub(crate) async fn submit_raw(
+        &self,
+        raw: RawDelivery,
+    ) -> Result<impl Future<Output = Result<IngestOutcome, StoreError>> + use<>, StoreError> {
         let mapped = self.inner.mapper.map(&raw);
-        self.commit(Delivery { raw, mapped }).await
+        self.submit(Delivery { raw, mapped }).await
     }
 
     /// Stores a mapped delivery and waits until it is durable.
