@@ -227,22 +227,22 @@ pub(crate) fn plan_with(
 pub(crate) fn first_wants(batch: &[Work]) -> Wants {
     let mut wants = Wants::default();
     for work in batch {
-        let (source, normalized) = match work {
+        match work {
             Work::Ingest(delivery) => {
-                let source = &delivery.raw.source;
-                wants.dedup.insert(dedup_key(source, &delivery.mapped, &delivery.raw.body_sha256));
+                let raw = &delivery.raw;
                 match &delivery.mapped {
-                    Ok(normalized) => (source.clone(), normalized),
-                    Err(_) => continue,
+                    Ok(normalized) => wants_of(&mut wants, &raw.source, provider_of(raw), normalized),
+                    Err(_) => {
+                        let key = DedupKey { source: raw.source.clone(), key: raw_dedup_key(&raw.body_sha256) };
+                        wants.dedup.insert(key);
+                    }
                 }
             }
+            // The rest is known only once the raw record is read.
             Work::Redrive { raw_id, .. } => {
-                // The source is known only once the raw record is read.
                 wants.raws.insert(*raw_id);
-                continue;
             }
-        };
-        wants_of(&mut wants, &source, provider_name(work), normalized);
+        }
     }
     wants
 }
@@ -272,13 +272,6 @@ pub(crate) fn order_wants(found: &Found) -> Wants {
 }
 
 /// The provider's name, for unmapped counters.
-fn provider_name(work: &Work) -> &'static str {
-    match work {
-        Work::Ingest(delivery) => provider_of(&delivery.raw),
-        Work::Redrive { .. } => "unknown",
-    }
-}
-
 fn provider_of(raw: &RawDelivery) -> &'static str {
     crate::provider::Provider::from_proto(raw.provider()).map_or("unknown", |p| p.name())
 }

@@ -38,6 +38,24 @@ fn bad_config_exits_64_with_one_line() {
     }
 }
 
+/// A malformed import is bad input, not a storage outage: exit 65 with the
+/// line it stopped at, and nothing of it is stored.
+#[test]
+fn a_malformed_import_line_exits_65_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.ndjson");
+    std::fs::write(&file, "{\"not\": \"an exported delivery\"}\n").unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let output = run_with(&["import", file.to_str().unwrap()], &[("ORDERTRAIL_DATA_DIR", data)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("import line 1"), "{stderr}");
+    assert!(!stderr.contains("storage unavailable"), "{stderr}");
+    let export = run_with(&["export", "--out", "/dev/null"], &[("ORDERTRAIL_DATA_DIR", data)]);
+    assert!(String::from_utf8_lossy(&export.stderr).contains("exported 0 deliveries"), "nothing was stored");
+}
+
 /// Starts the binary on ephemeral loopback ports with `data_dir`, stderr
 /// piped (the start-up line names the addresses).
 fn spawn_server(args: &[&str], data_dir: &std::path::Path) -> std::process::Child {
