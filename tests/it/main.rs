@@ -19,6 +19,7 @@ mod hostile;
 mod large_data;
 mod operations;
 mod ordermesh;
+mod postgres;
 mod properties;
 mod providers;
 mod subscribe;
