@@ -113,6 +113,16 @@ pub(super) struct FileStore {
     pub(super) verify_on_start: Option<bool>,
     #[serde(default)]
     pub(super) sled: FileSled,
+    #[serde(default)]
+    pub(super) postgres: FilePostgres,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilePostgres {
+    pub(super) url: Option<String>,
+    pub(super) pool_size: Option<usize>,
+    pub(super) connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]

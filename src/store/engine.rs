@@ -45,6 +45,9 @@ impl Engine {
             Backend::Sled => {
                 Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
             }
+            Backend::Postgres => {
+                Err(StoreError::unavailable_because("the PostgreSQL engine is not part of this build yet"))
+            }
         }
     }
 

@@ -39,6 +39,8 @@ mod keys;
 mod layout;
 mod mark;
 mod plan;
+#[doc(hidden)]
+pub mod postgres;
 mod query;
 mod recovery;
 mod sled_engine;

@@ -11,6 +11,7 @@ fn open(dir: &std::path::Path) -> Store {
         data_dir: dir.to_path_buf(),
         durability: Durability::Fsync,
         sled: SledConfig { cache_capacity_bytes: 16 * 1024 * 1024 },
+        postgres: None,
         retain_events: 0,
         feed_buffer_events: 64,
         unsafe_ack_before_durable: false,

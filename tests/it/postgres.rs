@@ -48,7 +48,8 @@ impl Cluster {
     /// Runs `sql` in `database` with psql; panics with its output on failure.
     pub fn psql(&self, database: &str, sql: &str) -> String {
         let port = self.port.to_string();
-        let output = command(&["psql", "-h", "127.0.0.1", "-p", &port, "-U", "ordertrail", "-d", database, "-Atc", sql]);
+        let output =
+            command(&["psql", "-h", "127.0.0.1", "-p", &port, "-U", "ordertrail", "-d", database, "-Atc", sql]);
         assert!(output.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
@@ -120,6 +121,63 @@ fn run(args: &[&str]) {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn postgres_config(cluster: &Cluster) -> ordertrail::config::PostgresConfig {
+    let env = |key: &str| match key {
+        "ORDERTRAIL_STORE_BACKEND" => Some("postgres".to_string()),
+        "ORDERTRAIL_POSTGRES_URL" => Some(cluster.url()),
+        _ => None,
+    };
+    let config = ordertrail::config::Config::from_toml("", &env).unwrap();
+    config.store.postgres.expect("a postgres backend has its settings")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_migrate_the_schema_once() {
+    let cluster = Cluster::start();
+    let config = postgres_config(&cluster);
+    let starts: Vec<_> = (0..3)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move { ordertrail::store::postgres::prepare(&config).await })
+        })
+        .collect();
+    let mut found = Vec::new();
+    for start in starts {
+        found.push(start.await.unwrap().expect("every node starts"));
+    }
+    found.sort_unstable();
+    assert_eq!(found, [0, 1, 1], "one node migrated, the others found it done");
+    assert_eq!(cluster.psql("ordertrail", "SELECT version FROM ordertrail_schema"), "1");
+    assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ordertrail_schema"), "1");
+    assert_eq!(cluster.psql("ordertrail", "SELECT last_sequence FROM ot_counters"), "0");
+    assert_eq!(ordertrail::store::postgres::prepare(&config).await.unwrap(), 1, "a restart changes nothing");
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_the_build_is_refused() {
+    let cluster = Cluster::start();
+    let config = postgres_config(&cluster);
+    ordertrail::store::postgres::prepare(&config).await.unwrap();
+    cluster.psql("ordertrail", "UPDATE ordertrail_schema SET version = 99");
+    let refused = ordertrail::store::postgres::prepare(&config).await.unwrap_err();
+    assert!(matches!(refused, ordertrail::store::StoreError::Corrupt(_)), "{refused}");
+    assert!(refused.to_string().contains("schema version 99, newer than this build"), "{refused}");
+}
+
+#[test]
+fn a_postgres_backend_needs_a_url_and_never_shows_its_password() {
+    let env = |key: &str| (key == "ORDERTRAIL_STORE_BACKEND").then(|| "postgres".to_string());
+    let err = ordertrail::config::Config::from_toml("", &env).unwrap_err().to_string();
+    assert!(err.contains("ORDERTRAIL_POSTGRES_URL"), "{err}");
+    let text = "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://ot:s3cret-pw@db1,db2/ot?target_session_attrs=read-write\"\n";
+    let config = ordertrail::config::Config::from_toml(text, &|_| None).unwrap();
+    let shown = format!("{config:?}");
+    assert!(shown.contains("db2") && !shown.contains("s3cret-pw"), "{shown}");
+    let bad = "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://ot:s3cret-pw@db/ot?sslmode=sometimes\"\n";
+    let err = ordertrail::config::Config::from_toml(bad, &|_| None).unwrap_err().to_string();
+    assert!(err.contains("store.postgres.url") && !err.contains("s3cret-pw"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,34 @@
+//! The PostgreSQL engine: several nodes sharing one database.
+//!
+//! Being built: its schema and migrations come first ([`schema`]); the
+//! reads, the batch transaction with the counter row and the event tailer
+//! follow.
+
+pub(crate) mod schema;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::StoreError;
+use crate::config::PostgresConfig;
+
+/// Connects and brings the schema to this build's version (see
+/// [`schema::migrate`]); returns the version the database was at.
+pub async fn prepare(config: &PostgresConfig) -> Result<i32, StoreError> {
+    let mut client = connect(config).await?;
+    schema::migrate(&mut client).await
+}
+
+/// Connects once, outside any pool (the writer's and the tailer's
+/// connections are their own).
+pub(crate) async fn connect(config: &PostgresConfig) -> Result<Client, StoreError> {
+    let mut url = config.url.clone();
+    url.connect_timeout(config.connect_timeout);
+    let (client, connection) =
+        url.connect(NoTls).await.map_err(|e| StoreError::unavailable("cannot connect to PostgreSQL", e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
