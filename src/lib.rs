@@ -94,6 +94,8 @@ pub mod server;
 mod state;
 pub mod store;
 pub mod tail;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 /// The generated protobuf types of package `ordertrail.v1`.
 pub mod proto {

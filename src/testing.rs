@@ -1,0 +1,126 @@
+//! Test support, only in builds with the `test-util` feature: private
+//! PostgreSQL clusters (`initdb` into a temporary directory, a server on a
+//! free loopback port, stopped immediately when dropped). The PostgreSQL 15
+//! server binaries must be on the machine; without them a test fails with
+//! one line naming the package, it is never skipped. `initdb` refuses to
+//! run as root, so a root test run starts the server as the `postgres` user.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support fails loudly")]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// What to install when the server binaries are missing.
+const PACKAGE: &str = "postgresql-15";
+
+/// One running cluster with a database `ordertrail` owned by `ordertrail`.
+pub struct PostgresCluster {
+    /// Kept until the cluster is dropped.
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PostgresCluster {
+    /// Starts a new cluster (fsync on, synchronous commit on).
+    pub fn start() -> Self {
+        require_binaries();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        as_owner(dir.path());
+        run(&["initdb", "-D", path(&data), "-U", "ordertrail", "--auth=trust", "--no-instructions"]);
+        let port = free_port();
+        let socket_dir = dir.path().to_path_buf();
+        let log = dir.path().join("server.log");
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on",
+            socket_dir.display()
+        );
+        run(&["pg_ctl", "-D", path(&data), "-l", path(&log), "-o", &options, "-w", "start"]);
+        let cluster = Self { dir, port };
+        cluster.psql("postgres", "CREATE DATABASE ordertrail OWNER ordertrail");
+        cluster
+    }
+
+    /// The URL ordertrail connects with.
+    pub fn url(&self) -> String {
+        format!("postgres://ordertrail@127.0.0.1:{}/ordertrail", self.port)
+    }
+
+    /// Runs `sql` in `database` with psql; panics with its output on failure.
+    pub fn psql(&self, database: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output =
+            command(&["psql", "-h", "127.0.0.1", "-p", &port, "-U", "ordertrail", "-d", database, "-Atc", sql]);
+        assert!(output.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The cluster's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for PostgresCluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = command(&["pg_ctl", "-D", path(&data), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+fn require_binaries() {
+    for binary in ["initdb", "pg_ctl", "postgres", "psql"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()));
+        assert!(found, "the PostgreSQL tests need `{binary}` on the PATH: install the {PACKAGE} package");
+    }
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Lets the `postgres` user own `dir` when the tests run as root.
+fn as_owner(dir: &Path) {
+    if is_root() {
+        let status = Command::new("chown").args(["-R", "postgres:postgres", path(dir)]).status().unwrap();
+        assert!(status.success(), "chown {dir:?} to postgres");
+    }
+}
+
+/// Runs a PostgreSQL program (as `postgres` when root) and returns its output.
+fn command(args: &[&str]) -> Output {
+    let mut command = match is_root() {
+        true => {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).args(args);
+            command
+        }
+        false => {
+            let mut command = Command::new(args[0]);
+            command.args(&args[1..]);
+            command
+        }
+    };
+    command.env("LC_ALL", "C").output().unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]))
+}
+
+fn run(args: &[&str]) {
+    let output = command(args);
+    assert!(
+        output.status.success(),
+        "{} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
