@@ -123,4 +123,3 @@ fn run(args: &[&str]) {
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
-

@@ -4,6 +4,7 @@
 //! reads, the batch transaction with the counter row and the event tailer
 //! follow.
 
+pub(crate) mod batch;
 pub(crate) mod schema;
 
 use tokio_postgres::{Client, NoTls};
@@ -32,3 +33,6 @@ pub(crate) async fn connect(config: &PostgresConfig) -> Result<Client, StoreErro
     });
     Ok(client)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! One batch on PostgreSQL: one transaction that takes the counter row's
+//! lock first, reads what the batch needs under it (so no other node
+//! changes those rows meanwhile), plans ([`crate::store::plan`]), writes
+//! the write set with set-based statements, moves the counters and commits.
+//!
+//! The counter row's lock is held to COMMIT, so batches of all nodes commit
+//! one after another and the sequences they take are dense and in commit
+//! order; a batch that rolls back takes none. Taking the lock first rather
+//! than last costs overlap between nodes, and buys reads that no other
+//! node can invalidate before the commit.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use tokio_postgres::{Client, Transaction};
+
+use crate::proto::{DeliveryOutcome, RawDelivery, StoredOrder};
+use crate::store::StoreError;
+use crate::store::plan::{
+    self, Counters, DedupEntry, DedupKey, Found, Planned, RefKey, RefKind, UnmappedKey, Wants, WithHistory, Work,
+    WriteSet,
+};
+
+/// Plans and commits `batch`; when this returns `Ok`, the write set is
+/// durable (COMMIT returned, with `synchronous_commit` on).
+pub(crate) async fn commit_batch(
+    client: &mut Client,
+    batch: &[Work],
+    retain_events: u64,
+) -> Result<Planned, StoreError> {
+    let tx = client.transaction().await.map_err(failed)?;
+    let row = tx
+        .query_one("SELECT last_sequence, last_raw, last_order FROM ot_counters WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .map_err(failed)?;
+    let counters =
+        Counters { last_sequence: as_u64(row.get(0)), last_raw: as_u64(row.get(1)), last_order: as_u64(row.get(2)) };
+    let mut found = read(&tx, &plan::first_wants(batch)).await?;
+    let orders = plan::order_wants(&found);
+    if !orders.is_empty() {
+        found.absorb(read(&tx, &orders).await?);
+    }
+    let planned = loop {
+        match plan::plan(batch, counters, &found, retain_events) {
+            Ok(planned) => break planned,
+            Err(wants) => found.absorb(read(&tx, &wants).await?),
+        }
+    };
+    if planned.outcomes.iter().any(Result::is_ok) {
+        write(&tx, &planned.writes).await?;
+    }
+    tx.commit().await.map_err(failed)?;
+    Ok(planned)
+}
+
+fn failed(e: tokio_postgres::Error) -> StoreError {
+    StoreError::unavailable("the batch transaction failed", e)
+}
+
+fn as_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn as_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn kind_code(kind: RefKind) -> i16 {
+    match kind {
+        RefKind::Merchant => 1,
+        RefKind::ProviderOrder => 2,
+        RefKind::Safe => 3,
+        RefKind::Tracking => 4,
+    }
+}
+
+fn kind_of(code: i16) -> Option<RefKind> {
+    [RefKind::Merchant, RefKind::ProviderOrder, RefKind::Safe, RefKind::Tracking]
+        .into_iter()
+        .find(|kind| kind_code(*kind) == code)
+}
+
+/// One statement per kind of key.
+async fn read(tx: &Transaction<'_>, wants: &Wants) -> Result<Found, StoreError> {
+    let mut found = Found::default();
+    if !wants.dedup.is_empty() {
+        let (sources, keys): (Vec<&str>, Vec<&str>) =
+            wants.dedup.iter().map(|k| (k.source.as_str(), k.key.as_str())).unzip();
+        found.dedup = wants.dedup.iter().map(|k| (k.clone(), None)).collect();
+        let rows = tx
+            .query(
+                "SELECT d.source, d.key, d.raw_id, d.outcome FROM ot_dedup d
+                 JOIN unnest($1::text[], $2::text[]) AS w(source, key) USING (source, key)",
+                &[&sources, &keys],
+            )
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            let key = DedupKey { source: row.get(0), key: row.get(1) };
+            let outcome = match row.get::<_, i16>(3) {
+                2 => DeliveryOutcome::Quarantined,
+                _ => DeliveryOutcome::Applied,
+            };
+            found.dedup.insert(key, Some(DedupEntry { raw_id: as_u64(row.get(2)), outcome }));
+        }
+    }
+    if !wants.refs.is_empty() {
+        found.refs = wants.refs.iter().map(|k| (k.clone(), Vec::new())).collect();
+        let kinds: Vec<i16> = wants.refs.iter().map(|k| kind_code(k.kind)).collect();
+        let values: Vec<&str> = wants.refs.iter().map(|k| k.value.as_str()).collect();
+        let sources: Vec<&str> = wants.refs.iter().map(|k| k.source.as_str()).collect();
+        let rows = tx
+            .query(
+                "SELECT i.kind, i.value, i.source, i.order_id FROM ot_index i
+                 JOIN unnest($1::int2[], $2::text[], $3::text[]) AS w(kind, value, source) USING (kind, value, source)
+                 ORDER BY i.order_id",
+                &[&kinds, &values, &sources],
+            )
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            let Some(kind) = kind_of(row.get(0)) else { continue };
+            let key = RefKey { kind, value: row.get(1), source: row.get(2) };
+            found.refs.entry(key).or_default().push(as_u64(row.get(3)));
+        }
+    }
+    if !wants.orders.is_empty() {
+        let ids: Vec<i64> = wants.orders.iter().map(|id| as_i64(*id)).collect();
+        found.orders = wants.orders.iter().map(|id| (*id, Ok(None))).collect();
+        let rows = tx.query("SELECT id, stored FROM ot_orders WHERE id = ANY($1)", &[&ids]).await.map_err(failed)?;
+        for row in rows {
+            let stored: &[u8] = row.get(1);
+            found.orders.insert(as_u64(row.get(0)), decode_order(stored).map(Some));
+        }
+    }
+    if !wants.raws.is_empty() {
+        let ids: Vec<i64> = wants.raws.iter().map(|id| as_i64(*id)).collect();
+        found.raws = wants.raws.iter().map(|id| (*id, Ok(None))).collect();
+        let rows =
+            tx.query("SELECT id, record, quarantined FROM ot_raw WHERE id = ANY($1)", &[&ids]).await.map_err(failed)?;
+        for row in rows {
+            let record: &[u8] = row.get(1);
+            let raw = RawDelivery::decode(record).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
+            found.raws.insert(as_u64(row.get(0)), raw);
+        }
+    }
+    if !wants.unmapped.is_empty() {
+        found.unmapped = wants.unmapped.iter().map(|k| (k.clone(), 0)).collect();
+        let providers: Vec<&str> = wants.unmapped.iter().map(|k| k.provider.as_str()).collect();
+        let applies: Vec<&str> = wants.unmapped.iter().map(|k| k.applies_to.as_str()).collect();
+        let values: Vec<&str> = wants.unmapped.iter().map(|k| k.value.as_str()).collect();
+        let rows = tx
+            .query(
+                "SELECT u.provider, u.applies_to, u.value, u.count FROM ot_unmapped u
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(provider, applies_to, value)
+                 USING (provider, applies_to, value)",
+                &[&providers, &applies, &values],
+            )
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            let key = UnmappedKey { provider: row.get(0), applies_to: row.get(1), value: row.get(2) };
+            found.unmapped.insert(key, as_u64(row.get(3)));
+        }
+    }
+    Ok(found)
+}
+
+fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
+    let stored = StoredOrder::decode(stored)?;
+    Ok((stored.order.unwrap_or_default(), stored.event_sequences))
+}
+
+/// The write set, one statement per table.
+async fn write(tx: &Transaction<'_>, writes: &WriteSet) -> Result<(), StoreError> {
+    let ids: Vec<i64> = writes.raws.iter().map(|r| as_i64(r.id)).collect();
+    let records: Vec<Vec<u8>> = writes.raws.iter().map(Message::encode_to_vec).collect();
+    tx.execute(
+        "INSERT INTO ot_raw (id, record) SELECT * FROM unnest($1::int8[], $2::bytea[])
+         ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+        &[&ids, &records],
+    )
+    .await
+    .map_err(failed)?;
+    let quarantine: BTreeMap<i64, bool> = writes.quarantine.iter().map(|(id, q)| (as_i64(*id), *q)).collect();
+    let (ids, flags): (Vec<i64>, Vec<bool>) = quarantine.into_iter().unzip();
+    tx.execute(
+        "UPDATE ot_raw SET quarantined = q.flag FROM unnest($1::int8[], $2::bool[]) AS q(id, flag)
+         WHERE ot_raw.id = q.id",
+        &[&ids, &flags],
+    )
+    .await
+    .map_err(failed)?;
+    let sequences: Vec<i64> = writes.events.iter().map(|(s, _)| as_i64(*s)).collect();
+    let events: Vec<&[u8]> = writes.events.iter().map(|(_, e)| e.as_ref()).collect();
+    tx.execute("INSERT INTO ot_events SELECT * FROM unnest($1::int8[], $2::bytea[])", &[&sequences, &events])
+        .await
+        .map_err(failed)?;
+    let pruned: Vec<i64> = writes.pruned_events.iter().map(|s| as_i64(*s)).collect();
+    tx.execute("DELETE FROM ot_events WHERE sequence = ANY($1)", &[&pruned]).await.map_err(failed)?;
+    let ids: Vec<i64> = writes.orders.keys().map(|id| as_i64(*id)).collect();
+    let stored: Vec<Vec<u8>> = writes
+        .orders
+        .values()
+        .map(|(order, history)| {
+            StoredOrder { order: Some(order.clone()), event_sequences: history.clone() }.encode_to_vec()
+        })
+        .collect();
+    tx.execute(
+        "INSERT INTO ot_orders SELECT * FROM unnest($1::int8[], $2::bytea[])
+         ON CONFLICT (id) DO UPDATE SET stored = EXCLUDED.stored",
+        &[&ids, &stored],
+    )
+    .await
+    .map_err(failed)?;
+    write_index_and_dedup(tx, writes).await?;
+    let c = writes.counters;
+    tx.execute(
+        "UPDATE ot_counters SET last_sequence = $1, last_raw = $2, last_order = $3 WHERE id = 1",
+        &[&as_i64(c.last_sequence), &as_i64(c.last_raw), &as_i64(c.last_order)],
+    )
+    .await
+    .map_err(failed)?;
+    Ok(())
+}
+
+async fn write_index_and_dedup(tx: &Transaction<'_>, writes: &WriteSet) -> Result<(), StoreError> {
+    let entries: Vec<(&RefKey, u64)> =
+        writes.index.iter().flat_map(|(key, add)| add.ids.iter().map(move |id| (key, *id))).collect();
+    let kinds: Vec<i16> = entries.iter().map(|(k, _)| kind_code(k.kind)).collect();
+    let values: Vec<&str> = entries.iter().map(|(k, _)| k.value.as_str()).collect();
+    let sources: Vec<&str> = entries.iter().map(|(k, _)| k.source.as_str()).collect();
+    let ids: Vec<i64> = entries.iter().map(|(_, id)| as_i64(*id)).collect();
+    tx.execute(
+        "INSERT INTO ot_index SELECT * FROM unnest($1::int2[], $2::text[], $3::text[], $4::int8[])
+         ON CONFLICT DO NOTHING",
+        &[&kinds, &values, &sources, &ids],
+    )
+    .await
+    .map_err(failed)?;
+    let sources: Vec<&str> = writes.dedup.iter().map(|(k, _)| k.source.as_str()).collect();
+    let keys: Vec<&str> = writes.dedup.iter().map(|(k, _)| k.key.as_str()).collect();
+    let raw_ids: Vec<i64> = writes.dedup.iter().map(|(_, e)| as_i64(e.raw_id)).collect();
+    let outcomes: Vec<i16> = writes.dedup.iter().map(|(_, e)| e.outcome as i16).collect();
+    tx.execute(
+        "INSERT INTO ot_dedup SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[])
+         ON CONFLICT (source, key) DO UPDATE SET raw_id = EXCLUDED.raw_id, outcome = EXCLUDED.outcome",
+        &[&sources, &keys, &raw_ids, &outcomes],
+    )
+    .await
+    .map_err(failed)?;
+    let providers: Vec<&str> = writes.unmapped.keys().map(|k| k.provider.as_str()).collect();
+    let applies: Vec<&str> = writes.unmapped.keys().map(|k| k.applies_to.as_str()).collect();
+    let values: Vec<&str> = writes.unmapped.keys().map(|k| k.value.as_str()).collect();
+    let counts: Vec<i64> = writes.unmapped.values().map(|c| as_i64(*c)).collect();
+    tx.execute(
+        "INSERT INTO ot_unmapped SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[])
+         ON CONFLICT (provider, applies_to, value) DO UPDATE SET count = EXCLUDED.count",
+        &[&providers, &applies, &values, &counts],
+    )
+    .await
+    .map_err(failed)?;
+    Ok(())
+}
