@@ -9,6 +9,8 @@
 //! than last costs overlap between nodes, and buys reads that no other
 //! node can invalidate before the commit.
 
+#![cfg_attr(not(test), allow(dead_code, reason = "wired into the Engine next"))]
+
 use std::collections::BTreeMap;
 
 use prost::Message;
