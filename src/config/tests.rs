@@ -42,9 +42,9 @@ fn the_sled_settings_have_their_own_table_and_an_unknown_backend_is_named() {
     let c = Config::from_toml("[store]\nbackend = \"sled\"\n[store.sled]\ncache_capacity_bytes = 1048576\n", &no_env)
         .unwrap();
     assert_eq!(c.store.sled.cache_capacity_bytes, 1 << 20);
-    let env = |k: &str| (k == "ORDERTRAIL_STORE_BACKEND").then(|| "postgres".to_string());
+    let env = |k: &str| (k == "ORDERTRAIL_STORE_BACKEND").then(|| "mysql".to_string());
     let err = Config::from_toml("", &env).unwrap_err().to_string();
-    assert!(err.contains("ORDERTRAIL_STORE_BACKEND") && err.contains("sled"), "{err}");
+    assert!(err.contains("ORDERTRAIL_STORE_BACKEND") && err.contains("sled, postgres"), "{err}");
 }
 
 #[test]

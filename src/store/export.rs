@@ -244,23 +244,48 @@ pub(super) async fn finish_pending_rebuild(
 /// the rebuild database (created if needed), through the current mappers.
 async fn build_into(source: &Store, after: u64, upto: u64) -> Result<ImportSummary, StoreError> {
     let config = &source.inner.config;
+    if config.backend != crate::config::Backend::Sled {
+        return Err(StoreError::Invalid("rebuild is not available on the PostgreSQL engine yet".into()));
+    }
     let fresh_config = StoreConfig { data_dir: layout::rebuild_dir(&config.data_dir), ..config.clone() };
     let fresh = Store::open_unchecked(&fresh_config, source.inner.mapper.clone()).await?;
-    let engine = source.engine()?;
-    let deliveries = engine.raws(after, upto).map(|raw| {
-        let mut raw = raw?;
-        // Only what arrived is kept; what was made of it is made again.
-        raw.id = 0;
-        raw.outcome = 0;
-        raw.quarantine_reason.clear();
-        raw.dedup_key.clear();
-        raw.event_sequences.clear();
-        raw.mapper_version = 0;
-        Ok(raw)
-    });
-    let summary = store_all(&fresh, deliveries).await;
+    let summary = copy_raws(source, &fresh, after, upto).await;
     fresh.close().await?;
     summary
+}
+
+/// Stores the raw deliveries of `source` with ids in `(after, upto]` into
+/// `into` through the current mappers, reading a page at a time off the
+/// runtime.
+async fn copy_raws(source: &Store, into: &Store, after: u64, upto: u64) -> Result<ImportSummary, StoreError> {
+    const PAGE: usize = 1000;
+    let mut summary = ImportSummary::default();
+    let mut position = after;
+    loop {
+        let page = source
+            .read_off_runtime(move |engine| engine.raws(position, upto).take(PAGE).collect::<Result<Vec<_>, _>>())
+            .await?;
+        let Some(last) = page.last() else { return Ok(summary) };
+        position = last.id;
+        let full = page.len() == PAGE;
+        let deliveries = page.into_iter().map(|mut raw| {
+            // Only what arrived is kept; what was made of it is made again.
+            raw.id = 0;
+            raw.outcome = 0;
+            raw.quarantine_reason.clear();
+            raw.dedup_key.clear();
+            raw.event_sequences.clear();
+            raw.mapper_version = 0;
+            Ok(raw)
+        });
+        let stored = store_all(into, deliveries).await?;
+        summary.applied += stored.applied;
+        summary.quarantined += stored.quarantined;
+        summary.duplicates += stored.duplicates;
+        if !full {
+            return Ok(summary);
+        }
+    }
 }
 
 /// Moves the rebuilt database into place, keeping the old one.

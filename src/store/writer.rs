@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::commit::{Reply, Shared};
 use super::engine::Engine;
 use super::feed::Published;
-use super::plan::{self, Counters, Work};
+use super::plan::{Counters, Work};
 use super::{IngestOutcome, StoreError};
 use crate::config::StoreConfig;
 
@@ -97,11 +97,15 @@ impl Writer {
         if !self.shared.is_healthy() {
             return refuse(replies, &StoreError::unavailable_because("storage failed"));
         }
-        let planned = plan::plan_with(&*self.engine, &work, self.counters, self.retain_events);
-        let planned = match planned {
+        let committed = self
+            .shared
+            .fault(super::FaultPoint::Write)
+            .map_err(|e| StoreError::unavailable("write failed", e))
+            .and_then(|()| self.engine.commit_batch(&work, self.counters, self.retain_events));
+        let planned = match committed {
             Ok(planned) => planned,
             Err(e) => {
-                self.shared.fail(&format_args!("read failed: {e}"));
+                self.shared.fail(&format_args!("write failed: {e}"));
                 return refuse(replies, &e);
             }
         };
@@ -121,23 +125,10 @@ impl Writer {
         if done.is_empty() {
             return;
         }
-        let applied = self
-            .shared
-            .fault(super::FaultPoint::Write)
-            .map_err(|e| StoreError::unavailable("write failed", e))
-            .and_then(|()| self.engine.apply(&planned.writes));
-        match applied {
-            Ok(()) => {
-                self.counters = planned.writes.counters;
-                self.shared.stats.turns.fetch_add(1, Ordering::Relaxed);
-                self.shared.written(self.counters.last_sequence);
-                self.shared.enqueue(done);
-            }
-            Err(e) => {
-                self.shared.fail(&format_args!("write failed: {e}"));
-                refuse(done.into_iter().map(|(reply, _, _)| reply), &e);
-            }
-        }
+        self.counters = planned.writes.counters;
+        self.shared.stats.turns.fetch_add(1, Ordering::Relaxed);
+        self.shared.written(self.counters.last_sequence);
+        self.shared.enqueue(done);
     }
 
     /// With the negative-control switch on, answers at once and leaves

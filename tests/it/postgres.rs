@@ -71,3 +71,29 @@ fn a_private_cluster_starts_with_durable_commits_and_stops() {
     drop(cluster);
     assert!(!data.join("postmaster.pid").exists(), "the server was stopped");
 }
+
+/// The whole path on PostgreSQL: a webhook answered 200 is stored, found by
+/// GetOrder, listed by ListEvents and its resend is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_postgres_stores_serves_and_dedups() {
+    use ordertrail::proto::get_order_request::Reference;
+    use ordertrail::proto::{GetOrderRequest, ListEventsRequest};
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let server = crate::common::TestServer::start_with(&config).await;
+    let body = crate::common::fixture("ordermesh/order-creation.json");
+    let first = server.post_json("/webhooks/ordermesh", body.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.json);
+    assert_eq!(first.json["outcome"], "applied");
+    let again = server.post_json("/webhooks/ordermesh", body).await;
+    assert_eq!(again.json["outcome"], "duplicate");
+    let request =
+        GetOrderRequest { reference: Some(Reference::ExternalOrderId("WBTEST22".into())), source: String::new() };
+    let order = server.grpc().await.get_order(request).await.unwrap().into_inner();
+    assert_eq!(order.references.unwrap().provider_order_id, "670e58fe7741035996cf7d20");
+    let events = server.grpc().await.list_events(ListEventsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(events.events.len(), 1);
+    assert_eq!(events.head_sequence, 1);
+    assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_raw"), "1", "stored in PostgreSQL");
+    server.stop().await;
+}

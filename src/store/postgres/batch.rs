@@ -9,8 +9,6 @@
 //! than last costs overlap between nodes, and buys reads that no other
 //! node can invalidate before the commit.
 
-#![cfg_attr(not(test), allow(dead_code, reason = "wired into the Engine next"))]
-
 use std::collections::BTreeMap;
 
 use prost::Message;
@@ -67,7 +65,7 @@ fn as_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-fn kind_code(kind: RefKind) -> i16 {
+pub(super) fn kind_code(kind: RefKind) -> i16 {
     match kind {
         RefKind::Merchant => 1,
         RefKind::ProviderOrder => 2,

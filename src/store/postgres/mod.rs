@@ -5,7 +5,10 @@
 //! follow.
 
 pub(crate) mod batch;
+mod engine;
 pub(crate) mod schema;
+
+pub(crate) use engine::PostgresEngine;
 
 use tokio_postgres::{Client, NoTls};
 
