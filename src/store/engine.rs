@@ -73,6 +73,12 @@ impl Engine {
         }
     }
 
+    /// Whether other processes write to the same data (the feed then
+    /// follows the database, see `store::follow`).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
     /// Plans `work` and commits its write set atomically, with sequences
     /// after `counters` (sled: the writer's own; PostgreSQL: the database's,
     /// read under the counter row's lock).

@@ -35,6 +35,7 @@ mod commit;
 mod engine;
 mod export;
 mod feed;
+mod follow;
 mod keys;
 mod layout;
 mod mark;
@@ -197,6 +198,7 @@ struct Workers {
     writer: Option<JoinHandle<Option<mpsc::Receiver<Command>>>>,
     flusher: Option<JoinHandle<()>>,
     recovery: Option<JoinHandle<()>>,
+    follower: Option<JoinHandle<()>>,
 }
 
 // === impl Store: lifecycle ===
@@ -238,7 +240,8 @@ impl Store {
         let format = engine.format(FORMAT, counters.last_raw == 0)?;
         let recovered = counters.mark();
         mark::check(&config.data_dir, known, recovered)?;
-        let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events));
+        let followed = engine.is_shared();
+        let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events, followed));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         #[cfg(any(test, feature = "test-util"))]
         if config.unsafe_ack_before_durable {
@@ -258,6 +261,10 @@ impl Store {
         store.start(Arc::new(engine), counters, rx)?;
         let (watched, shared) = (Arc::downgrade(&store.inner), store.inner.shared.clone());
         store.workers().recovery = Some(spawn_thread("ordertrail-recovery", move || recovery::run(watched, shared))?);
+        if followed {
+            let (followed, shared) = (Arc::downgrade(&store.inner), store.inner.shared.clone());
+            store.workers().follower = Some(spawn_thread("ordertrail-follow", move || follow::run(followed, shared))?);
+        }
         Ok(store)
     }
 
@@ -322,7 +329,7 @@ impl Store {
             let _ = recovery.join();
         }
         let workers = std::mem::take(&mut *self.workers());
-        for thread in [workers.flusher].into_iter().flatten() {
+        for thread in [workers.flusher, workers.follower].into_iter().flatten() {
             let _ = thread.join();
         }
         if let Some(writer) = workers.writer {

@@ -97,3 +97,44 @@ async fn a_node_on_postgres_stores_serves_and_dedups() {
     assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_raw"), "1", "stored in PostgreSQL");
     server.stop().await;
 }
+
+/// Two nodes on one database: what one acknowledges, the other serves at
+/// once, and a subscriber on the other receives it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_on_one_node_receives_what_another_node_ingests() {
+    use ordertrail::proto::get_order_request::Reference;
+    use ordertrail::proto::subscribe_response::Message;
+    use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let a = crate::common::TestServer::start_with(&config).await;
+    let b = crate::common::TestServer::start_with(&config).await;
+    let mut stream = b
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest { after_sequence: Some(0), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 0..5 {
+        let body =
+            format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#);
+        let node = if n % 2 == 0 { &a } else { &b };
+        assert_eq!(node.post_json("/webhooks/ordermesh", body).await.status, 200);
+        // Read-your-writes on the other node.
+        let other = if n % 2 == 0 { &b } else { &a };
+        let request =
+            GetOrderRequest { reference: Some(Reference::ExternalOrderId(format!("E{n}"))), source: String::new() };
+        assert!(other.grpc().await.get_order(request).await.is_ok(), "order {n} on the other node");
+    }
+    let mut sequences = Vec::new();
+    while sequences.len() < 5 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await;
+        if let Some(Message::Event(event)) = next.expect("the stream stalled").unwrap().unwrap().message {
+            sequences.push(event.sequence);
+        }
+    }
+    assert_eq!(sequences, [1, 2, 3, 4, 5], "every node's events, in order, once");
+    a.stop().await;
+    b.stop().await;
+}

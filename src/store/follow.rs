@@ -1,0 +1,64 @@
+//! Following a shared database: events committed by any node reach this
+//! node's feed.
+//!
+//! With an engine several processes write (PostgreSQL), the group commit
+//! does not publish this node's own events: they would interleave with
+//! the other nodes' out of order. This thread reads the events after the
+//! durable head, in sequence order, from the database, moves the head, and
+//! publishes them. The sequences are dense and become visible in order
+//! (each batch holds the counter row's lock to COMMIT), so reading
+//! `sequence > head` never skips one. It reads again at once when this
+//! node committed, and at least every [`POLL`] for the others' commits.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use prost::Message;
+
+use super::commit::Shared;
+use super::feed::Published;
+use super::{Inner, Store};
+use crate::proto::Event;
+
+/// Longest wait before looking for other nodes' commits.
+const POLL: Duration = Duration::from_millis(50);
+/// Events read at a time.
+const PAGE: usize = 1000;
+
+/// Runs until the store closes (or its last handle is dropped).
+pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
+    loop {
+        if shared.is_closed() {
+            return;
+        }
+        let Some(inner) = store.upgrade() else { return };
+        let store = Store { inner };
+        let read = follow_once(&store, &shared);
+        drop(store);
+        match read {
+            Ok(0) | Err(_) => shared.wait_for_commit(POLL),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Publishes what was committed after the head; returns how many events.
+fn follow_once(store: &Store, shared: &Shared) -> Result<usize, super::StoreError> {
+    let engine = store.engine()?;
+    let head = shared.durable_head();
+    let page: Vec<(u64, bytes::Bytes)> =
+        engine.events_encoded(head, u64::MAX >> 1).take(PAGE).collect::<Result<_, _>>()?;
+    let mut published = Vec::with_capacity(page.len());
+    for (expected, (sequence, encoded)) in (head + 1..).zip(page) {
+        if sequence != expected {
+            // Not visible yet below a visible one: cannot happen while
+            // batches hold the counter row to COMMIT; read again later.
+            break;
+        }
+        let event = Event::decode(encoded.as_ref()).ok();
+        published.push(Published { sequence, event, encoded });
+    }
+    let count = published.len();
+    shared.publish_followed(published);
+    Ok(count)
+}
