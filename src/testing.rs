@@ -18,11 +18,19 @@ pub struct PostgresCluster {
     /// Kept until the cluster is dropped.
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The server's command-line options.
+    options: String,
 }
 
 impl PostgresCluster {
     /// Starts a new cluster (fsync on, synchronous commit on).
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a new cluster with server `settings` (`name=value`) on top of
+    /// the defaults.
+    pub fn start_with(settings: &[&str]) -> Self {
         require_binaries();
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
@@ -31,14 +39,28 @@ impl PostgresCluster {
         let port = free_port();
         let socket_dir = dir.path().to_path_buf();
         let log = dir.path().join("server.log");
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on",
             socket_dir.display()
         );
-        run(&["pg_ctl", "-D", path(&data), "-l", path(&log), "-o", &options, "-w", "start"]);
-        let cluster = Self { dir, port };
+        for setting in settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
+        let cluster = Self { dir, port, options };
+        cluster.resume();
         cluster.psql("postgres", "CREATE DATABASE ordertrail OWNER ordertrail");
         cluster
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`).
+    pub fn kill(&self) {
+        run(&["pg_ctl", "-D", path(&self.data()), "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts the (stopped) server again on the same port and data.
+    pub fn resume(&self) {
+        let (data, log) = (self.data(), self.dir.path().join("server.log"));
+        run(&["pg_ctl", "-D", path(&data), "-l", path(&log), "-o", &self.options, "-w", "start"]);
     }
 
     /// The URL ordertrail connects with.

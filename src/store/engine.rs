@@ -137,6 +137,8 @@ delegate! {
     /// (provider, applies to, value, count) of every unmapped status value.
     fn unmapped(&self) -> Result<Vec<(String, String, String, u64)>, StoreError>;
     fn quarantined_count(&self) -> u64;
+    /// Settings of the engine that weaken "acknowledged means durable".
+    fn warnings(&self) -> Vec<String>;
     fn size_on_disk(&self) -> u64;
     /// Reads and checks up to `step` records after `after`: (last key, records, bytes).
     fn verify_step(&self, after: &[u8], step: usize) -> Result<(Vec<u8>, usize, usize), String>;

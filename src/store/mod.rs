@@ -441,6 +441,12 @@ impl Store {
         self.inner.shared.note_damage(why);
     }
 
+    /// What weakens "acknowledged means durable" in the engine's settings
+    /// (said at start and in `/readyz`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.engine().map(|engine| engine.warnings()).unwrap_or_default()
+    }
+
     /// What a read found damaged, if anything did: the store then serves
     /// what it can but is not ready.
     pub fn damage(&self) -> Option<String> {

@@ -138,3 +138,65 @@ async fn a_subscriber_on_one_node_receives_what_another_node_ingests() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_setting_that_weakens_durability_is_said_at_readyz() {
+    let cluster = PostgresCluster::start_with(&["synchronous_commit=off"]);
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let server = crate::common::TestServer::start_with(&config).await;
+    let ready = server.request("GET", "/readyz", &[], bytes::Bytes::new()).await;
+    assert_eq!(ready.status, 200);
+    let warnings = ready.json["warnings"].to_string();
+    assert!(warnings.contains("synchronous_commit = off"), "{}", ready.json);
+    server.stop().await;
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let server = crate::common::TestServer::start_with(&config).await;
+    let ready = server.request("GET", "/readyz", &[], bytes::Bytes::new()).await;
+    assert!(ready.json.get("warnings").is_none(), "{}", ready.json);
+    server.stop().await;
+}
+
+/// PostgreSQL crashes and comes back under load: every answer while it is
+/// gone is a 503, ingest resumes by itself, and every acknowledged webhook
+/// is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_crash_under_load_loses_nothing_acknowledged_and_ingest_resumes() {
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let server = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poster = {
+        let (server, stop) = (server.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut refused, mut n) = (Vec::new(), 0, 0);
+            while !stop.is_cancelled() {
+                n += 1;
+                let body = format!(
+                    r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"o{n}","ExternalOrderId":"E{n}"}}"#
+                );
+                match server.post_json("/webhooks/ordermesh", body).await.status.as_u16() {
+                    200 => acked.push(n),
+                    503 => refused += 1,
+                    other => panic!("webhook {n} answered {other}"),
+                }
+            }
+            (acked, refused)
+        })
+    };
+    server.metric_becomes("ordertrail_head_sequence", |n| n >= 20.0).await;
+    cluster.kill();
+    server.metric_becomes("ordertrail_storage_failures_total", |n| n >= 1.0).await;
+    cluster.resume();
+    server.metric_becomes("ordertrail_store_reopens_total", |n| n >= 1.0).await;
+    let head = server.head().await;
+    server.metric_becomes("ordertrail_head_sequence", |n| n >= (head + 20) as f64).await;
+    stop.cancel();
+    let (acked, refused) = poster.await.unwrap();
+    assert!(refused > 0, "nothing was refused while the database was down");
+    let stored: std::collections::HashSet<String> =
+        server.all_events().await.into_iter().map(|e| e.references.unwrap().merchant_reference).collect();
+    for n in acked {
+        assert!(stored.contains(&format!("E{n}")), "webhook {n} was acknowledged and lost");
+    }
+}

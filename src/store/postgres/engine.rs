@@ -27,6 +27,8 @@ pub(crate) struct PostgresEngine {
     /// The batch transactions (one writer per node).
     writer: Mutex<Client>,
     pool: Pool,
+    /// Server settings weaker than the no-loss promise needs.
+    warnings: Vec<String>,
 }
 
 impl Drop for PostgresEngine {
@@ -59,9 +61,10 @@ impl PostgresEngine {
             .enable_all()
             .build()
             .map_err(|e| StoreError::unavailable("cannot start the PostgreSQL runtime", e))?;
-        let (writer, pool) = runtime.block_on(async {
+        let (writer, pool, warnings) = runtime.block_on(async {
             let mut writer = connect(config).await?;
             schema::migrate(&mut writer).await?;
+            let warnings = weak_settings(&writer).await?;
             let mut url = config.url.clone();
             url.connect_timeout(config.connect_timeout);
             let manager = Manager::from_config(url, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -70,9 +73,12 @@ impl PostgresEngine {
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .build()
                 .map_err(failed)?;
-            Ok::<_, StoreError>((writer, pool))
+            Ok::<_, StoreError>((writer, pool, warnings))
         })?;
-        Ok(Self { runtime: Some(runtime), writer: Mutex::new(writer), pool })
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(Self { runtime: Some(runtime), writer: Mutex::new(writer), pool, warnings })
     }
 
     fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
@@ -88,6 +94,11 @@ impl PostgresEngine {
             let client = self.pool.get().await.map_err(failed)?;
             client.query(sql, params).await.map_err(failed)
         })
+    }
+
+    /// Server settings that weaken the promise (empty when there are none).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
     }
 
     /// Plans and commits a batch in one transaction (see [`batch`]).
@@ -277,6 +288,22 @@ impl PostgresEngine {
         };
         Ok(())
     }
+}
+
+/// What the server's settings take from "acknowledged means durable".
+async fn weak_settings(client: &Client) -> Result<Vec<String>, StoreError> {
+    let mut warnings = Vec::new();
+    for (setting, weak) in [("synchronous_commit", "off"), ("fsync", "off"), ("full_page_writes", "off")] {
+        let row = client.query_one(&format!("SHOW {setting}"), &[]).await.map_err(failed)?;
+        let value: String = row.get(0);
+        if value == weak {
+            warnings.push(format!(
+                "PostgreSQL runs with {setting} = {value}: an acknowledged webhook can be lost when the database \
+                 server crashes; set it to its default"
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
