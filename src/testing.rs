@@ -38,7 +38,6 @@ impl PostgresCluster {
         run(&["initdb", "-D", path(&data), "-U", "ordertrail", "--auth=trust", "--no-instructions"]);
         let port = free_port();
         let socket_dir = dir.path().to_path_buf();
-        let log = dir.path().join("server.log");
         let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on",
             socket_dir.display()
