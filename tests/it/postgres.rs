@@ -200,3 +200,29 @@ async fn a_database_crash_under_load_loses_nothing_acknowledged_and_ingest_resum
         assert!(stored.contains(&format!("E{n}")), "webhook {n} was acknowledged and lost");
     }
 }
+
+/// The same webhook arriving on two nodes at the same moment, many times:
+/// every copy is answered 200, one raw record and one event are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_deliveries_on_two_nodes_at_once_are_stored_once() {
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let a = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
+    let b = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
+    let body = crate::common::fixture("ordermesh/order-creation.json");
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let body = body.clone();
+        posts.spawn(async move { node.post_json("/webhooks/ordermesh", body).await });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(answer) = posts.join_next().await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        outcomes.push(answer.json["outcome"].as_str().unwrap().to_string());
+    }
+    assert_eq!(outcomes.iter().filter(|o| *o == "applied").count(), 1, "{outcomes:?}");
+    assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_raw"), "1");
+    assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_events"), "1");
+}
