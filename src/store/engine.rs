@@ -81,11 +81,18 @@ impl Engine {
 
     /// Plans `work` and commits its write set atomically, with sequences
     /// after `counters` (sled: the writer's own; PostgreSQL: the database's,
-    /// read under the counter row's lock).
-    pub fn commit_batch(&self, work: &[Work], counters: Counters, retain_events: u64) -> Result<Planned, StoreError> {
+    /// read under the counter row's lock). `planned` sees the plan before it
+    /// is committed (the crash harness's negative control answers there).
+    pub fn commit_batch(
+        &self,
+        work: &[Work],
+        counters: Counters,
+        retain_events: u64,
+        planned: &mut (dyn FnMut(&Planned) + Send),
+    ) -> Result<Planned, StoreError> {
         match self {
-            Self::Sled(engine) => engine.commit_batch(work, counters, retain_events),
-            Self::Postgres(engine) => engine.commit_batch(work, retain_events),
+            Self::Sled(engine) => engine.commit_batch(work, counters, retain_events, planned),
+            Self::Postgres(engine) => engine.commit_batch(work, retain_events, planned),
         }
     }
 }

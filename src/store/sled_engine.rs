@@ -106,8 +106,15 @@ impl SledEngine {
 
     /// Plans a batch with this engine's reads and commits its write set
     /// (not yet durable: the flusher makes it so).
-    pub fn commit_batch(&self, work: &[Work], counters: Counters, retain_events: u64) -> Result<Planned, StoreError> {
+    pub fn commit_batch(
+        &self,
+        work: &[Work],
+        counters: Counters,
+        retain_events: u64,
+        before_commit: &mut (dyn FnMut(&Planned) + Send),
+    ) -> Result<Planned, StoreError> {
         let planned = plan::plan_with(self, work, counters, retain_events)?;
+        before_commit(&planned);
         if planned.outcomes.iter().any(Result::is_ok) {
             self.apply(&planned.writes)?;
         }

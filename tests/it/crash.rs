@@ -418,3 +418,21 @@ async fn kill_9_of_random_nodes_on_postgres_never_loses_an_acknowledged_webhook(
     assert_eq!(verdict.missing, 0, "acknowledged deliveries lost: {verdict:?}");
     assert!(verdict.problems.is_empty(), "{:#?}", verdict.problems);
 }
+
+/// The cluster harness sees losses when answers come before COMMIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_the_cluster_harness_sees_losses_when_acks_precede_the_commit() {
+    let cluster = ordertrail::testing::PostgresCluster::start();
+    let store = format!("backend = \"postgres\"\n[store.postgres]\nurl = \"{}\"", cluster.url());
+    let mut harness = Harness::with(true, 3, &store);
+    let mut missing = 0;
+    for round in 0..10 {
+        let verdict = harness.run_cluster(5).await;
+        eprintln!("cluster negative control round {round}: {verdict:?}");
+        missing = verdict.missing;
+        if missing > 0 {
+            break;
+        }
+    }
+    assert!(missing > 0, "acknowledging before COMMIT lost nothing the harness could see");
+}

@@ -27,6 +27,7 @@ pub(crate) async fn commit_batch(
     client: &mut Client,
     batch: &[Work],
     retain_events: u64,
+    before_commit: &mut (dyn FnMut(&Planned) + Send),
 ) -> Result<Planned, StoreError> {
     let tx = client.transaction().await.map_err(failed)?;
     let row = tx
@@ -49,6 +50,7 @@ pub(crate) async fn commit_batch(
     if planned.outcomes.iter().any(Result::is_ok) {
         write(&tx, &planned.writes).await?;
     }
+    before_commit(&planned);
     tx.commit().await.map_err(failed)?;
     Ok(planned)
 }

@@ -102,9 +102,14 @@ impl PostgresEngine {
     }
 
     /// Plans and commits a batch in one transaction (see [`batch`]).
-    pub fn commit_batch(&self, work: &[Work], retain_events: u64) -> Result<Planned, StoreError> {
+    pub fn commit_batch(
+        &self,
+        work: &[Work],
+        retain_events: u64,
+        before_commit: &mut (dyn FnMut(&Planned) + Send),
+    ) -> Result<Planned, StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.block_on(batch::commit_batch(&mut writer, work, retain_events))
+        self.block_on(batch::commit_batch(&mut writer, work, retain_events, before_commit))
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
