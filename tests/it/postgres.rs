@@ -226,3 +226,24 @@ async fn identical_deliveries_on_two_nodes_at_once_are_stored_once() {
     assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_raw"), "1");
     assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_events"), "1");
 }
+
+/// The migration path from one node to several: export from sled, import
+/// into PostgreSQL, and the same events and quarantine are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sled_export_imported_into_postgres_serves_identical_events() {
+    let (events, quarantine, source) = crate::binary::sample_data_dir().await;
+    let file = source.path().join("export.ndjson");
+    let file = file.to_str().unwrap();
+    crate::binary::cli(&["export", "--out", file], source.path(), &[]);
+    let cluster = PostgresCluster::start();
+    let url = cluster.url();
+    let postgres = [("ORDERTRAIL_STORE_BACKEND", "postgres"), ("ORDERTRAIL_POSTGRES_URL", url.as_str())];
+    let node_dir = tempfile::tempdir().unwrap();
+    let imported = crate::binary::cli(&["import", file], node_dir.path(), &postgres);
+    assert!(imported.contains("imported 8 applied, 1 quarantined, 0 already present"), "{imported}");
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n");
+    let node = crate::common::TestServer::start_in(node_dir, &config).await;
+    assert_eq!(node.all_events().await, events, "events identical, provenance included");
+    assert_eq!(node.quarantine().await, quarantine);
+    node.stop().await;
+}
