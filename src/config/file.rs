@@ -123,6 +123,7 @@ pub(super) struct FilePostgres {
     pub(super) url: Option<String>,
     pub(super) pool_size: Option<usize>,
     pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) statement_timeout_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]

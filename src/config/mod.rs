@@ -287,12 +287,18 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// How long connecting may take before the attempt counts as failed.
     pub connect_timeout: Duration,
+    /// Longest a statement may run (a stuck database fails the batch, which
+    /// is answered 503 and retried by recovery, instead of holding the
+    /// writer).
+    pub statement_timeout: Duration,
 }
 
 /// Default `store.postgres.pool_size`.
 pub const DEFAULT_POSTGRES_POOL_SIZE: usize = 8;
 /// Default `store.postgres.connect_timeout_ms`.
 pub const DEFAULT_POSTGRES_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default `store.postgres.statement_timeout_ms`.
+pub const DEFAULT_POSTGRES_STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
 /// Settings of the sled engine (`[store.sled]`).
 #[derive(Clone, Debug)]
@@ -629,10 +635,14 @@ fn postgres_config(
         .map_err(|e| ConfigError::new(format!("{origin} is not a PostgreSQL connection URL: {e}")))?;
     let pool_size = file.pool_size.unwrap_or(DEFAULT_POSTGRES_POOL_SIZE);
     let connect_timeout = Duration::from_millis(file.connect_timeout_ms.unwrap_or(DEFAULT_POSTGRES_CONNECT_TIMEOUT_MS));
-    if pool_size == 0 || connect_timeout.is_zero() {
-        return Err(ConfigError::new("store.postgres.pool_size and connect_timeout_ms must be greater than 0"));
+    let statement_timeout =
+        Duration::from_millis(file.statement_timeout_ms.unwrap_or(DEFAULT_POSTGRES_STATEMENT_TIMEOUT_MS));
+    if pool_size == 0 || connect_timeout.is_zero() || statement_timeout.is_zero() {
+        return Err(ConfigError::new(
+            "store.postgres.pool_size, connect_timeout_ms and statement_timeout_ms must be greater than 0",
+        ));
     }
-    Ok(Some(PostgresConfig { url, pool_size, connect_timeout }))
+    Ok(Some(PostgresConfig { url, pool_size, connect_timeout, statement_timeout }))
 }
 
 #[cfg(test)]

@@ -247,3 +247,40 @@ async fn a_sled_export_imported_into_postgres_serves_identical_events() {
     assert_eq!(node.quarantine().await, quarantine);
     node.stop().await;
 }
+
+#[test]
+fn sessions_carry_the_statement_timeout() {
+    let text = "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://ot@db/ot\"\nstatement_timeout_ms = 1234\n";
+    let config = ordertrail::config::Config::from_toml(text, &|_| None).unwrap();
+    assert_eq!(config.store.postgres.unwrap().statement_timeout, std::time::Duration::from_millis(1234));
+}
+
+#[tokio::test]
+async fn a_stuck_database_fails_the_batch_instead_of_holding_the_writer() {
+    let cluster = PostgresCluster::start();
+    let config = format!(
+        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nstatement_timeout_ms = 500\n",
+        cluster.url()
+    );
+    let server = crate::common::TestServer::start_with(&config).await;
+    // Another session holds the counter row: every batch waits for it.
+    let holder = std::thread::spawn({
+        let port = cluster.port;
+        move || {
+            std::process::Command::new("psql")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "ordertrail", "-d", "ordertrail", "-c"])
+                .arg("BEGIN; SELECT * FROM ot_counters FOR UPDATE; SELECT pg_sleep(3); COMMIT;")
+                .output()
+        }
+    });
+    let holding = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    while cluster.psql("ordertrail", holding) == "0" {
+        std::thread::yield_now();
+    }
+    let body = r#"{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"s1","ExternalOrderId":"S1"}"#;
+    let answer = server.post_json("/webhooks/ordermesh", body).await;
+    assert_eq!(answer.status, 503, "{}", answer.json);
+    let _ = holder.join();
+    server.metric_becomes("ordertrail_store_reopens_total", |n| n >= 1.0).await;
+    assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200, "ingest resumed by itself");
+}

@@ -65,9 +65,11 @@ impl PostgresEngine {
             let mut writer = connect(config).await?;
             schema::migrate(&mut writer).await?;
             let warnings = weak_settings(&writer).await?;
-            let mut url = config.url.clone();
-            url.connect_timeout(config.connect_timeout);
-            let manager = Manager::from_config(url, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            let manager = Manager::from_config(
+                super::session(config),
+                NoTls,
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            );
             let pool = Pool::builder(manager)
                 .max_size(config.pool_size)
                 .runtime(deadpool_postgres::Runtime::Tokio1)

@@ -22,11 +22,24 @@ pub async fn prepare(config: &PostgresConfig) -> Result<i32, StoreError> {
     schema::migrate(&mut client).await
 }
 
+/// The connection settings of every session: the connect and statement
+/// timeouts on top of the configured URL.
+pub(crate) fn session(config: &PostgresConfig) -> tokio_postgres::Config {
+    let mut url = config.url.clone();
+    url.connect_timeout(config.connect_timeout);
+    let timeout = format!("-c statement_timeout={}", config.statement_timeout.as_millis());
+    let options = match url.get_options() {
+        Some(options) => format!("{options} {timeout}"),
+        None => timeout,
+    };
+    url.options(&options);
+    url
+}
+
 /// Connects once, outside any pool (the writer's and the tailer's
 /// connections are their own).
 pub(crate) async fn connect(config: &PostgresConfig) -> Result<Client, StoreError> {
-    let mut url = config.url.clone();
-    url.connect_timeout(config.connect_timeout);
+    let url = session(config);
     let (client, connection) =
         url.connect(NoTls).await.map_err(|e| StoreError::unavailable("cannot connect to PostgreSQL", e))?;
     tokio::spawn(async move {
