@@ -81,8 +81,9 @@ impl Engine {
 
     /// Plans `work` and commits its write set atomically, with sequences
     /// after `counters` (sled: the writer's own; PostgreSQL: the database's,
-    /// read under the counter row's lock). `planned` sees the plan before it
-    /// is committed (the crash harness's negative control answers there).
+    /// read under the counter row's lock). `planned` sees the plan before
+    /// anything of it is written (the crash harness's negative control
+    /// answers there).
     pub fn commit_batch(
         &self,
         work: &[Work],

@@ -105,7 +105,13 @@ impl Harness {
         self.spawn_node(0)
     }
 
+    /// Where node `node` writes its log (the last start's).
+    fn stderr_of(&self, node: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("node{node}.log"))
+    }
+
     fn spawn_node(&self, node: usize) -> Child {
+        let log = self.stderr_of(node);
         let node = &self.nodes[node];
         Command::new(BIN)
             .args(["--config", self.config.to_str().unwrap()])
@@ -115,7 +121,7 @@ impl Harness {
             .env("ORDERTRAIL_ADMIN_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("start ordertrail")
     }
@@ -133,7 +139,8 @@ impl Harness {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("the server exited on start-up ({status}): the database did not reopen");
+                let log = std::fs::read_to_string(self.stderr_of(node)).unwrap_or_default();
+                panic!("the server exited on start-up ({status}): the database did not reopen:\n{log}");
             }
             let uri = format!("http://{http}/readyz");
             if let Ok(Ok(response)) =

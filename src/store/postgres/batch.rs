@@ -47,10 +47,10 @@ pub(crate) async fn commit_batch(
             Err(wants) => found.absorb(read(&tx, &wants).await?),
         }
     };
+    before_commit(&planned);
     if planned.outcomes.iter().any(Result::is_ok) {
         write(&tx, &planned.writes).await?;
     }
-    before_commit(&planned);
     tx.commit().await.map_err(failed)?;
     Ok(planned)
 }
