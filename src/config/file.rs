@@ -124,6 +124,7 @@ pub(super) struct FilePostgres {
     pub(super) pool_size: Option<usize>,
     pub(super) connect_timeout_ms: Option<u64>,
     pub(super) statement_timeout_ms: Option<u64>,
+    pub(super) follow_poll_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]

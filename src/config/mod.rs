@@ -291,12 +291,17 @@ pub struct PostgresConfig {
     /// is answered 503 and retried by recovery, instead of holding the
     /// writer).
     pub statement_timeout: Duration,
+    /// How often a node looks for other nodes' events when no notification
+    /// woke it (notifications are lost while a connection is down).
+    pub follow_poll: Duration,
 }
 
 /// Default `store.postgres.pool_size`.
 pub const DEFAULT_POSTGRES_POOL_SIZE: usize = 8;
 /// Default `store.postgres.connect_timeout_ms`.
 pub const DEFAULT_POSTGRES_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default `store.postgres.follow_poll_ms`.
+pub const DEFAULT_POSTGRES_FOLLOW_POLL_MS: u64 = 250;
 /// Default `store.postgres.statement_timeout_ms`.
 pub const DEFAULT_POSTGRES_STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
@@ -642,7 +647,8 @@ fn postgres_config(
             "store.postgres.pool_size, connect_timeout_ms and statement_timeout_ms must be greater than 0",
         ));
     }
-    Ok(Some(PostgresConfig { url, pool_size, connect_timeout, statement_timeout }))
+    let follow_poll = Duration::from_millis(file.follow_poll_ms.unwrap_or(DEFAULT_POSTGRES_FOLLOW_POLL_MS).max(1));
+    Ok(Some(PostgresConfig { url, pool_size, connect_timeout, statement_timeout, follow_poll }))
 }
 
 #[cfg(test)]

@@ -73,6 +73,31 @@ impl Engine {
         }
     }
 
+    /// Waits until some process committed, or the engine's poll interval
+    /// passed (an engine one process owns is told by the group commit
+    /// instead and never waits here).
+    pub fn wait_for_commit(&self, after: u64) {
+        match self {
+            Self::Sled(_) => {}
+            Self::Postgres(engine) => engine.wait_for_commit(after),
+        }
+    }
+
+    /// Wakes whoever waits in [`Engine::wait_for_commit`].
+    pub fn wake(&self) {
+        if let Self::Postgres(engine) = self {
+            engine.wake();
+        }
+    }
+
+    /// Commit notifications so far (see [`Engine::wait_for_commit`]).
+    pub fn commits_seen(&self) -> u64 {
+        match self {
+            Self::Sled(_) => 0,
+            Self::Postgres(engine) => engine.commits_seen(),
+        }
+    }
+
     /// Whether other processes write to the same data (the feed then
     /// follows the database, see `store::follow`).
     pub fn is_shared(&self) -> bool {

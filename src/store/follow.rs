@@ -7,8 +7,10 @@
 //! durable head, in sequence order, from the database, moves the head, and
 //! publishes them. The sequences are dense and become visible in order
 //! (each batch holds the counter row's lock to COMMIT), so reading
-//! `sequence > head` never skips one. It reads again at once when this
-//! node committed, and at least every [`POLL`] for the others' commits.
+//! `sequence > head` never skips one. It reads again when any node's
+//! commit is notified (LISTEN/NOTIFY, only a wake-up), and at least every
+//! `store.postgres.follow_poll_ms`, since notifications are lost while a
+//! connection is down.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -20,7 +22,7 @@ use super::feed::Published;
 use super::{Inner, Store};
 use crate::proto::Event;
 
-/// Longest wait before looking for other nodes' commits.
+/// Longest wait before looking again after a failed read.
 const POLL: Duration = Duration::from_millis(50);
 /// Events read at a time.
 const PAGE: usize = 1000;
@@ -33,11 +35,14 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
         }
         let Some(inner) = store.upgrade() else { return };
         let store = Store { inner };
+        let engine = store.engine();
+        let seen = engine.as_ref().map_or(0, |engine| engine.commits_seen());
         let read = follow_once(&store, &shared);
         drop(store);
-        match read {
-            Ok(0) | Err(_) => shared.wait_for_commit(POLL),
-            Ok(_) => {}
+        match (read, engine) {
+            (Ok(0), Ok(engine)) => engine.wait_for_commit(seen),
+            (Ok(0) | Err(_), _) => shared.wait_for_commit(POLL),
+            (Ok(_), _) => {}
         }
     }
 }

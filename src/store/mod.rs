@@ -325,6 +325,9 @@ impl Store {
         // The writer closes the queue when it ends; after a failure it may
         // be gone already.
         self.inner.shared.close();
+        if let Ok(engine) = self.engine() {
+            engine.wake();
+        }
         if let Some(recovery) = recovery {
             let _ = recovery.join();
         }

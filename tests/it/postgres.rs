@@ -284,3 +284,34 @@ async fn a_stuck_database_fails_the_batch_instead_of_holding_the_writer() {
     server.metric_becomes("ordertrail_store_reopens_total", |n| n >= 1.0).await;
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200, "ingest resumed by itself");
 }
+
+/// A node follows the others by notification: with the fallback poll an
+/// hour apart, a subscriber still gets another node's events at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_nodes_commits_wake_the_follower_by_notification() {
+    use ordertrail::proto::SubscribeRequest;
+    use ordertrail::proto::subscribe_response::Message;
+    let cluster = PostgresCluster::start();
+    let config = format!(
+        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nfollow_poll_ms = 3600000\n",
+        cluster.url()
+    );
+    let a = crate::common::TestServer::start_with(&config).await;
+    let b = crate::common::TestServer::start_with(&config).await;
+    let request = SubscribeRequest { after_sequence: Some(0), ..Default::default() };
+    let mut stream = b.grpc().await.subscribe(request).await.unwrap().into_inner();
+    for n in 0..3 {
+        let body =
+            format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"n{n}","ExternalOrderId":"N{n}"}}"#);
+        assert_eq!(a.post_json("/webhooks/ordermesh", body).await.status, 200);
+    }
+    let mut received = 0;
+    while received < 3 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await;
+        if let Some(Message::Event(_)) = next.expect("no notification woke the follower").unwrap().unwrap().message {
+            received += 1;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

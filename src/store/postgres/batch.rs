@@ -50,6 +50,10 @@ pub(crate) async fn commit_batch(
     before_commit(&planned);
     if planned.outcomes.iter().any(Result::is_ok) {
         write(&tx, &planned.writes).await?;
+        if !planned.writes.events.is_empty() {
+            // Delivered at COMMIT: a wake-up for every node's follower.
+            tx.execute("SELECT pg_notify($1, '')", &[&super::engine::CHANNEL]).await.map_err(failed)?;
+        }
     }
     tx.commit().await.map_err(failed)?;
     Ok(planned)

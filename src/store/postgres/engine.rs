@@ -6,7 +6,8 @@
 //! the pool; reads use the pool. A committed batch is durable (COMMIT with
 //! `synchronous_commit` on), so making it durable again is nothing.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use prost::Message;
@@ -29,7 +30,21 @@ pub(crate) struct PostgresEngine {
     pool: Pool,
     /// Server settings weaker than the no-loss promise needs.
     warnings: Vec<String>,
+    /// Notifications of commits by any node (see [`listen`]).
+    commits: Arc<Commits>,
+    /// `store.postgres.follow_poll_ms`.
+    follow_poll: Duration,
 }
+
+/// A count of commit notifications, and a condvar to wait for the next.
+#[derive(Default)]
+struct Commits {
+    seen: Mutex<u64>,
+    arrived: Condvar,
+}
+
+/// The channel every batch notifies on commit.
+pub(super) const CHANNEL: &str = "ordertrail_events";
 
 impl Drop for PostgresEngine {
     fn drop(&mut self) {
@@ -80,7 +95,10 @@ impl PostgresEngine {
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
-        Ok(Self { runtime: Some(runtime), writer: Mutex::new(writer), pool, warnings })
+        let commits = Arc::new(Commits::default());
+        runtime.spawn(listen(super::session(config), commits.clone()));
+        let follow_poll = config.follow_poll;
+        Ok(Self { runtime: Some(runtime), writer: Mutex::new(writer), pool, warnings, commits, follow_poll })
     }
 
     fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
@@ -96,6 +114,26 @@ impl PostgresEngine {
             let client = self.pool.get().await.map_err(failed)?;
             client.query(sql, params).await.map_err(failed)
         })
+    }
+
+    /// Waits until some node committed (a notification arrived) or
+    /// `timeout` passed. Only a wake-up: notifications are lost while the
+    /// listening connection is down, so readers read `sequence > position`.
+    pub fn wait_for_commit(&self, after: u64) {
+        let seen = self.commits.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.commits.arrived.wait_timeout_while(seen, self.follow_poll, |seen| *seen == after);
+    }
+
+    /// Wakes whoever waits for a commit (the store is closing).
+    pub fn wake(&self) {
+        *self.commits.seen.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.commits.arrived.notify_all();
+    }
+
+    /// How many commit notifications arrived so far (taken before a read,
+    /// so that one arriving during it is not waited for).
+    pub fn commits_seen(&self) -> u64 {
+        *self.commits.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Server settings that weaken the promise (empty when there are none).
@@ -294,6 +332,40 @@ impl PostgresEngine {
             None => self.query("DELETE FROM ot_raw WHERE id = $1", &[&as_i64(id)])?,
         };
         Ok(())
+    }
+}
+
+/// Keeps a connection listening on [`CHANNEL`], reconnecting after a
+/// second when it is lost, and counts the notifications.
+async fn listen(session: tokio_postgres::Config, commits: Arc<Commits>) {
+    loop {
+        if let Ok((client, mut connection)) = session.connect(NoTls).await {
+            let notified = async {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                            *commits.seen.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                            commits.arrived.notify_all();
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
+                    }
+                }
+            };
+            let statement = format!("LISTEN {CHANNEL}");
+            let subscribe = client.batch_execute(&statement);
+            // The connection is driven by `notified` while LISTEN runs.
+            tokio::pin!(notified);
+            tokio::select! {
+                () = &mut notified => {}
+                listening = subscribe => {
+                    if listening.is_ok() {
+                        notified.await;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
