@@ -28,6 +28,26 @@ pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(&full).unwrap_or_else(|e| panic!("fixture {}: {e}", full.display()))
 }
 
+/// With `ORDERTRAIL_TEST_STORE=postgres`, the behaviour tests run on the
+/// PostgreSQL engine: each data dir gets its own private cluster (kept for
+/// restarts on the same dir). Returns its URL; `None` on sled, or when the
+/// test chose its store itself.
+fn engine_under_test(data_dir: &Path, extra_toml: &str) -> Option<String> {
+    static CLUSTERS: std::sync::Mutex<Vec<(std::path::PathBuf, ordertrail::testing::PostgresCluster)>> =
+        std::sync::Mutex::new(Vec::new());
+    if std::env::var("ORDERTRAIL_TEST_STORE").as_deref() != Ok("postgres") || extra_toml.contains("backend") {
+        return None;
+    }
+    let mut clusters = CLUSTERS.lock().unwrap();
+    if let Some((_, cluster)) = clusters.iter().find(|(dir, _)| dir == data_dir) {
+        return Some(cluster.url());
+    }
+    let cluster = ordertrail::testing::PostgresCluster::start();
+    let url = cluster.url();
+    clusters.push((data_dir.to_path_buf(), cluster));
+    Some(url)
+}
+
 /// A running server.
 pub struct TestServer {
     pub http_addr: SocketAddr,
@@ -76,7 +96,13 @@ impl TestServer {
 
     async fn start_on(dir: TempDir, extra_toml: &str, listeners: Listeners) -> Self {
         let data_dir = dir.path().display().to_string();
-        let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
+        let postgres = engine_under_test(dir.path(), extra_toml);
+        let env = |key: &str| match key {
+            "ORDERTRAIL_DATA_DIR" => Some(data_dir.clone()),
+            "ORDERTRAIL_STORE_BACKEND" => postgres.as_ref().map(|_| "postgres".to_string()),
+            "ORDERTRAIL_POSTGRES_URL" => postgres.clone(),
+            _ => None,
+        };
         let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
         let http_addr = listeners.http.local_addr().unwrap();
         let grpc_addr = listeners.grpc.local_addr().unwrap();
