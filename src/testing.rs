@@ -4,10 +4,13 @@
 //! server binaries must be on the machine; without them a test fails with
 //! one line naming the package, it is never skipped. `initdb` refuses to
 //! run as root, so a root test run starts the server as the `postgres` user.
+//! A watchdog process stops a cluster whose test process died without
+//! dropping it (killed, or a cluster kept in a `static`).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support fails loudly")]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 /// What to install when the server binaries are missing.
@@ -20,6 +23,8 @@ pub struct PostgresCluster {
     pub port: u16,
     /// The server's command-line options.
     options: String,
+    /// Stops the server and removes its files once this process is gone.
+    watchdog: std::process::Child,
 }
 
 impl PostgresCluster {
@@ -45,7 +50,8 @@ impl PostgresCluster {
         for setting in settings {
             options.push_str(&format!(" -c {setting}"));
         }
-        let cluster = Self { dir, port, options };
+        let watchdog = watchdog(dir.path());
+        let cluster = Self { dir, port, options, watchdog };
         cluster.resume();
         cluster.psql("postgres", "CREATE DATABASE ordertrail OWNER ordertrail");
         cluster
@@ -86,7 +92,30 @@ impl Drop for PostgresCluster {
     fn drop(&mut self) {
         let data = self.data();
         let _ = command(&["pg_ctl", "-D", path(&data), "-m", "immediate", "-w", "stop"]);
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
     }
+}
+
+/// A process, in its own process group (an interrupt of the tests does not
+/// reach it), that waits for this process to end, then stops the cluster
+/// in `dir` and removes it.
+fn watchdog(dir: &Path) -> std::process::Child {
+    const SCRIPT: &str = r#"owner=$1; dir=$2; shift 2
+while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+"$@" pg_ctl -D "$dir/data" -m immediate -w stop >/dev/null 2>&1
+rm -rf "$dir""#;
+    let owner = std::process::id().to_string();
+    let as_postgres: &[&str] = if is_root() { &["runuser", "-u", "postgres", "--"] } else { &[] };
+    Command::new("sh")
+        .args(["-c", SCRIPT, "sh", &owner, path(dir)])
+        .args(as_postgres)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("cannot start the cluster's watchdog")
 }
 
 fn require_binaries() {

@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::engine::Engine;
+use super::follow;
 use super::feed::Published;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
@@ -81,6 +82,10 @@ pub(super) struct Shared {
     followed: bool,
     /// Signalled after each group commit, for the follower.
     commits: Condvar,
+    /// Held while events are read from the engine and published to the
+    /// feed, by the follower or the flusher: each is published once, in
+    /// order.
+    follow: Mutex<()>,
     /// An injected storage fault (fault-injection tests): 0 none, else a
     /// [`FaultPoint`] as u8.
     #[cfg(any(test, feature = "test-util"))]
@@ -177,6 +182,7 @@ impl Shared {
             },
             followed,
             commits: Condvar::new(),
+            follow: Mutex::new(()),
             #[cfg(any(test, feature = "test-util"))]
             fault: AtomicU8::new(0),
             #[cfg(test)]
@@ -192,9 +198,15 @@ impl Shared {
         }
     }
 
+    /// The turn to read and publish followed events (see [`super::follow`]).
+    pub fn follow_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.follow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Moves the durable head over `events` (dense, in order, after the
     /// head), then publishes them: the head moves before events are
-    /// published, as for the group commit's own.
+    /// published, as for the group commit's own. Called with
+    /// [`Self::follow_turn`] held.
     pub fn publish_followed(&self, events: Vec<Published>) {
         let Some(last) = events.last().map(|e| e.sequence) else { return };
         self.written(last.max(self.written_head()));
@@ -485,9 +497,14 @@ impl Flusher {
         shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
         shared.stats.group_commit_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
         if shared.followed {
-            // The follower publishes every node's events, in order.
-            for pending in waiting {
-                let _ = pending.reply.send(Ok(pending.outcome));
+            // Every node's events are published in order, from the
+            // database; this node's own before it answers, so what it
+            // acknowledged is in its feed and below its head at once.
+            let (replies, own): (Vec<_>, Vec<_>) =
+                waiting.into_iter().map(|pending| ((pending.reply, pending.outcome), pending.events)).unzip();
+            follow::publish_through(&self.engine, shared, last_sequence, own.into_iter().flatten());
+            for (reply, outcome) in replies {
+                let _ = reply.send(Ok(outcome));
             }
             shared.commits.notify_all();
             return;

@@ -18,8 +18,9 @@ use std::time::Duration;
 use prost::Message;
 
 use super::commit::Shared;
+use super::engine::Engine;
 use super::feed::Published;
-use super::{Inner, Store};
+use super::{Inner, Store, StoreError};
 use crate::proto::Event;
 
 /// Longest wait before looking again after a failed read.
@@ -37,7 +38,10 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
         let store = Store { inner };
         let engine = store.engine();
         let seen = engine.as_ref().map_or(0, |engine| engine.commits_seen());
-        let read = follow_once(&store, &shared);
+        let read = engine.as_ref().map_err(Clone::clone).and_then(|engine| {
+            let _turn = shared.follow_turn();
+            follow_once(engine, &shared, u64::MAX >> 1)
+        });
         drop(store);
         match (read, engine) {
             (Ok(0), Ok(engine)) => engine.wait_for_commit(seen),
@@ -47,12 +51,42 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
     }
 }
 
-/// Publishes what was committed after the head; returns how many events.
-fn follow_once(store: &Store, shared: &Shared) -> Result<usize, super::StoreError> {
-    let engine = store.engine()?;
+/// Publishes everything up to `upto`, the end of this node's own commit,
+/// before the node answers it: its own events (`own`, ascending) as they
+/// are, what other nodes committed in between read from the database. A
+/// failed read leaves the rest to the follower; what was committed is
+/// durable either way.
+pub(super) fn publish_through(engine: &Engine, shared: &Shared, upto: u64, own: impl IntoIterator<Item = Published>) {
+    let _turn = shared.follow_turn();
+    let mut own = own.into_iter().peekable();
+    while shared.durable_head() < upto {
+        let head = shared.durable_head();
+        while own.next_if(|event| event.sequence <= head).is_some() {}
+        let mut next = Vec::new();
+        while let Some(event) = own.next_if(|event| event.sequence == head + 1 + next.len() as u64) {
+            next.push(event);
+        }
+        if !next.is_empty() {
+            shared.publish_followed(next);
+            continue;
+        }
+        let before = own.peek().map_or(upto, |event| event.sequence - 1);
+        match follow_once(engine, shared, before) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read committed events; the follower will publish them");
+                return;
+            }
+        }
+    }
+}
+
+/// Publishes what was committed after the head, up to `upto`; returns how
+/// many events. Called with [`Shared::follow_turn`] held.
+fn follow_once(engine: &Engine, shared: &Shared, upto: u64) -> Result<usize, StoreError> {
     let head = shared.durable_head();
-    let page: Vec<(u64, bytes::Bytes)> =
-        engine.events_encoded(head, u64::MAX >> 1).take(PAGE).collect::<Result<_, _>>()?;
+    let page: Vec<(u64, bytes::Bytes)> = engine.events_encoded(head, upto).take(PAGE).collect::<Result<_, _>>()?;
     let mut published = Vec::with_capacity(page.len());
     for (expected, (sequence, encoded)) in (head + 1..).zip(page) {
         if sequence != expected {
