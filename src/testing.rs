@@ -70,7 +70,17 @@ impl PostgresCluster {
 
     /// The URL ordertrail connects with.
     pub fn url(&self) -> String {
-        format!("postgres://ordertrail@127.0.0.1:{}/ordertrail", self.port)
+        self.url_of("ordertrail")
+    }
+
+    /// Creates another empty database, owned by `ordertrail`; returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE {name} OWNER ordertrail"));
+        self.url_of(name)
+    }
+
+    fn url_of(&self, database: &str) -> String {
+        format!("postgres://ordertrail@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Runs `sql` in `database` with psql; panics with its output on failure.

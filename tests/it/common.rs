@@ -28,23 +28,30 @@ pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(&full).unwrap_or_else(|e| panic!("fixture {}: {e}", full.display()))
 }
 
-/// With `ORDERTRAIL_TEST_STORE=postgres`, the behaviour tests run on the
-/// PostgreSQL engine: each data dir gets its own private cluster (kept for
-/// restarts on the same dir). Returns its URL; `None` on sled, or when the
-/// test chose its store itself.
+/// The engine a test binary runs the behaviour tests on: `it` on sled,
+/// `on_postgres` the same modules on PostgreSQL.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Engine {
+    Sled,
+    Postgres,
+}
+
+/// On [`Engine::Postgres`], each data dir gets its own database (kept for
+/// restarts on the same dir) in one private cluster per test binary.
+/// Returns its URL; `None` on sled, or when the test chose its store itself.
 fn engine_under_test(data_dir: &Path, extra_toml: &str) -> Option<String> {
-    static CLUSTERS: std::sync::Mutex<Vec<(std::path::PathBuf, ordertrail::testing::PostgresCluster)>> =
-        std::sync::Mutex::new(Vec::new());
-    if std::env::var("ORDERTRAIL_TEST_STORE").as_deref() != Ok("postgres") || extra_toml.contains("backend") {
+    static CLUSTER: std::sync::OnceLock<ordertrail::testing::PostgresCluster> = std::sync::OnceLock::new();
+    static DATABASES: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    if crate::ENGINE != Engine::Postgres || extra_toml.contains("backend") {
         return None;
     }
-    let mut clusters = CLUSTERS.lock().unwrap();
-    if let Some((_, cluster)) = clusters.iter().find(|(dir, _)| dir == data_dir) {
-        return Some(cluster.url());
+    let cluster = CLUSTER.get_or_init(ordertrail::testing::PostgresCluster::start);
+    let mut databases = DATABASES.lock().unwrap();
+    if let Some((_, url)) = databases.iter().find(|(dir, _)| dir == data_dir) {
+        return Some(url.clone());
     }
-    let cluster = ordertrail::testing::PostgresCluster::start();
-    let url = cluster.url();
-    clusters.push((data_dir.to_path_buf(), cluster));
+    let url = cluster.create_database(&format!("behaviour_{}", databases.len()));
+    databases.push((data_dir.to_path_buf(), url.clone()));
     Some(url)
 }
 
