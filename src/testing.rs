@@ -9,8 +9,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support fails loudly")]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// What to install when the server binaries are missing.

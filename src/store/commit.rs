@@ -20,8 +20,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::engine::Engine;
-use super::follow;
 use super::feed::Published;
+use super::follow;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
 use crate::config::{Durability, StoreConfig};
