@@ -195,3 +195,23 @@ fn config_errors_never_quote_a_secret() {
     let err = Config::from_toml("[http]\naddr = 12", &no_env).unwrap_err().to_string();
     assert!(err.contains("line 2"), "{err}");
 }
+
+#[test]
+fn cluster_example_config_is_valid_in_its_containers() {
+    let example = include_str!("../../examples/cluster/ordertrail.toml");
+    // What the Dockerfile and the compose file put in the environment.
+    let env = |key: &str| {
+        let value = match key {
+            "ORDERTRAIL_HTTP_ADDR" => "0.0.0.0:8080",
+            "ORDERTRAIL_GRPC_ADDR" => "0.0.0.0:50051",
+            "ORDERTRAIL_ADMIN_ADDR" => "0.0.0.0:9090",
+            "ORDERTRAIL_STORE_BACKEND" => "postgres",
+            "ORDERTRAIL_POSTGRES_URL" => "postgres://ordertrail:ordertrail@postgres:5432/ordertrail",
+            _ => return None,
+        };
+        Some(value.to_string())
+    };
+    let c = Config::from_toml(example, &env).unwrap();
+    assert_eq!(c.store.backend, Backend::Postgres);
+    assert_eq!(c.sources.len(), 2);
+}
