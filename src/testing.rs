@@ -41,11 +41,47 @@ impl PostgresCluster {
         let data = dir.path().join("data");
         as_owner(dir.path());
         run(&["initdb", "-D", path(&data), "-U", "ordertrail", "--auth=trust", "--no-instructions"]);
+        let cluster = Self::serve(dir, settings);
+        cluster.psql("postgres", "CREATE DATABASE ordertrail OWNER ordertrail");
+        cluster
+    }
+
+    /// Starts a streaming standby of `primary` (a base backup of it, then
+    /// following its WAL) that the primary knows as `name`: with
+    /// `synchronous_standby_names = name` on the primary, a COMMIT there
+    /// returns only once this standby has the commit.
+    pub fn standby_of(primary: &Self, name: &str) -> Self {
+        require_binaries();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        as_owner(dir.path());
+        let source = format!("host=127.0.0.1 port={} user=ordertrail application_name={name}", primary.port);
+        run(&["pg_basebackup", "-d", &source, "-D", path(&data), "-X", "stream", "-R", "-c", "fast"]);
+        Self::serve(dir, &[])
+    }
+
+    /// Makes every COMMIT on this primary wait for the standby `name`
+    /// (`synchronous_standby_names`), and waits until that standby is
+    /// streaming as the synchronous one.
+    pub fn make_synchronous(&self, name: &str) {
+        self.psql("postgres", &format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"));
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        let query = format!(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' AND sync_state = 'sync'"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.psql("postgres", &query) != "1" {
+            assert!(std::time::Instant::now() < deadline, "the standby {name} never became synchronous");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a server on `dir/data` on a free port.
+    fn serve(dir: tempfile::TempDir, settings: &[&str]) -> Self {
         let port = free_port();
-        let socket_dir = dir.path().to_path_buf();
         let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on",
-            socket_dir.display()
+            dir.path().display()
         );
         for setting in settings {
             options.push_str(&format!(" -c {setting}"));
@@ -53,8 +89,53 @@ impl PostgresCluster {
         let watchdog = watchdog(dir.path());
         let cluster = Self { dir, port, options, watchdog };
         cluster.resume();
-        cluster.psql("postgres", "CREATE DATABASE ordertrail OWNER ordertrail");
         cluster
+    }
+
+    /// Makes a standby the primary (`pg_ctl promote`), waiting until it is.
+    pub fn promote(&self) {
+        run(&["pg_ctl", "-D", path(&self.data()), "-w", "promote"]);
+    }
+
+    /// Kills the server and every process of it with SIGKILL, as the loss
+    /// of its host would: nothing is shut down, flushed or sent.
+    pub fn crash(&self) {
+        self.signal_all(rustix::process::Signal::KILL);
+    }
+
+    /// Stops this primary's WAL senders (SIGSTOP): its standbys receive
+    /// nothing more, while it goes on committing what does not wait for
+    /// them. Undone only by [`Self::crash`].
+    pub fn pause_replication(&self) {
+        for pid in self.processes() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("walsender")
+                && let Some(pid) = rustix::process::Pid::from_raw(pid)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::STOP);
+            }
+        }
+    }
+
+    /// Sends `signal` to the postmaster and its children.
+    fn signal_all(&self, signal: rustix::process::Signal) {
+        for pid in self.processes() {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+
+    /// The postmaster's process id, then its children's.
+    fn processes(&self) -> Vec<i32> {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let children = Command::new("pgrep").args(["-P", &postmaster.to_string()]).output().unwrap();
+        let children = String::from_utf8_lossy(&children.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect::<Vec<i32>>();
+        std::iter::once(postmaster).chain(children).collect()
     }
 
     /// Stops the server at once, as a crash would (`-m immediate`).
@@ -129,7 +210,7 @@ rm -rf "$dir""#;
 }
 
 fn require_binaries() {
-    for binary in ["initdb", "pg_ctl", "postgres", "psql"] {
+    for binary in ["initdb", "pg_ctl", "postgres", "psql", "pg_basebackup"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()));
         assert!(found, "the PostgreSQL tests need `{binary}` on the PATH: install the {PACKAGE} package");

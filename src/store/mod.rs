@@ -234,6 +234,10 @@ impl Store {
     /// Opens (or creates) the store under `config.data_dir` and starts the
     /// writer, flusher and recovery threads.
     pub(crate) fn open_blocking(config: &StoreConfig, mapper: Mapper) -> Result<Self, StoreError> {
+        // Every engine keeps the durability mark and the hand-over socket
+        // there, and storage is probed there after a failure.
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::unavailable(format!("cannot create {}", config.data_dir.display()), e))?;
         let known = mark::read(&config.data_dir)?;
         let engine = Engine::open(config)?;
         let counters = engine.counters()?;

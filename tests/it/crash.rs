@@ -26,6 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use ordertrail::proto::admin_client::AdminClient;
 use ordertrail::proto::order_trail_client::OrderTrailClient;
 use ordertrail::proto::{GetDeliveryRequest, ListEventsRequest};
+use ordertrail::testing::PostgresCluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
 const HMAC_KEY: &str = "crash-harness-hmac-key-0123456789";
@@ -280,6 +281,41 @@ impl Harness {
         verdict
     }
 
+    /// Runs the nodes on `primary` and its `standby` (a multi-host URL in
+    /// the config) under load: replication stalls for a moment (the
+    /// primary's WAL senders are stopped), the primary's host is lost (every process of it SIGKILLed),
+    /// the standby is promoted, and the load goes on until the nodes have
+    /// acknowledged `after` more deliveries on it (or a minute passed).
+    /// Returns how many were acknowledged after the promotion.
+    async fn run_failover(&self, primary: &PostgresCluster, standby: &PostgresCluster, after: usize) -> usize {
+        let mut children = Vec::new();
+        for node in 0..self.nodes.len() {
+            children.push(self.start_node(node).await);
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let acked = || self.log.lock().unwrap().iter().filter(|sent| sent.acked.is_some()).count();
+        let failover = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            primary.pause_replication();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            primary.crash();
+            tokio::task::block_in_place(|| standby.promote());
+            let promoted = acked();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while acked() < promoted + after && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.cancel();
+            promoted
+        };
+        let (promoted, ()) = tokio::join!(failover, self.load(stop.clone()));
+        for mut child in children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        acked() - promoted
+    }
+
     /// Checks the final state through the gRPC API and the raw store.
     async fn verify(&self) -> Verdict {
         let mut admin = AdminClient::connect(format!("http://{}", self.grpc)).await.unwrap();
@@ -442,4 +478,62 @@ async fn negative_control_the_cluster_harness_sees_losses_when_acks_precede_the_
         }
     }
     assert!(missing > 0, "acknowledging before COMMIT lost nothing the harness could see");
+}
+
+/// The config of nodes that follow a failover between `primary` and
+/// `standby`.
+fn failover_store(primary: &PostgresCluster, standby: &PostgresCluster) -> String {
+    format!(
+        "backend = \"postgres\"\n[store.postgres]\nconnect_timeout_ms = 1000\n\
+         url = \"postgres://ordertrail@127.0.0.1:{},127.0.0.1:{}/ordertrail?target_session_attrs=read-write\"",
+        primary.port, standby.port
+    )
+}
+
+/// A primary with a synchronous standby is lost under load; the standby is
+/// promoted and the nodes carry on against it without a restart. Every
+/// acknowledged delivery is on the new primary and the sequence is dense:
+/// a COMMIT returned only once the standby had it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_synchronous_standby_loses_nothing_acknowledged() {
+    let primary = PostgresCluster::start();
+    let standby = PostgresCluster::standby_of(&primary, "standby");
+    primary.make_synchronous("standby");
+    let harness = Harness::with(false, 3, &failover_store(&primary, &standby));
+    let after = harness.run_failover(&primary, &standby, 200).await;
+    assert!(after >= 200, "the nodes did not carry on against the new primary: {after} acknowledged after it");
+    let mut node = harness.start_node(0).await;
+    let verdict = harness.verify().await;
+    node.kill().unwrap();
+    node.wait().unwrap();
+    eprintln!("failover to a synchronous standby: {verdict:?}, {after} acknowledged after the promotion");
+    assert!(verdict.acked > 400, "too little load to mean anything: {verdict:?}");
+    assert_eq!(verdict.missing, 0, "acknowledged deliveries lost in the failover: {verdict:?}");
+    assert!(verdict.problems.is_empty(), "{:#?}", verdict.problems);
+}
+
+/// What the README warns about, shown: the same failover to an
+/// *asynchronous* standby loses what the primary acknowledged while the
+/// standby was behind, and the new primary hands those sequences to other
+/// deliveries: the harness finds the losses through a fresh node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_an_asynchronous_standby_loses_acknowledged_deliveries() {
+    let primary = PostgresCluster::start();
+    let standby = PostgresCluster::standby_of(&primary, "standby");
+    let harness = Harness::with(false, 3, &failover_store(&primary, &standby));
+    harness.run_failover(&primary, &standby, 0).await;
+    // A node without the others' durability marks serves the new primary.
+    std::fs::remove_dir_all(&harness.nodes[0].data_dir).unwrap();
+    let mut node = harness.start_node(0).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopper = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    };
+    tokio::join!(harness.load(stop.clone()), stopper);
+    let verdict = harness.verify().await;
+    node.kill().unwrap();
+    node.wait().unwrap();
+    eprintln!("failover to an asynchronous standby: {verdict:?}");
+    assert!(verdict.missing > 0, "an asynchronous standby lost nothing the harness could see: {verdict:?}");
 }
