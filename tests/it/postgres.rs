@@ -315,3 +315,30 @@ async fn other_nodes_commits_wake_the_follower_by_notification() {
     a.stop().await;
     b.stop().await;
 }
+
+/// PostgreSQL does not time out a COMMIT waiting for a synchronous standby
+/// (`statement_timeout` ends before it). With replication stalled, a
+/// webhook is neither acknowledged nor held for ever: the node gives up on
+/// the COMMIT after `statement_timeout_ms` and answers 503.
+#[tokio::test]
+async fn a_commit_the_synchronous_standby_does_not_confirm_is_never_acknowledged() {
+    let primary = PostgresCluster::start();
+    let standby = PostgresCluster::standby_of(&primary, "standby");
+    primary.make_synchronous("standby");
+    let config = format!(
+        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nstatement_timeout_ms = 300\n",
+        primary.url()
+    );
+    let server = crate::common::TestServer::start_with(&config).await;
+    let body = |n: u32| {
+        format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"r{n}","ExternalOrderId":"R{n}"}}"#)
+    };
+    assert_eq!(server.post_json("/webhooks/ordermesh", body(0)).await.status, 200);
+    primary.pause_replication();
+    let answer =
+        tokio::time::timeout(std::time::Duration::from_secs(60), server.post_json("/webhooks/ordermesh", body(1)))
+            .await
+            .expect("the webhook was held by a COMMIT the standby never confirmed");
+    assert_eq!(answer.status, 503, "acknowledged without the standby: {}", answer.json);
+    drop(standby);
+}

@@ -23,10 +23,20 @@ use crate::store::plan::{
 
 /// Plans and commits `batch`; when this returns `Ok`, the write set is
 /// durable (COMMIT returned, with `synchronous_commit` on).
+///
+/// PostgreSQL does not apply `statement_timeout` to a COMMIT's wait for a
+/// synchronous standby: a standby that stops confirming would hold the
+/// COMMIT, and with it this node's writer and every node's batches (the
+/// counter row), for ever. So the COMMIT runs under `commit_timeout` here.
+/// Past it the outcome is unknown: the batch fails (503), the connection is
+/// given up with the engine (never cancelled: a cancelled wait is answered
+/// with success and a warning), and a retry of the same delivery is made
+/// safe by dedup.
 pub(crate) async fn commit_batch(
     client: &mut Client,
     batch: &[Work],
     retain_events: u64,
+    commit_timeout: std::time::Duration,
     before_commit: &mut (dyn FnMut(&Planned) + Send),
 ) -> Result<Planned, StoreError> {
     let tx = client.transaction().await.map_err(failed)?;
@@ -55,7 +65,14 @@ pub(crate) async fn commit_batch(
             tx.execute("SELECT pg_notify($1, '')", &[&super::engine::CHANNEL]).await.map_err(failed)?;
         }
     }
-    tx.commit().await.map_err(failed)?;
+    match tokio::time::timeout(commit_timeout, tx.commit()).await {
+        Ok(committed) => committed.map_err(failed)?,
+        Err(_) => {
+            return Err(StoreError::unavailable_because(
+                "COMMIT did not return in time (is a synchronous standby unreachable?); its outcome is unknown",
+            ));
+        }
+    }
     Ok(planned)
 }
 

@@ -34,6 +34,8 @@ pub(crate) struct PostgresEngine {
     commits: Arc<Commits>,
     /// `store.postgres.follow_poll_ms`.
     follow_poll: Duration,
+    /// How long a COMMIT may take (`store.postgres.statement_timeout_ms`).
+    commit_timeout: Duration,
 }
 
 /// A count of commit notifications, and a condvar to wait for the next.
@@ -97,8 +99,16 @@ impl PostgresEngine {
         }
         let commits = Arc::new(Commits::default());
         runtime.spawn(listen(super::session(config), commits.clone()));
-        let follow_poll = config.follow_poll;
-        Ok(Self { runtime: Some(runtime), writer: Mutex::new(writer), pool, warnings, commits, follow_poll })
+        let (follow_poll, commit_timeout) = (config.follow_poll, config.statement_timeout);
+        Ok(Self {
+            runtime: Some(runtime),
+            writer: Mutex::new(writer),
+            pool,
+            warnings,
+            commits,
+            follow_poll,
+            commit_timeout,
+        })
     }
 
     fn block_on<T>(&self, work: impl Future<Output = T>) -> T {
@@ -149,7 +159,7 @@ impl PostgresEngine {
         before_commit: &mut (dyn FnMut(&Planned) + Send),
     ) -> Result<Planned, StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.block_on(batch::commit_batch(&mut writer, work, retain_events, before_commit))
+        self.block_on(batch::commit_batch(&mut writer, work, retain_events, self.commit_timeout, before_commit))
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {

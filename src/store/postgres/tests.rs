@@ -8,6 +8,9 @@ use crate::store::IngestOutcome;
 use crate::store::plan::Work;
 use crate::testing::PostgresCluster;
 
+/// Long enough never to be reached here.
+const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn config(cluster: &PostgresCluster) -> crate::config::PostgresConfig {
     let env = |key: &str| match key {
         "ORDERTRAIL_STORE_BACKEND" => Some("postgres".to_string()),
@@ -37,12 +40,25 @@ async fn a_batch_commits_with_dense_sequences_and_later_batches_find_its_orders(
     let config = config(&cluster);
     let mut client = connect(&config).await.unwrap();
     schema::migrate(&mut client).await.unwrap();
-    let created = commit_batch(&mut client, &(0..100).map(|n| creation("a", n)).collect::<Vec<_>>(), 0, &mut |_| {})
-        .await
-        .unwrap();
+    let created = commit_batch(
+        &mut client,
+        &(0..100).map(|n| creation("a", n)).collect::<Vec<_>>(),
+        0,
+        COMMIT_TIMEOUT,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
     assert!(created.outcomes.iter().all(|o| matches!(o, Ok((IngestOutcome::Applied { .. }, _)))));
-    let updated =
-        commit_batch(&mut client, &(0..100).map(|n| update("a", n)).collect::<Vec<_>>(), 0, &mut |_| {}).await.unwrap();
+    let updated = commit_batch(
+        &mut client,
+        &(0..100).map(|n| update("a", n)).collect::<Vec<_>>(),
+        0,
+        COMMIT_TIMEOUT,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
     assert!(updated.outcomes.iter().all(|o| matches!(o, Ok((IngestOutcome::Applied { .. }, _)))));
     assert_eq!(updated.writes.counters.last_order, 100, "every update found its order");
     assert_eq!(cluster.psql("ordertrail", "SELECT count(*) || ' ' || max(sequence) FROM ot_events"), "200 200");
@@ -69,7 +85,7 @@ async fn concurrent_nodes_number_densely_and_store_a_shared_delivery_once() {
                 for round in 0..20 {
                     let mut batch: Vec<Work> = (0..10).map(|n| creation(node, round * 10 + n)).collect();
                     batch.push(creation("shared", round));
-                    let planned = commit_batch(&mut client, &batch, 0, &mut |_| {}).await.unwrap();
+                    let planned = commit_batch(&mut client, &batch, 0, COMMIT_TIMEOUT, &mut |_| {}).await.unwrap();
                     let sequences: Vec<u64> = planned.writes.events.iter().map(|(s, _)| *s).collect();
                     blocks.push(sequences);
                     if matches!(planned.outcomes[10], Ok((IngestOutcome::Applied { .. }, _))) {
