@@ -125,6 +125,9 @@ pub(super) struct FilePostgres {
     pub(super) connect_timeout_ms: Option<u64>,
     pub(super) statement_timeout_ms: Option<u64>,
     pub(super) follow_poll_ms: Option<u64>,
+    #[cfg(any(test, feature = "test-util"))]
+    #[serde(default)]
+    pub(super) unsafe_sequence_outside_lock: bool,
 }
 
 #[derive(Default, Deserialize)]

@@ -294,6 +294,13 @@ pub struct PostgresConfig {
     /// How often a node looks for other nodes' events when no notification
     /// woke it (notifications are lost while a connection is down).
     pub follow_poll: Duration,
+    /// UNSAFE, for the sequencing's negative control only: numbers are
+    /// handed out outside the counter row's lock, as a plain sequence does,
+    /// so batches commit in another order than their numbers and a reader
+    /// of `sequence > position` can skip events. Only in builds with the
+    /// `test-util` feature.
+    #[cfg(any(test, feature = "test-util"))]
+    pub unsafe_sequence_outside_lock: bool,
 }
 
 /// Default `store.postgres.pool_size`.
@@ -648,7 +655,15 @@ fn postgres_config(
         ));
     }
     let follow_poll = Duration::from_millis(file.follow_poll_ms.unwrap_or(DEFAULT_POSTGRES_FOLLOW_POLL_MS).max(1));
-    Ok(Some(PostgresConfig { url, pool_size, connect_timeout, statement_timeout, follow_poll }))
+    Ok(Some(PostgresConfig {
+        url,
+        pool_size,
+        connect_timeout,
+        statement_timeout,
+        follow_poll,
+        #[cfg(any(test, feature = "test-util"))]
+        unsafe_sequence_outside_lock: file.unsafe_sequence_outside_lock,
+    }))
 }
 
 #[cfg(test)]

@@ -32,16 +32,23 @@ use crate::store::plan::{
 /// given up with the engine (never cancelled: a cancelled wait is answered
 /// with success and a warning), and a retry of the same delivery is made
 /// safe by dedup.
+///
+/// `outside_the_lock` is the negative control of the sequencing (test
+/// builds only; `None` otherwise): numbers are reserved on that second
+/// connection and committed at once, as a plain sequence hands them out,
+/// and the counter row is neither locked nor moved by the batch.
 pub(crate) async fn commit_batch(
     client: &mut Client,
     batch: &[Work],
     retain_events: u64,
     commit_timeout: std::time::Duration,
+    outside_the_lock: Option<&Client>,
     before_commit: &mut (dyn FnMut(&Planned) + Send),
 ) -> Result<Planned, StoreError> {
     let tx = client.transaction().await.map_err(failed)?;
+    let lock = if outside_the_lock.is_some() { "" } else { " FOR UPDATE" };
     let row = tx
-        .query_one("SELECT last_sequence, last_raw, last_order FROM ot_counters WHERE id = 1 FOR UPDATE", &[])
+        .query_one(&format!("SELECT last_sequence, last_raw, last_order FROM ot_counters WHERE id = 1{lock}"), &[])
         .await
         .map_err(failed)?;
     let counters =
@@ -51,15 +58,20 @@ pub(crate) async fn commit_batch(
     if !orders.is_empty() {
         found.absorb(read(&tx, &orders).await?);
     }
-    let planned = loop {
+    let mut planned = loop {
         match plan::plan(batch, counters, &found, retain_events) {
             Ok(planned) => break planned,
             Err(wants) => found.absorb(read(&tx, &wants).await?),
         }
     };
+    if let Some(sequencer) = outside_the_lock {
+        let numbered = reserve(sequencer, counters, planned.writes.counters).await?;
+        planned = plan::plan(batch, numbered, &found, retain_events)
+            .map_err(|_| StoreError::unavailable_because("planning the same batch again asked for other reads"))?;
+    }
     before_commit(&planned);
     if planned.outcomes.iter().any(Result::is_ok) {
-        write(&tx, &planned.writes).await?;
+        write(&tx, &planned.writes, outside_the_lock.is_none()).await?;
         if !planned.writes.events.is_empty() {
             // Delivered at COMMIT: a wake-up for every node's follower.
             tx.execute("SELECT pg_notify($1, '')", &[&super::engine::CHANNEL]).await.map_err(failed)?;
@@ -74,6 +86,23 @@ pub(crate) async fn commit_batch(
         }
     }
     Ok(planned)
+}
+
+/// Reserves as many numbers as a batch planned from `from` up to `to` took,
+/// committed at once on `sequencer`; returns the counters to number from.
+async fn reserve(sequencer: &Client, from: Counters, to: Counters) -> Result<Counters, StoreError> {
+    let taken = [to.last_sequence - from.last_sequence, to.last_raw - from.last_raw, to.last_order - from.last_order]
+        .map(as_i64);
+    let row = sequencer
+        .query_one(
+            "UPDATE ot_counters SET last_sequence = last_sequence + $1, last_raw = last_raw + $2,
+                 last_order = last_order + $3 WHERE id = 1
+             RETURNING last_sequence - $1, last_raw - $2, last_order - $3",
+            &[&taken[0], &taken[1], &taken[2]],
+        )
+        .await
+        .map_err(failed)?;
+    Ok(Counters { last_sequence: as_u64(row.get(0)), last_raw: as_u64(row.get(1)), last_order: as_u64(row.get(2)) })
 }
 
 fn failed(e: tokio_postgres::Error) -> StoreError {
@@ -195,7 +224,9 @@ fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
 }
 
 /// The write set, one statement per table.
-async fn write(tx: &Transaction<'_>, writes: &WriteSet) -> Result<(), StoreError> {
+/// Writes the write set; moves the counter row unless the numbers were
+/// reserved outside it.
+async fn write(tx: &Transaction<'_>, writes: &WriteSet, move_counters: bool) -> Result<(), StoreError> {
     let ids: Vec<i64> = writes.raws.iter().map(|r| as_i64(r.id)).collect();
     let records: Vec<Vec<u8>> = writes.raws.iter().map(Message::encode_to_vec).collect();
     tx.execute(
@@ -237,6 +268,9 @@ async fn write(tx: &Transaction<'_>, writes: &WriteSet) -> Result<(), StoreError
     .await
     .map_err(failed)?;
     write_index_and_dedup(tx, writes).await?;
+    if !move_counters {
+        return Ok(());
+    }
     let c = writes.counters;
     tx.execute(
         "UPDATE ot_counters SET last_sequence = $1, last_raw = $2, last_order = $3 WHERE id = 1",

@@ -36,6 +36,10 @@ pub(crate) struct PostgresEngine {
     follow_poll: Duration,
     /// How long a COMMIT may take (`store.postgres.statement_timeout_ms`).
     commit_timeout: Duration,
+    /// The negative control's second connection, which hands out numbers
+    /// outside the counter row's lock (test builds only; see
+    /// [`batch::commit_batch`]).
+    outside_the_lock: Option<Client>,
 }
 
 /// A count of commit notifications, and a condvar to wait for the next.
@@ -78,8 +82,12 @@ impl PostgresEngine {
             .enable_all()
             .build()
             .map_err(|e| StoreError::unavailable("cannot start the PostgreSQL runtime", e))?;
-        let (writer, pool, warnings) = runtime.block_on(async {
+        let (writer, pool, warnings, outside_the_lock) = runtime.block_on(async {
             let mut writer = connect(config).await?;
+            let outside_the_lock = match sequence_outside_the_lock(config) {
+                true => Some(connect(config).await?),
+                false => None,
+            };
             schema::migrate(&mut writer).await?;
             let warnings = weak_settings(&writer).await?;
             let manager = Manager::from_config(
@@ -92,7 +100,7 @@ impl PostgresEngine {
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .build()
                 .map_err(failed)?;
-            Ok::<_, StoreError>((writer, pool, warnings))
+            Ok::<_, StoreError>((writer, pool, warnings, outside_the_lock))
         })?;
         for warning in &warnings {
             tracing::warn!("{warning}");
@@ -108,6 +116,7 @@ impl PostgresEngine {
             commits,
             follow_poll,
             commit_timeout,
+            outside_the_lock,
         })
     }
 
@@ -159,7 +168,15 @@ impl PostgresEngine {
         before_commit: &mut (dyn FnMut(&Planned) + Send),
     ) -> Result<Planned, StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.block_on(batch::commit_batch(&mut writer, work, retain_events, self.commit_timeout, before_commit))
+        let outside_the_lock = self.outside_the_lock.as_ref();
+        self.block_on(batch::commit_batch(
+            &mut writer,
+            work,
+            retain_events,
+            self.commit_timeout,
+            outside_the_lock,
+            before_commit,
+        ))
     }
 
     pub fn counters(&self) -> Result<Counters, StoreError> {
@@ -377,6 +394,19 @@ async fn listen(session: tokio_postgres::Config, commits: Arc<Commits>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+fn sequence_outside_the_lock(config: &PostgresConfig) -> bool {
+    if config.unsafe_sequence_outside_lock {
+        tracing::warn!("store.postgres.unsafe_sequence_outside_lock is set: readers can skip events");
+    }
+    config.unsafe_sequence_outside_lock
+}
+
+#[cfg(not(any(test, feature = "test-util")))]
+fn sequence_outside_the_lock(_config: &PostgresConfig) -> bool {
+    false
 }
 
 /// What the server's settings take from "acknowledged means durable".

@@ -45,6 +45,7 @@ async fn a_batch_commits_with_dense_sequences_and_later_batches_find_its_orders(
         &(0..100).map(|n| creation("a", n)).collect::<Vec<_>>(),
         0,
         COMMIT_TIMEOUT,
+        None,
         &mut |_| {},
     )
     .await
@@ -55,6 +56,7 @@ async fn a_batch_commits_with_dense_sequences_and_later_batches_find_its_orders(
         &(0..100).map(|n| update("a", n)).collect::<Vec<_>>(),
         0,
         COMMIT_TIMEOUT,
+        None,
         &mut |_| {},
     )
     .await
@@ -85,7 +87,8 @@ async fn concurrent_nodes_number_densely_and_store_a_shared_delivery_once() {
                 for round in 0..20 {
                     let mut batch: Vec<Work> = (0..10).map(|n| creation(node, round * 10 + n)).collect();
                     batch.push(creation("shared", round));
-                    let planned = commit_batch(&mut client, &batch, 0, COMMIT_TIMEOUT, &mut |_| {}).await.unwrap();
+                    let planned =
+                        commit_batch(&mut client, &batch, 0, COMMIT_TIMEOUT, None, &mut |_| {}).await.unwrap();
                     let sequences: Vec<u64> = planned.writes.events.iter().map(|(s, _)| *s).collect();
                     blocks.push(sequences);
                     if matches!(planned.outcomes[10], Ok((IngestOutcome::Applied { .. }, _))) {
