@@ -39,7 +39,7 @@ pub(crate) struct PostgresEngine {
     /// The negative control's second connection, which hands out numbers
     /// outside the counter row's lock (test builds only; see
     /// [`batch::commit_batch`]).
-    outside_the_lock: Option<Client>,
+    outside_the_lock: Option<Box<Client>>,
 }
 
 /// A count of commit notifications, and a condvar to wait for the next.
@@ -85,7 +85,7 @@ impl PostgresEngine {
         let (writer, pool, warnings, outside_the_lock) = runtime.block_on(async {
             let mut writer = connect(config).await?;
             let outside_the_lock = match sequence_outside_the_lock(config) {
-                true => Some(connect(config).await?),
+                true => Some(Box::new(connect(config).await?)),
                 false => None,
             };
             schema::migrate(&mut writer).await?;
@@ -168,7 +168,7 @@ impl PostgresEngine {
         before_commit: &mut (dyn FnMut(&Planned) + Send),
     ) -> Result<Planned, StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let outside_the_lock = self.outside_the_lock.as_ref();
+        let outside_the_lock = self.outside_the_lock.as_deref();
         self.block_on(batch::commit_batch(
             &mut writer,
             work,
