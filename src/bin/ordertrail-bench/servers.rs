@@ -141,7 +141,7 @@ pub(crate) async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str, settin
         // The one-off background verification after start is not what the
         // scenarios measure.
         "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n\
-         verify_on_start = false\n{}{extra}\n{}",
+         verify_on_start = false\n{extra}\n{}\n{}",
         dir.display().to_string(),
         cache.unwrap_or_default(),
         sources_toml()

@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 
 use prost::Message;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::proto::{DeliveryOutcome, RawDelivery, StoredOrder};
 use crate::store::StoreError;
@@ -20,6 +21,60 @@ use crate::store::plan::{
     self, Counters, DedupEntry, DedupKey, Found, Planned, RefKey, RefKind, UnmappedKey, Wants, WithHistory, Work,
     WriteSet,
 };
+
+/// The writer's statements, prepared once per connection (one round trip
+/// each saved per batch). The statements of a batch are sent together, so
+/// none depends on another's having run first (see [`write`]).
+pub(crate) struct Prepared {
+    raw: Statement,
+    quarantine: Statement,
+    events: Statement,
+    pruned: Statement,
+    orders: Statement,
+    counters: Statement,
+    notify: Statement,
+    index: Statement,
+    dedup: Statement,
+    unmapped: Statement,
+}
+
+impl Prepared {
+    pub(crate) async fn on(client: &Client) -> Result<Self, StoreError> {
+        let (raw, quarantine, events, pruned, orders, counters, notify, index, dedup, unmapped) = tokio::try_join!(
+            client.prepare(
+                "INSERT INTO ot_raw (id, record, quarantined)
+                 SELECT * FROM unnest($1::int8[], $2::bytea[], $3::bool[])
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record"
+            ),
+            client.prepare(
+                "UPDATE ot_raw SET quarantined = q.flag FROM unnest($1::int8[], $2::bool[]) AS q(id, flag)
+             WHERE ot_raw.id = q.id"
+            ),
+            client.prepare("INSERT INTO ot_events SELECT * FROM unnest($1::int8[], $2::bytea[])"),
+            client.prepare("DELETE FROM ot_events WHERE sequence = ANY($1)"),
+            client.prepare(
+                "INSERT INTO ot_orders SELECT * FROM unnest($1::int8[], $2::bytea[])
+             ON CONFLICT (id) DO UPDATE SET stored = EXCLUDED.stored"
+            ),
+            client.prepare("UPDATE ot_counters SET last_sequence = $1, last_raw = $2, last_order = $3 WHERE id = 1"),
+            client.prepare("SELECT pg_notify($1, '')"),
+            client.prepare(
+                "INSERT INTO ot_index SELECT * FROM unnest($1::int2[], $2::text[], $3::text[], $4::int8[])
+             ON CONFLICT DO NOTHING"
+            ),
+            client.prepare(
+                "INSERT INTO ot_dedup SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[])
+             ON CONFLICT (source, key) DO UPDATE SET raw_id = EXCLUDED.raw_id, outcome = EXCLUDED.outcome"
+            ),
+            client.prepare(
+                "INSERT INTO ot_unmapped SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[])
+             ON CONFLICT (provider, applies_to, value) DO UPDATE SET count = EXCLUDED.count"
+            ),
+        )
+        .map_err(failed)?;
+        Ok(Self { raw, quarantine, events, pruned, orders, counters, notify, index, dedup, unmapped })
+    }
+}
 
 /// Plans and commits `batch`; when this returns `Ok`, the write set is
 /// durable (COMMIT returned, with `synchronous_commit` on).
@@ -39,6 +94,7 @@ use crate::store::plan::{
 /// and the counter row is neither locked nor moved by the batch.
 pub(crate) async fn commit_batch(
     client: &mut Client,
+    prepared: &Prepared,
     batch: &[Work],
     retain_events: u64,
     commit_timeout: std::time::Duration,
@@ -71,11 +127,7 @@ pub(crate) async fn commit_batch(
     }
     before_commit(&planned);
     if planned.outcomes.iter().any(Result::is_ok) {
-        write(&tx, &planned.writes, outside_the_lock.is_none()).await?;
-        if !planned.writes.events.is_empty() {
-            // Delivered at COMMIT: a wake-up for every node's follower.
-            tx.execute("SELECT pg_notify($1, '')", &[&super::engine::CHANNEL]).await.map_err(failed)?;
-        }
+        write(&tx, prepared, &planned.writes, outside_the_lock.is_none()).await?;
     }
     match tokio::time::timeout(commit_timeout, tx.commit()).await {
         Ok(committed) => committed.map_err(failed)?,
@@ -223,36 +275,35 @@ fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
     Ok((stored.order.unwrap_or_default(), stored.event_sequences))
 }
 
-/// The write set, one statement per table.
-/// Writes the write set; moves the counter row unless the numbers were
-/// reserved outside it.
-async fn write(tx: &Transaction<'_>, writes: &WriteSet, move_counters: bool) -> Result<(), StoreError> {
-    let ids: Vec<i64> = writes.raws.iter().map(|r| as_i64(r.id)).collect();
+/// Writes the write set, one statement per table that changes, sent
+/// together (pipelined on the connection: one round trip, not one per
+/// statement); moves the counter row unless the numbers were reserved
+/// outside it, and notifies the followers when there are events.
+async fn write(
+    tx: &Transaction<'_>,
+    prepared: &Prepared,
+    writes: &WriteSet,
+    move_counters: bool,
+) -> Result<(), StoreError> {
+    // Order-free: a new raw record carries its quarantine flag (the UPDATE
+    // is for records stored before), and an event both written and pruned
+    // by this batch is simply not written.
+    let quarantine: BTreeMap<u64, bool> = writes.quarantine.iter().map(|(id, q)| (*id, *q)).collect();
+    let raw_ids: Vec<i64> = writes.raws.iter().map(|r| as_i64(r.id)).collect();
     let records: Vec<Vec<u8>> = writes.raws.iter().map(Message::encode_to_vec).collect();
-    tx.execute(
-        "INSERT INTO ot_raw (id, record) SELECT * FROM unnest($1::int8[], $2::bytea[])
-         ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-        &[&ids, &records],
-    )
-    .await
-    .map_err(failed)?;
-    let quarantine: BTreeMap<i64, bool> = writes.quarantine.iter().map(|(id, q)| (as_i64(*id), *q)).collect();
-    let (ids, flags): (Vec<i64>, Vec<bool>) = quarantine.into_iter().unzip();
-    tx.execute(
-        "UPDATE ot_raw SET quarantined = q.flag FROM unnest($1::int8[], $2::bool[]) AS q(id, flag)
-         WHERE ot_raw.id = q.id",
-        &[&ids, &flags],
-    )
-    .await
-    .map_err(failed)?;
-    let sequences: Vec<i64> = writes.events.iter().map(|(s, _)| as_i64(*s)).collect();
-    let events: Vec<&[u8]> = writes.events.iter().map(|(_, e)| e.as_ref()).collect();
-    tx.execute("INSERT INTO ot_events SELECT * FROM unnest($1::int8[], $2::bytea[])", &[&sequences, &events])
-        .await
-        .map_err(failed)?;
-    let pruned: Vec<i64> = writes.pruned_events.iter().map(|s| as_i64(*s)).collect();
-    tx.execute("DELETE FROM ot_events WHERE sequence = ANY($1)", &[&pruned]).await.map_err(failed)?;
-    let ids: Vec<i64> = writes.orders.keys().map(|id| as_i64(*id)).collect();
+    let raw_flags: Vec<bool> = writes.raws.iter().map(|r| quarantine.get(&r.id).copied().unwrap_or(false)).collect();
+    let (quarantine_ids, flags): (Vec<i64>, Vec<bool>) = quarantine.iter().map(|(id, q)| (as_i64(*id), *q)).unzip();
+    let pruned_now: std::collections::BTreeSet<u64> = writes.pruned_events.iter().copied().collect();
+    let (sequences, events): (Vec<i64>, Vec<&[u8]>) = writes
+        .events
+        .iter()
+        .filter(|(sequence, _)| !pruned_now.contains(sequence))
+        .map(|(sequence, event)| (as_i64(*sequence), event.as_ref()))
+        .unzip();
+    let written: std::collections::BTreeSet<u64> = writes.events.iter().map(|(sequence, _)| *sequence).collect();
+    let pruned: Vec<i64> =
+        writes.pruned_events.iter().filter(|sequence| !written.contains(sequence)).map(|s| as_i64(*s)).collect();
+    let order_ids: Vec<i64> = writes.orders.keys().map(|id| as_i64(*id)).collect();
     let stored: Vec<Vec<u8>> = writes
         .orders
         .values()
@@ -260,62 +311,70 @@ async fn write(tx: &Transaction<'_>, writes: &WriteSet, move_counters: bool) -> 
             StoredOrder { order: Some(order.clone()), event_sequences: history.clone() }.encode_to_vec()
         })
         .collect();
-    tx.execute(
-        "INSERT INTO ot_orders SELECT * FROM unnest($1::int8[], $2::bytea[])
-         ON CONFLICT (id) DO UPDATE SET stored = EXCLUDED.stored",
-        &[&ids, &stored],
-    )
-    .await
-    .map_err(failed)?;
-    write_index_and_dedup(tx, writes).await?;
-    if !move_counters {
-        return Ok(());
-    }
     let c = writes.counters;
-    tx.execute(
-        "UPDATE ot_counters SET last_sequence = $1, last_raw = $2, last_order = $3 WHERE id = 1",
-        &[&as_i64(c.last_sequence), &as_i64(c.last_raw), &as_i64(c.last_order)],
+    let counters = [c.last_sequence, c.last_raw, c.last_order].map(as_i64);
+    let params_1: [&(dyn ToSql + Sync); 3] = [&raw_ids, &records, &raw_flags];
+    let params_2: [&(dyn ToSql + Sync); 2] = [&quarantine_ids, &flags];
+    let params_3: [&(dyn ToSql + Sync); 2] = [&sequences, &events];
+    let params_4: [&(dyn ToSql + Sync); 1] = [&pruned];
+    let params_5: [&(dyn ToSql + Sync); 2] = [&order_ids, &stored];
+    let params_6: [&(dyn ToSql + Sync); 3] = [&counters[0], &counters[1], &counters[2]];
+    let params_7: [&(dyn ToSql + Sync); 1] = [&super::engine::CHANNEL];
+    tokio::try_join!(
+        statement(tx, !raw_ids.is_empty(), &prepared.raw, &params_1),
+        statement(tx, !quarantine_ids.is_empty(), &prepared.quarantine, &params_2),
+        statement(tx, !sequences.is_empty(), &prepared.events, &params_3),
+        statement(tx, !pruned.is_empty(), &prepared.pruned, &params_4),
+        statement(tx, !order_ids.is_empty(), &prepared.orders, &params_5),
+        write_index_and_dedup(tx, prepared, writes),
+        statement(tx, move_counters, &prepared.counters, &params_6),
+        // Delivered at COMMIT: a wake-up for every node's follower.
+        statement(tx, !writes.events.is_empty(), &prepared.notify, &params_7),
     )
-    .await
     .map_err(failed)?;
     Ok(())
 }
 
-async fn write_index_and_dedup(tx: &Transaction<'_>, writes: &WriteSet) -> Result<(), StoreError> {
+/// Runs `statement` when `run` (one whose arrays are empty is not sent).
+async fn statement(
+    tx: &Transaction<'_>,
+    run: bool,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<(), tokio_postgres::Error> {
+    if run {
+        tx.execute(statement, params).await?;
+    }
+    Ok(())
+}
+
+/// The index, dedup and unmapped-status writes (sent with the others).
+async fn write_index_and_dedup(
+    tx: &Transaction<'_>,
+    prepared: &Prepared,
+    writes: &WriteSet,
+) -> Result<(), tokio_postgres::Error> {
     let entries: Vec<(&RefKey, u64)> =
         writes.index.iter().flat_map(|(key, add)| add.ids.iter().map(move |id| (key, *id))).collect();
     let kinds: Vec<i16> = entries.iter().map(|(k, _)| kind_code(k.kind)).collect();
     let values: Vec<&str> = entries.iter().map(|(k, _)| k.value.as_str()).collect();
     let sources: Vec<&str> = entries.iter().map(|(k, _)| k.source.as_str()).collect();
     let ids: Vec<i64> = entries.iter().map(|(_, id)| as_i64(*id)).collect();
-    tx.execute(
-        "INSERT INTO ot_index SELECT * FROM unnest($1::int2[], $2::text[], $3::text[], $4::int8[])
-         ON CONFLICT DO NOTHING",
-        &[&kinds, &values, &sources, &ids],
-    )
-    .await
-    .map_err(failed)?;
-    let sources: Vec<&str> = writes.dedup.iter().map(|(k, _)| k.source.as_str()).collect();
+    let dedup_sources: Vec<&str> = writes.dedup.iter().map(|(k, _)| k.source.as_str()).collect();
     let keys: Vec<&str> = writes.dedup.iter().map(|(k, _)| k.key.as_str()).collect();
     let raw_ids: Vec<i64> = writes.dedup.iter().map(|(_, e)| as_i64(e.raw_id)).collect();
     let outcomes: Vec<i16> = writes.dedup.iter().map(|(_, e)| e.outcome as i16).collect();
-    tx.execute(
-        "INSERT INTO ot_dedup SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int2[])
-         ON CONFLICT (source, key) DO UPDATE SET raw_id = EXCLUDED.raw_id, outcome = EXCLUDED.outcome",
-        &[&sources, &keys, &raw_ids, &outcomes],
-    )
-    .await
-    .map_err(failed)?;
     let providers: Vec<&str> = writes.unmapped.keys().map(|k| k.provider.as_str()).collect();
     let applies: Vec<&str> = writes.unmapped.keys().map(|k| k.applies_to.as_str()).collect();
-    let values: Vec<&str> = writes.unmapped.keys().map(|k| k.value.as_str()).collect();
+    let unmapped: Vec<&str> = writes.unmapped.keys().map(|k| k.value.as_str()).collect();
     let counts: Vec<i64> = writes.unmapped.values().map(|c| as_i64(*c)).collect();
-    tx.execute(
-        "INSERT INTO ot_unmapped SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[])
-         ON CONFLICT (provider, applies_to, value) DO UPDATE SET count = EXCLUDED.count",
-        &[&providers, &applies, &values, &counts],
-    )
-    .await
-    .map_err(failed)?;
+    let params_1: [&(dyn ToSql + Sync); 4] = [&kinds, &values, &sources, &ids];
+    let params_2: [&(dyn ToSql + Sync); 4] = [&dedup_sources, &keys, &raw_ids, &outcomes];
+    let params_3: [&(dyn ToSql + Sync); 4] = [&providers, &applies, &unmapped, &counts];
+    tokio::try_join!(
+        statement(tx, !ids.is_empty(), &prepared.index, &params_1),
+        statement(tx, !keys.is_empty(), &prepared.dedup, &params_2),
+        statement(tx, !counts.is_empty(), &prepared.unmapped, &params_3),
+    )?;
     Ok(())
 }

@@ -25,8 +25,8 @@ const RANGE_PAGE: i64 = 1000;
 
 pub(crate) struct PostgresEngine {
     runtime: Option<tokio::runtime::Runtime>,
-    /// The batch transactions (one writer per node).
-    writer: Mutex<Client>,
+    /// The batch transactions (one writer per node), and its statements.
+    writer: Mutex<(Client, batch::Prepared)>,
     pool: Pool,
     /// Server settings weaker than the no-loss promise needs.
     warnings: Vec<String>,
@@ -90,6 +90,7 @@ impl PostgresEngine {
             };
             schema::migrate(&mut writer).await?;
             let warnings = weak_settings(&writer).await?;
+            let prepared = batch::Prepared::on(&writer).await?;
             let manager = Manager::from_config(
                 super::session(config),
                 NoTls,
@@ -100,7 +101,7 @@ impl PostgresEngine {
                 .runtime(deadpool_postgres::Runtime::Tokio1)
                 .build()
                 .map_err(failed)?;
-            Ok::<_, StoreError>((writer, pool, warnings, outside_the_lock))
+            Ok::<_, StoreError>(((writer, prepared), pool, warnings, outside_the_lock))
         })?;
         for warning in &warnings {
             tracing::warn!("{warning}");
@@ -168,9 +169,11 @@ impl PostgresEngine {
         before_commit: &mut (dyn FnMut(&Planned) + Send),
     ) -> Result<Planned, StoreError> {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let (client, prepared) = &mut *writer;
         let outside_the_lock = self.outside_the_lock.as_deref();
         self.block_on(batch::commit_batch(
-            &mut writer,
+            client,
+            prepared,
             work,
             retain_events,
             self.commit_timeout,

@@ -1,7 +1,7 @@
 //! The PostgreSQL batch transaction on a private cluster: dense sequences,
 //! reads under the counter row's lock, dedup across concurrent nodes.
 
-use super::batch::commit_batch;
+use super::batch::{Prepared, commit_batch};
 use super::{connect, schema};
 use crate::config::Config;
 use crate::store::IngestOutcome;
@@ -40,8 +40,10 @@ async fn a_batch_commits_with_dense_sequences_and_later_batches_find_its_orders(
     let config = config(&cluster);
     let mut client = connect(&config).await.unwrap();
     schema::migrate(&mut client).await.unwrap();
+    let prepared = Prepared::on(&client).await.unwrap();
     let created = commit_batch(
         &mut client,
+        &prepared,
         &(0..100).map(|n| creation("a", n)).collect::<Vec<_>>(),
         0,
         COMMIT_TIMEOUT,
@@ -53,6 +55,7 @@ async fn a_batch_commits_with_dense_sequences_and_later_batches_find_its_orders(
     assert!(created.outcomes.iter().all(|o| matches!(o, Ok((IngestOutcome::Applied { .. }, _)))));
     let updated = commit_batch(
         &mut client,
+        &prepared,
         &(0..100).map(|n| update("a", n)).collect::<Vec<_>>(),
         0,
         COMMIT_TIMEOUT,
@@ -82,13 +85,15 @@ async fn concurrent_nodes_number_densely_and_store_a_shared_delivery_once() {
             let config = config.clone();
             tokio::spawn(async move {
                 let mut client = connect(&config).await.unwrap();
+                let prepared = Prepared::on(&client).await.unwrap();
                 let mut applied_shared = 0;
                 let mut blocks = Vec::new();
                 for round in 0..20 {
                     let mut batch: Vec<Work> = (0..10).map(|n| creation(node, round * 10 + n)).collect();
                     batch.push(creation("shared", round));
-                    let planned =
-                        commit_batch(&mut client, &batch, 0, COMMIT_TIMEOUT, None, &mut |_| {}).await.unwrap();
+                    let planned = commit_batch(&mut client, &prepared, &batch, 0, COMMIT_TIMEOUT, None, &mut |_| {})
+                        .await
+                        .unwrap();
                     let sequences: Vec<u64> = planned.writes.events.iter().map(|(s, _)| *s).collect();
                     blocks.push(sequences);
                     if matches!(planned.outcomes[10], Ok((IngestOutcome::Applied { .. }, _))) {
