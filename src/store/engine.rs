@@ -40,7 +40,7 @@ pub(crate) type RawRecords<'a> = Box<dyn Iterator<Item = Result<(u64, Result<Raw
 /// One opened storage engine.
 pub(crate) enum Engine {
     Sled(SledEngine),
-    Postgres(PostgresEngine),
+    Postgres(Box<PostgresEngine>),
 }
 
 impl Engine {
@@ -52,7 +52,7 @@ impl Engine {
                 Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
             }
             Backend::Postgres => match &config.postgres {
-                Some(postgres) => Ok(Self::Postgres(PostgresEngine::open(postgres)?)),
+                Some(postgres) => Ok(Self::Postgres(Box::new(PostgresEngine::open(postgres)?))),
                 None => Err(StoreError::Invalid("store.backend is postgres without [store.postgres]".into())),
             },
         }

@@ -245,7 +245,11 @@ pub(super) async fn finish_pending_rebuild(
 async fn build_into(source: &Store, after: u64, upto: u64) -> Result<ImportSummary, StoreError> {
     let config = &source.inner.config;
     if config.backend != crate::config::Backend::Sled {
-        return Err(StoreError::Invalid("rebuild is not available on the PostgreSQL engine yet".into()));
+        return Err(StoreError::Invalid(
+            "rebuild works on sled only; on PostgreSQL, `ordertrail export` the deliveries and `ordertrail import` \
+             them into an empty database, which derives everything again with the current mappers"
+                .into(),
+        ));
     }
     let fresh_config = StoreConfig { data_dir: layout::rebuild_dir(&config.data_dir), ..config.clone() };
     let fresh = Store::open_unchecked(&fresh_config, source.inner.mapper.clone()).await?;

@@ -437,8 +437,22 @@ struct Verdict {
     problems: Vec<String>,
 }
 
+/// A free port below the kernel's ephemeral range: a node restarted on it
+/// must find it free again, and an ephemeral port can be taken meanwhile by
+/// any outgoing connection (seen: "Address already in use" on a restart).
 fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral: u16 = range.split_whitespace().next().and_then(|low| low.parse().ok()).unwrap_or(32768);
+    let first = 10_000 + (std::process::id() % 1000) as u16 * 16;
+    let span = ephemeral.saturating_sub(first).max(1000);
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let port = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        if let Ok(listener) = StdListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
+        }
+    }
 }
 
 /// The `n`th unique webhook, rotating through the providers.

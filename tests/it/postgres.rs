@@ -342,3 +342,15 @@ async fn a_commit_the_synchronous_standby_does_not_confirm_is_never_acknowledged
     assert_eq!(answer.status, 503, "acknowledged without the standby: {}", answer.json);
     drop(standby);
 }
+
+/// Rebuild is sled's; on PostgreSQL it is refused with the way to do it.
+#[tokio::test]
+async fn rebuild_on_postgres_is_refused_with_the_export_import_path() {
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let server = crate::common::TestServer::start_with(&config).await;
+    let refused = server.admin().await.rebuild(ordertrail::proto::RebuildRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("ordertrail export") && refused.message().contains("import"), "{refused:?}");
+    server.stop().await;
+}
