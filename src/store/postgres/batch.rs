@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement, Transaction};
+use tokio_postgres::{Client, Statement};
 
 use crate::proto::{DeliveryOutcome, RawDelivery, StoredOrder};
 use crate::store::StoreError;
@@ -26,6 +26,18 @@ use crate::store::plan::{
 /// each saved per batch). The statements of a batch are sent together, so
 /// none depends on another's having run first (see [`write`]).
 pub(crate) struct Prepared {
+    begin: Statement,
+    commit: Statement,
+    rollback: Statement,
+    /// The counter row, locked to COMMIT.
+    lock: Statement,
+    /// The counter row, not locked (the negative control only).
+    peek: Statement,
+    read_dedup: Statement,
+    read_refs: Statement,
+    read_orders: Statement,
+    read_raws: Statement,
+    read_unmapped: Statement,
     raw: Statement,
     quarantine: Statement,
     events: Statement,
@@ -40,6 +52,35 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub(crate) async fn on(client: &Client) -> Result<Self, StoreError> {
+        let counters = "SELECT last_sequence, last_raw, last_order FROM ot_counters WHERE id = 1";
+        let locked = format!("{counters} FOR UPDATE");
+        let (begin, commit, rollback, lock, peek) = tokio::try_join!(
+            client.prepare("BEGIN"),
+            client.prepare("COMMIT"),
+            client.prepare("ROLLBACK"),
+            client.prepare(&locked),
+            client.prepare(counters),
+        )
+        .map_err(failed)?;
+        let (read_dedup, read_refs, read_orders, read_raws, read_unmapped) = tokio::try_join!(
+            client.prepare(
+                "SELECT d.source, d.key, d.raw_id, d.outcome FROM ot_dedup d
+                 JOIN unnest($1::text[], $2::text[]) AS w(source, key) USING (source, key)"
+            ),
+            client.prepare(
+                "SELECT i.kind, i.value, i.source, i.order_id FROM ot_index i
+                 JOIN unnest($1::int2[], $2::text[], $3::text[]) AS w(kind, value, source) USING (kind, value, source)
+                 ORDER BY i.order_id"
+            ),
+            client.prepare("SELECT id, stored FROM ot_orders WHERE id = ANY($1)"),
+            client.prepare("SELECT id, record, quarantined FROM ot_raw WHERE id = ANY($1)"),
+            client.prepare(
+                "SELECT u.provider, u.applies_to, u.value, u.count FROM ot_unmapped u
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(provider, applies_to, value)
+                 USING (provider, applies_to, value)"
+            ),
+        )
+        .map_err(failed)?;
         let (raw, quarantine, events, pruned, orders, counters, notify, index, dedup, unmapped) = tokio::try_join!(
             client.prepare(
                 "INSERT INTO ot_raw (id, record, quarantined)
@@ -72,7 +113,28 @@ impl Prepared {
             ),
         )
         .map_err(failed)?;
-        Ok(Self { raw, quarantine, events, pruned, orders, counters, notify, index, dedup, unmapped })
+        Ok(Self {
+            begin,
+            commit,
+            rollback,
+            lock,
+            peek,
+            read_dedup,
+            read_refs,
+            read_orders,
+            read_raws,
+            read_unmapped,
+            raw,
+            quarantine,
+            events,
+            pruned,
+            orders,
+            counters,
+            notify,
+            index,
+            dedup,
+            unmapped,
+        })
     }
 }
 
@@ -101,41 +163,76 @@ pub(crate) async fn commit_batch(
     outside_the_lock: Option<&Client>,
     before_commit: &mut (dyn FnMut(&Planned) + Send),
 ) -> Result<Planned, StoreError> {
-    let tx = client.transaction().await.map_err(failed)?;
-    let lock = if outside_the_lock.is_some() { "" } else { " FOR UPDATE" };
-    let row = tx
-        .query_one(&format!("SELECT last_sequence, last_raw, last_order FROM ot_counters WHERE id = 1{lock}"), &[])
-        .await
-        .map_err(failed)?;
+    let client = &*client;
+    let planned = match plan_locked(client, prepared, batch, retain_events, outside_the_lock).await {
+        Ok(planned) => planned,
+        Err(e) => {
+            // Frees the counter row at once (the connection is given up
+            // with the engine anyway).
+            let _ = client.execute(&prepared.rollback, &[]).await;
+            return Err(e);
+        }
+    };
+    before_commit(&planned);
+    let write_and_commit = async {
+        if planned.outcomes.iter().any(Result::is_ok) {
+            let wrote = write(client, prepared, &planned.writes, outside_the_lock.is_none());
+            // Sent behind the writes: when one of them failed, COMMIT ends
+            // the aborted transaction with a rollback, and the write's
+            // error is what is returned.
+            let (wrote, committed) = tokio::join!(wrote, client.execute(&prepared.commit, &[]));
+            wrote?;
+            committed.map_err(failed)?;
+        } else {
+            client.execute(&prepared.commit, &[]).await.map_err(failed)?;
+        }
+        Ok::<_, StoreError>(())
+    };
+    match tokio::time::timeout(commit_timeout, write_and_commit).await {
+        Ok(committed) => committed?,
+        Err(_) => {
+            return Err(StoreError::unavailable_because(
+                "COMMIT did not return in time (is a synchronous standby unreachable?); its outcome is unknown",
+            ));
+        }
+    }
+    Ok(planned)
+}
+
+/// Begins the batch's transaction, takes the counter row, reads what the
+/// batch needs and plans it. BEGIN, the lock and the first reads are sent
+/// together: the server runs them in that order, so every read sees what
+/// was committed before the lock was granted.
+async fn plan_locked(
+    client: &Client,
+    prepared: &Prepared,
+    batch: &[Work],
+    retain_events: u64,
+    outside_the_lock: Option<&Client>,
+) -> Result<Planned, StoreError> {
+    let lock = if outside_the_lock.is_some() { &prepared.peek } else { &prepared.lock };
+    let first = plan::first_wants(batch);
+    let (_, row, mut found) = tokio::try_join!(
+        async { client.execute(&prepared.begin, &[]).await.map_err(failed) },
+        async { client.query_one(lock, &[]).await.map_err(failed) },
+        read(client, prepared, &first),
+    )?;
     let counters =
         Counters { last_sequence: as_u64(row.get(0)), last_raw: as_u64(row.get(1)), last_order: as_u64(row.get(2)) };
-    let mut found = read(&tx, &plan::first_wants(batch)).await?;
     let orders = plan::order_wants(&found);
     if !orders.is_empty() {
-        found.absorb(read(&tx, &orders).await?);
+        found.absorb(read(client, prepared, &orders).await?);
     }
     let mut planned = loop {
         match plan::plan(batch, counters, &found, retain_events) {
             Ok(planned) => break planned,
-            Err(wants) => found.absorb(read(&tx, &wants).await?),
+            Err(wants) => found.absorb(read(client, prepared, &wants).await?),
         }
     };
     if let Some(sequencer) = outside_the_lock {
         let numbered = reserve(sequencer, counters, planned.writes.counters).await?;
         planned = plan::plan(batch, numbered, &found, retain_events)
             .map_err(|_| StoreError::unavailable_because("planning the same batch again asked for other reads"))?;
-    }
-    before_commit(&planned);
-    if planned.outcomes.iter().any(Result::is_ok) {
-        write(&tx, prepared, &planned.writes, outside_the_lock.is_none()).await?;
-    }
-    match tokio::time::timeout(commit_timeout, tx.commit()).await {
-        Ok(committed) => committed.map_err(failed)?,
-        Err(_) => {
-            return Err(StoreError::unavailable_because(
-                "COMMIT did not return in time (is a synchronous standby unreachable?); its outcome is unknown",
-            ));
-        }
     }
     Ok(planned)
 }
@@ -184,90 +281,77 @@ fn kind_of(code: i16) -> Option<RefKind> {
         .find(|kind| kind_code(*kind) == code)
 }
 
-/// One statement per kind of key.
-async fn read(tx: &Transaction<'_>, wants: &Wants) -> Result<Found, StoreError> {
-    let mut found = Found::default();
-    if !wants.dedup.is_empty() {
-        let (sources, keys): (Vec<&str>, Vec<&str>) =
-            wants.dedup.iter().map(|k| (k.source.as_str(), k.key.as_str())).unzip();
-        found.dedup = wants.dedup.iter().map(|k| (k.clone(), None)).collect();
-        let rows = tx
-            .query(
-                "SELECT d.source, d.key, d.raw_id, d.outcome FROM ot_dedup d
-                 JOIN unnest($1::text[], $2::text[]) AS w(source, key) USING (source, key)",
-                &[&sources, &keys],
-            )
-            .await
-            .map_err(failed)?;
-        for row in rows {
-            let key = DedupKey { source: row.get(0), key: row.get(1) };
-            let outcome = match row.get::<_, i16>(3) {
-                2 => DeliveryOutcome::Quarantined,
-                _ => DeliveryOutcome::Applied,
-            };
-            found.dedup.insert(key, Some(DedupEntry { raw_id: as_u64(row.get(2)), outcome }));
-        }
+/// One statement per kind of key, sent together.
+async fn read(client: &Client, prepared: &Prepared, wants: &Wants) -> Result<Found, StoreError> {
+    let (dedup_sources, dedup_keys): (Vec<&str>, Vec<&str>) =
+        wants.dedup.iter().map(|k| (k.source.as_str(), k.key.as_str())).unzip();
+    let ref_kinds: Vec<i16> = wants.refs.iter().map(|k| kind_code(k.kind)).collect();
+    let ref_values: Vec<&str> = wants.refs.iter().map(|k| k.value.as_str()).collect();
+    let ref_sources: Vec<&str> = wants.refs.iter().map(|k| k.source.as_str()).collect();
+    let order_ids: Vec<i64> = wants.orders.iter().map(|id| as_i64(*id)).collect();
+    let raw_ids: Vec<i64> = wants.raws.iter().map(|id| as_i64(*id)).collect();
+    let providers: Vec<&str> = wants.unmapped.iter().map(|k| k.provider.as_str()).collect();
+    let applies: Vec<&str> = wants.unmapped.iter().map(|k| k.applies_to.as_str()).collect();
+    let unmapped_values: Vec<&str> = wants.unmapped.iter().map(|k| k.value.as_str()).collect();
+    let dedup_params: [&(dyn ToSql + Sync); 2] = [&dedup_sources, &dedup_keys];
+    let ref_params: [&(dyn ToSql + Sync); 3] = [&ref_kinds, &ref_values, &ref_sources];
+    let order_params: [&(dyn ToSql + Sync); 1] = [&order_ids];
+    let raw_params: [&(dyn ToSql + Sync); 1] = [&raw_ids];
+    let unmapped_params: [&(dyn ToSql + Sync); 3] = [&providers, &applies, &unmapped_values];
+    let (dedup, refs, orders, raws, unmapped) = tokio::try_join!(
+        rows(client, !dedup_keys.is_empty(), &prepared.read_dedup, &dedup_params),
+        rows(client, !ref_values.is_empty(), &prepared.read_refs, &ref_params),
+        rows(client, !order_ids.is_empty(), &prepared.read_orders, &order_params),
+        rows(client, !raw_ids.is_empty(), &prepared.read_raws, &raw_params),
+        rows(client, !providers.is_empty(), &prepared.read_unmapped, &unmapped_params),
+    )
+    .map_err(failed)?;
+    let mut found = Found {
+        dedup: wants.dedup.iter().map(|k| (k.clone(), None)).collect(),
+        refs: wants.refs.iter().map(|k| (k.clone(), Vec::new())).collect(),
+        orders: wants.orders.iter().map(|id| (*id, Ok(None))).collect(),
+        raws: wants.raws.iter().map(|id| (*id, Ok(None))).collect(),
+        unmapped: wants.unmapped.iter().map(|k| (k.clone(), 0)).collect(),
+    };
+    for row in dedup {
+        let key = DedupKey { source: row.get(0), key: row.get(1) };
+        let outcome = match row.get::<_, i16>(3) {
+            2 => DeliveryOutcome::Quarantined,
+            _ => DeliveryOutcome::Applied,
+        };
+        found.dedup.insert(key, Some(DedupEntry { raw_id: as_u64(row.get(2)), outcome }));
     }
-    if !wants.refs.is_empty() {
-        found.refs = wants.refs.iter().map(|k| (k.clone(), Vec::new())).collect();
-        let kinds: Vec<i16> = wants.refs.iter().map(|k| kind_code(k.kind)).collect();
-        let values: Vec<&str> = wants.refs.iter().map(|k| k.value.as_str()).collect();
-        let sources: Vec<&str> = wants.refs.iter().map(|k| k.source.as_str()).collect();
-        let rows = tx
-            .query(
-                "SELECT i.kind, i.value, i.source, i.order_id FROM ot_index i
-                 JOIN unnest($1::int2[], $2::text[], $3::text[]) AS w(kind, value, source) USING (kind, value, source)
-                 ORDER BY i.order_id",
-                &[&kinds, &values, &sources],
-            )
-            .await
-            .map_err(failed)?;
-        for row in rows {
-            let Some(kind) = kind_of(row.get(0)) else { continue };
-            let key = RefKey { kind, value: row.get(1), source: row.get(2) };
-            found.refs.entry(key).or_default().push(as_u64(row.get(3)));
-        }
+    for row in refs {
+        let Some(kind) = kind_of(row.get(0)) else { continue };
+        let key = RefKey { kind, value: row.get(1), source: row.get(2) };
+        found.refs.entry(key).or_default().push(as_u64(row.get(3)));
     }
-    if !wants.orders.is_empty() {
-        let ids: Vec<i64> = wants.orders.iter().map(|id| as_i64(*id)).collect();
-        found.orders = wants.orders.iter().map(|id| (*id, Ok(None))).collect();
-        let rows = tx.query("SELECT id, stored FROM ot_orders WHERE id = ANY($1)", &[&ids]).await.map_err(failed)?;
-        for row in rows {
-            let stored: &[u8] = row.get(1);
-            found.orders.insert(as_u64(row.get(0)), decode_order(stored).map(Some));
-        }
+    for row in orders {
+        found.orders.insert(as_u64(row.get(0)), decode_order(row.get(1)).map(Some));
     }
-    if !wants.raws.is_empty() {
-        let ids: Vec<i64> = wants.raws.iter().map(|id| as_i64(*id)).collect();
-        found.raws = wants.raws.iter().map(|id| (*id, Ok(None))).collect();
-        let rows =
-            tx.query("SELECT id, record, quarantined FROM ot_raw WHERE id = ANY($1)", &[&ids]).await.map_err(failed)?;
-        for row in rows {
-            let record: &[u8] = row.get(1);
-            let raw = RawDelivery::decode(record).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
-            found.raws.insert(as_u64(row.get(0)), raw);
-        }
+    for row in raws {
+        let raw =
+            RawDelivery::decode(row.get::<_, &[u8]>(1)).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
+        found.raws.insert(as_u64(row.get(0)), raw);
     }
-    if !wants.unmapped.is_empty() {
-        found.unmapped = wants.unmapped.iter().map(|k| (k.clone(), 0)).collect();
-        let providers: Vec<&str> = wants.unmapped.iter().map(|k| k.provider.as_str()).collect();
-        let applies: Vec<&str> = wants.unmapped.iter().map(|k| k.applies_to.as_str()).collect();
-        let values: Vec<&str> = wants.unmapped.iter().map(|k| k.value.as_str()).collect();
-        let rows = tx
-            .query(
-                "SELECT u.provider, u.applies_to, u.value, u.count FROM ot_unmapped u
-                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(provider, applies_to, value)
-                 USING (provider, applies_to, value)",
-                &[&providers, &applies, &values],
-            )
-            .await
-            .map_err(failed)?;
-        for row in rows {
-            let key = UnmappedKey { provider: row.get(0), applies_to: row.get(1), value: row.get(2) };
-            found.unmapped.insert(key, as_u64(row.get(3)));
-        }
+    for row in unmapped {
+        let key = UnmappedKey { provider: row.get(0), applies_to: row.get(1), value: row.get(2) };
+        found.unmapped.insert(key, as_u64(row.get(3)));
     }
     Ok(found)
+}
+
+/// The rows of `statement` when `run` (none is sent for an empty key set).
+async fn rows(
+    client: &Client,
+    run: bool,
+    statement: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    match run {
+        true => client.query(statement, params).await,
+        false => Ok(Vec::new()),
+    }
 }
 
 fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
@@ -279,12 +363,7 @@ fn decode_order(stored: &[u8]) -> Result<WithHistory, StoreError> {
 /// together (pipelined on the connection: one round trip, not one per
 /// statement); moves the counter row unless the numbers were reserved
 /// outside it, and notifies the followers when there are events.
-async fn write(
-    tx: &Transaction<'_>,
-    prepared: &Prepared,
-    writes: &WriteSet,
-    move_counters: bool,
-) -> Result<(), StoreError> {
+async fn write(tx: &Client, prepared: &Prepared, writes: &WriteSet, move_counters: bool) -> Result<(), StoreError> {
     // Order-free: a new raw record carries its quarantine flag (the UPDATE
     // is for records stored before), and an event both written and pruned
     // by this batch is simply not written.
@@ -337,7 +416,7 @@ async fn write(
 
 /// Runs `statement` when `run` (one whose arrays are empty is not sent).
 async fn statement(
-    tx: &Transaction<'_>,
+    tx: &Client,
     run: bool,
     statement: &Statement,
     params: &[&(dyn ToSql + Sync)],
@@ -350,7 +429,7 @@ async fn statement(
 
 /// The index, dedup and unmapped-status writes (sent with the others).
 async fn write_index_and_dedup(
-    tx: &Transaction<'_>,
+    tx: &Client,
     prepared: &Prepared,
     writes: &WriteSet,
 ) -> Result<(), tokio_postgres::Error> {
