@@ -354,3 +354,56 @@ async fn rebuild_on_postgres_is_refused_with_the_export_import_path() {
     assert!(refused.message().contains("ordertrail export") && refused.message().contains("import"), "{refused:?}");
     server.stop().await;
 }
+
+/// Three nodes, one order: its documented lifecycle posted to the nodes in
+/// turn. After each 2xx the next node already serves the new state, and at
+/// the end every node shows the same order and the same log, which a
+/// subscriber on the third node received gap-free, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lifecycle_posted_across_three_nodes_reads_the_same_from_each() {
+    use ordertrail::proto::get_order_request::Reference;
+    use ordertrail::proto::subscribe_response::Message;
+    use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
+    let cluster = PostgresCluster::start();
+    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let nodes = [
+        crate::common::TestServer::start_with(&config).await,
+        crate::common::TestServer::start_with(&config).await,
+        crate::common::TestServer::start_with(&config).await,
+    ];
+    let request = SubscribeRequest { after_sequence: Some(0), ..Default::default() };
+    let mut stream = nodes[2].grpc().await.subscribe(request).await.unwrap().into_inner();
+    let order =
+        || GetOrderRequest { reference: Some(Reference::ExternalOrderId("WBTEST22".into())), source: String::new() };
+    let steps = ["order-creation", "order-update", "shipment-created", "shipment-update"];
+    for (i, step) in steps.iter().enumerate() {
+        let body = crate::common::fixture(&format!("ordermesh/{step}.json"));
+        let answer = nodes[i % 3].post_json("/webhooks/ordermesh", body).await;
+        assert_eq!(answer.status, 200, "{step}: {}", answer.json);
+        let head = answer.json["sequences"].as_array().unwrap().last().unwrap().as_u64().unwrap();
+        let next = &nodes[(i + 1) % 3];
+        let served = next.grpc().await.get_order(order()).await.unwrap().into_inner();
+        let history =
+            next.grpc().await.list_events(ordertrail::proto::ListEventsRequest::default()).await.unwrap().into_inner();
+        assert_eq!(history.head_sequence, head, "{step}: the next node's log reaches what was answered");
+        assert_eq!(served.shipments.is_empty(), i < 2, "{step}: the next node serves the new state: {served:?}");
+    }
+    let expected = nodes[0].grpc().await.get_order(order()).await.unwrap().into_inner();
+    let log = nodes[0].all_events().await;
+    for node in &nodes[1..] {
+        assert_eq!(node.grpc().await.get_order(order()).await.unwrap().into_inner(), expected);
+        assert_eq!(node.all_events().await, log);
+    }
+    assert!(!expected.shipments.is_empty(), "the shipment arrived: {expected:?}");
+    let mut received = Vec::new();
+    while received.len() < log.len() {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await;
+        if let Some(Message::Event(event)) = next.expect("the stream stalled").unwrap().unwrap().message {
+            received.push(event);
+        }
+    }
+    assert_eq!(received, log, "the third node's subscriber got every node's events, in order");
+    for node in nodes {
+        node.stop().await;
+    }
+}
