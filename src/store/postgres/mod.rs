@@ -1,8 +1,13 @@
 //! The PostgreSQL engine: several nodes sharing one database.
 //!
-//! Being built: its schema and migrations come first ([`schema`]); the
-//! reads, the batch transaction with the counter row and the event tailer
-//! follow.
+//! - [`schema`]: ordertrail's tables, versioned and migrated at start under
+//!   an advisory lock.
+//! - [`batch`]: one batch as one transaction under the counter row's lock
+//!   (dense sequences in commit order), its statements prepared once and
+//!   sent together.
+//! - `engine`: the engine interface (reads on a pool; the writer's and the
+//!   listener's connections are their own), LISTEN/NOTIFY as the
+//!   followers' wake-up, the server settings that weaken durability.
 
 pub(crate) mod batch;
 mod engine;
