@@ -32,7 +32,7 @@ use crate::Args;
 use crate::load::closed_loop_over;
 use crate::measure::{Sample, sample};
 use crate::report::{header, median, row};
-use crate::servers::{Mode, Subject, fresh_dir, loopback, server_runtime, start_ordertrail};
+use crate::servers::{Mode, Subject, fresh_dir, loopback, serve_http, server_runtime, start_ordertrail};
 
 /// Connections of the hand-written receiver's pool.
 const RECEIVER_POOL: usize = 16;
@@ -218,49 +218,23 @@ async fn start_receiver(url: &str) -> Subject {
             let manager = deadpool_postgres::Manager::new(url.parse().expect("url"), NoTls);
             let pool = deadpool_postgres::Pool::builder(manager).max_size(RECEIVER_POOL).build().expect("pool");
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            serve_receiver(listener, Arc::new(pool), token).await;
+            let pool = Arc::new(pool);
+            serve_http(listener, token, move |request| {
+                let pool = pool.clone();
+                async move {
+                    let status = match receive(&pool, request).await {
+                        Ok(()) => hyper::StatusCode::OK,
+                        Err(()) => hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    let mut response = hyper::Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
+                    *response.status_mut() = status;
+                    response
+                }
+            })
+            .await;
         });
     });
     Subject { http, grpc: http, stop, thread }
-}
-
-async fn serve_receiver(
-    listener: tokio::net::TcpListener,
-    pool: Arc<deadpool_postgres::Pool>,
-    stop: CancellationToken,
-) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            () = stop.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let pool = pool.clone();
-        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let pool = pool.clone();
-            async move {
-                let status = match receive(&pool, request).await {
-                    Ok(()) => hyper::StatusCode::OK,
-                    Err(()) => hyper::StatusCode::SERVICE_UNAVAILABLE,
-                };
-                let mut response = hyper::Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
-                *response.status_mut() = status;
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = stop.cancelled() => {}
-            }
-        });
-    }
 }
 
 /// One request stored: path, headers as JSON, body; one INSERT, committed.
