@@ -1,8 +1,14 @@
-//! The PostgreSQL engine's groundwork on private clusters
+//! The PostgreSQL engine on private clusters
 //! (`ordertrail::testing::PostgresCluster`): configuration, schema
-//! migrations, and the cluster harness itself.
+//! migrations, nodes sharing one database (dedup, read-your-writes, live
+//! streams), the database crashing, stuck or losing its synchronous
+//! standby, and the migration from sled. The kill -9, failover and
+//! sequencing harnesses are in `crash.rs`.
 
 use ordertrail::testing::PostgresCluster;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 fn postgres_config(cluster: &PostgresCluster) -> ordertrail::config::PostgresConfig {
     let env = |key: &str| match key {
@@ -187,8 +193,11 @@ async fn a_database_crash_under_load_loses_nothing_acknowledged_and_ingest_resum
     server.metric_becomes("ordertrail_head_sequence", |n| n >= 20.0).await;
     cluster.kill();
     server.metric_becomes("ordertrail_storage_failures_total", |n| n >= 1.0).await;
+    // Down: not ready, and gRPC health says so, while the process lives.
+    readiness_becomes(&server, (503, ServingStatus::NotServing)).await;
     cluster.resume();
     server.metric_becomes("ordertrail_store_reopens_total", |n| n >= 1.0).await;
+    readiness_becomes(&server, (200, ServingStatus::Serving)).await;
     let head = server.head().await;
     server.metric_becomes("ordertrail_head_sequence", |n| n >= (head + 20) as f64).await;
     stop.cancel();
@@ -199,6 +208,30 @@ async fn a_database_crash_under_load_loses_nothing_acknowledged_and_ingest_resum
     for n in acked {
         assert!(stored.contains(&format!("E{n}")), "webhook {n} was acknowledged and lost");
     }
+}
+
+/// Waits (bounded) until `/readyz` and the gRPC health say `expected`
+/// (health follows the store within its watch interval).
+async fn readiness_becomes(server: &crate::common::TestServer, expected: (u16, ServingStatus)) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let now = readiness(server).await;
+        if now == expected {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readiness stayed {now:?}, expected {expected:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `/readyz`'s status and the gRPC health of the whole server.
+async fn readiness(server: &crate::common::TestServer) -> (u16, ServingStatus) {
+    let ready = server.request("GET", "/readyz", &[], bytes::Bytes::new()).await.status.as_u16();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr)).unwrap();
+    let mut health = HealthClient::new(channel.connect().await.unwrap());
+    let request = HealthCheckRequest { service: String::new() };
+    let status = health.check(request).await.unwrap().into_inner().status;
+    (ready, ServingStatus::try_from(status).unwrap())
 }
 
 /// The same webhook arriving on two nodes at the same moment, many times:
