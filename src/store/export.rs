@@ -69,9 +69,19 @@ pub struct ExportSummary {
 
 /// Writes every readable stored raw delivery, oldest first, skipping what
 /// cannot be read (damage in the middle of the database does not end the
-/// export).
-pub fn export(data_dir: &Path, out: &mut impl Write) -> Result<ExportSummary, StoreError> {
-    let engine = Engine::open_existing(data_dir)?;
+/// export). On sled the instance must be stopped; on PostgreSQL the nodes
+/// may run (the export reads, in pages), but not on this data dir.
+pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<ExportSummary, StoreError> {
+    let data_dir = &config.data_dir;
+    let (engine, _held) = match config.backend {
+        crate::config::Backend::Sled => (Engine::open_existing(data_dir)?, None),
+        crate::config::Backend::Postgres => {
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| StoreError::unavailable(format!("cannot create {}", data_dir.display()), e))?;
+            let held = super::lock_data_dir(data_dir)?;
+            (Engine::open(config)?, Some(held))
+        }
+    };
     // Ids are handed out without gaps, so every id up to the highest known
     // one was stored.
     let counted = engine.counters().map_or(0, |c| c.last_raw);

@@ -93,6 +93,34 @@ const WRITER_QUEUE: usize = 4096;
 /// the same in every format, so `ordertrail rebuild` converts any data dir.
 const FORMAT: u64 = 4;
 
+/// Holds `data_dir` for this process (an flock on a file in it), for an
+/// engine that does not hold it itself: the data dir has the hand-over
+/// socket and the durability mark, which belong to one process. Another
+/// process waits up to 5 s (one that is handing over lets go at close),
+/// then is refused.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let path = layout::lock_file(data_dir);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::unavailable(format!("cannot open {}", path.display()), e))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    format!("{} is in use by another ordertrail process", data_dir.display()),
+                    std::io::Error::from(e),
+                ));
+            }
+        }
+    }
+}
+
 /// The cause of a storage error, shared (errors are cloned to every reply
 /// of a failed batch).
 pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync>;
@@ -190,6 +218,9 @@ struct Inner {
     shared: Arc<Shared>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     workers: Mutex<Workers>,
+    /// The data dir held for this process when the engine does not hold
+    /// it (see [`lock_data_dir`]); let go at close.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 /// The threads that write to the engine, and the one that reopens it.
@@ -240,6 +271,10 @@ impl Store {
             .map_err(|e| StoreError::unavailable(format!("cannot create {}", config.data_dir.display()), e))?;
         let known = mark::read(&config.data_dir)?;
         let engine = Engine::open(config)?;
+        let data_dir_lock = match engine.is_shared() {
+            true => Some(lock_data_dir(&config.data_dir)?),
+            false => None,
+        };
         let counters = engine.counters()?;
         let format = engine.format(FORMAT, counters.last_raw == 0)?;
         let recovered = counters.mark();
@@ -260,6 +295,7 @@ impl Store {
                 shared,
                 commands: Mutex::new(Some(tx)),
                 workers: Mutex::default(),
+                data_dir_lock: Mutex::new(data_dir_lock),
             }),
         };
         store.start(Arc::new(engine), counters, rx)?;
@@ -342,6 +378,13 @@ impl Store {
         if let Some(writer) = workers.writer {
             let _ = writer.join();
         }
+        let closed = self.finish_close();
+        self.inner.data_dir_lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        closed
+    }
+
+    /// Flushes and writes the durability mark, unless storage failed.
+    fn finish_close(&self) -> Result<(), StoreError> {
         if !self.is_healthy() {
             tracing::warn!(
                 durable_sequence = self.inner.shared.durable_mark().durable_sequence,
