@@ -453,28 +453,24 @@ async fn a_second_process_on_a_nodes_data_dir_is_refused() {
     let body = crate::common::fixture("ordermesh/order-creation.json");
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);
     let out = server.dir.path().join("export.ndjson");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ordertrail"))
-        .args(["export", "--out", out.to_str().unwrap()])
-        .env_remove("ORDERTRAIL_CONFIG")
-        .env("ORDERTRAIL_DATA_DIR", server.dir.path())
-        .env("ORDERTRAIL_STORE_BACKEND", "postgres")
-        .env("ORDERTRAIL_POSTGRES_URL", &url)
-        .output()
-        .unwrap();
+    let export = |data_dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ordertrail"))
+            .args(["export", "--out", out.to_str().unwrap()])
+            .env_remove("ORDERTRAIL_CONFIG")
+            .env("ORDERTRAIL_DATA_DIR", data_dir)
+            .env("ORDERTRAIL_STORE_BACKEND", "postgres")
+            .env("ORDERTRAIL_POSTGRES_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let output = export(server.dir.path());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a second process used the data dir: {stderr}");
     assert!(stderr.contains("in use by another ordertrail process"), "{stderr}");
     let dir = server.stop().await;
     // Once the node is gone, the data dir is free, and the export reads
     // what PostgreSQL holds.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ordertrail"))
-        .args(["export", "--out", out.to_str().unwrap()])
-        .env_remove("ORDERTRAIL_CONFIG")
-        .env("ORDERTRAIL_DATA_DIR", dir.path())
-        .env("ORDERTRAIL_STORE_BACKEND", "postgres")
-        .env("ORDERTRAIL_POSTGRES_URL", &url)
-        .output()
-        .unwrap();
+    let output = export(dir.path());
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1, "the one delivery exported");
 }
