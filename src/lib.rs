@@ -29,8 +29,12 @@
 //!   the one interface of the storage engines (an enum: a closed set, and
 //!   each engine may answer synchronously or asynchronously behind
 //!   `Store`'s async queries); `store::sled_engine` is the only module that
-//!   imports sled. Its lifecycle (open, format check, rebuild swap, close)
-//!   runs through `Store`.
+//!   imports sled, and `store::postgres` the only one that talks to
+//!   PostgreSQL (the batch transaction under the counter row's lock, the
+//!   versioned schema, LISTEN/NOTIFY). With a shared engine,
+//!   `store::follow` publishes every node's events to the local feed in
+//!   sequence order. Its lifecycle (open, format check, rebuild swap,
+//!   close) runs through `Store`.
 //! - `api`: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
 //! - `metrics`: Prometheus metrics for the admin listener.
@@ -40,15 +44,19 @@
 //!   storage messages in `storage.proto`).
 //!
 //! Test hooks (fault injection, held commits, acknowledging before
-//! durability, format downgrade) exist only with the `test-util` feature,
-//! which the tests turn on and release builds do not have.
+//! durability, numbering outside the lock, format downgrade) and
+//! [`testing`] (private PostgreSQL clusters) exist only with the
+//! `test-util` feature, which the tests turn on and release builds do not
+//! have.
 //!
 //! # Request flow
 //!
 //! A webhook: `http` (limits, authentication) → `Store::ingest` (maps with
 //! the current mappers, hands the delivery to the writer) → `store::plan`
 //! (one batch) → the engine's atomic commit → the group commit's durable
-//! flush → the 2xx and the events on the feed. A query: `api` → `Store`'s
+//! flush → the 2xx and the events on the feed (on PostgreSQL the COMMIT is
+//! the durable step, and the feed is fed from the database, every node's
+//! events in order). A query: `api` → `Store`'s
 //! async reads → the engine. A stream: `api::subscribe` → `store::Feed`
 //! (stored events, then the live broadcast).
 //!
@@ -71,7 +79,10 @@
 //! - `ingest` and `state` are pure functions of their inputs, so stored raw
 //!   deliveries can be re-run through them at any time.
 //! - Events reach subscribers only from the store's own broadcast, after the
-//!   group commit made them durable, and in sequence order. The durable head
+//!   group commit made them durable, and in sequence order. On PostgreSQL,
+//!   sequences are taken under the counter row's lock held to COMMIT, so
+//!   they become visible densely and in order, and a reader of
+//!   `sequence > position` never skips one. The durable head
 //!   moves before events are published, so anything a subscriber missed on
 //!   the broadcast is in the store below the head. Nothing a subscriber does
 //!   can block the writer.
@@ -94,6 +105,8 @@ pub mod server;
 mod state;
 pub mod store;
 pub mod tail;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 /// The generated protobuf types of package `ordertrail.v1`.
 pub mod proto {

@@ -202,15 +202,14 @@ fn raise_file_limit(config: &Config) -> Result<(), String> {
 }
 
 fn export(config: &Config, out: Option<PathBuf>) -> anyhow::Result<()> {
-    let data_dir = &config.store.data_dir;
     let summary = match out {
         Some(path) => {
             let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-            let summary = ordertrail::store::export(data_dir, &mut file)?;
+            let summary = ordertrail::store::export(&config.store, &mut file)?;
             std::io::Write::flush(&mut file)?;
             summary
         }
-        None => ordertrail::store::export(data_dir, &mut std::io::stdout().lock())?,
+        None => ordertrail::store::export(&config.store, &mut std::io::stdout().lock())?,
     };
     if summary.unreadable > 0 {
         // Exit 65 (damaged), with everything readable saved.

@@ -113,6 +113,21 @@ pub(super) struct FileStore {
     pub(super) verify_on_start: Option<bool>,
     #[serde(default)]
     pub(super) sled: FileSled,
+    #[serde(default)]
+    pub(super) postgres: FilePostgres,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FilePostgres {
+    pub(super) url: Option<String>,
+    pub(super) pool_size: Option<usize>,
+    pub(super) connect_timeout_ms: Option<u64>,
+    pub(super) statement_timeout_ms: Option<u64>,
+    pub(super) follow_poll_ms: Option<u64>,
+    #[cfg(any(test, feature = "test-util"))]
+    #[serde(default)]
+    pub(super) unsafe_sequence_outside_lock: bool,
 }
 
 #[derive(Default, Deserialize)]

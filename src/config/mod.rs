@@ -221,12 +221,15 @@ pub enum Durability {
 pub enum Backend {
     /// The embedded sled database in `data_dir`: one process, no server.
     Sled,
+    /// A PostgreSQL database shared by any number of nodes.
+    Postgres,
 }
 
 impl Backend {
     fn parse(value: &str) -> Option<Self> {
         match value {
             "sled" => Some(Self::Sled),
+            "postgres" => Some(Self::Postgres),
             _ => None,
         }
     }
@@ -252,6 +255,9 @@ pub struct StoreConfig {
     pub durability: Durability,
     /// Settings of the sled engine.
     pub sled: SledConfig,
+    /// Settings of the PostgreSQL engine; `None` unless `backend` is
+    /// `postgres`.
+    pub postgres: Option<PostgresConfig>,
     /// Keep only this many newest events (0: keep all). Raw deliveries are
     /// always kept.
     pub retain_events: u64,
@@ -268,6 +274,43 @@ pub struct StoreConfig {
     #[cfg(any(test, feature = "test-util"))]
     pub unsafe_ack_before_durable: bool,
 }
+
+/// Settings of the PostgreSQL engine (`[store.postgres]`).
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// Where the database is (`url`, `ORDERTRAIL_POSTGRES_URL`); several
+    /// hosts with `target_session_attrs=read-write` follow a failover. Its
+    /// `Debug` hides the password.
+    pub url: tokio_postgres::Config,
+    /// Connections for queries (the writer and the event tailer have their
+    /// own).
+    pub pool_size: usize,
+    /// How long connecting may take before the attempt counts as failed.
+    pub connect_timeout: Duration,
+    /// Longest a statement may run (a stuck database fails the batch, which
+    /// is answered 503 and retried by recovery, instead of holding the
+    /// writer).
+    pub statement_timeout: Duration,
+    /// How often a node looks for other nodes' events when no notification
+    /// woke it (notifications are lost while a connection is down).
+    pub follow_poll: Duration,
+    /// UNSAFE, for the sequencing's negative control only: numbers are
+    /// handed out outside the counter row's lock, as a plain sequence does,
+    /// so batches commit in another order than their numbers and a reader
+    /// of `sequence > position` can skip events. Only in builds with the
+    /// `test-util` feature.
+    #[cfg(any(test, feature = "test-util"))]
+    pub unsafe_sequence_outside_lock: bool,
+}
+
+/// Default `store.postgres.pool_size`.
+pub const DEFAULT_POSTGRES_POOL_SIZE: usize = 8;
+/// Default `store.postgres.connect_timeout_ms`.
+pub const DEFAULT_POSTGRES_CONNECT_TIMEOUT_MS: u64 = 5000;
+/// Default `store.postgres.follow_poll_ms`.
+pub const DEFAULT_POSTGRES_FOLLOW_POLL_MS: u64 = 250;
+/// Default `store.postgres.statement_timeout_ms`.
+pub const DEFAULT_POSTGRES_STATEMENT_TIMEOUT_MS: u64 = 10_000;
 
 /// Settings of the sled engine (`[store.sled]`).
 #[derive(Clone, Debug)]
@@ -343,10 +386,12 @@ impl Config {
             None => file.store.durability.unwrap_or(Durability::Fsync),
         };
         let backend = match env("ORDERTRAIL_STORE_BACKEND") {
-            Some(v) => Backend::parse(&v)
-                .ok_or_else(|| ConfigError::new(format!("ORDERTRAIL_STORE_BACKEND: `{v}` is not one of sled")))?,
+            Some(v) => Backend::parse(&v).ok_or_else(|| {
+                ConfigError::new(format!("ORDERTRAIL_STORE_BACKEND: `{v}` is not one of sled, postgres"))
+            })?,
             None => file.store.backend.unwrap_or(Backend::Sled),
         };
+        let postgres = postgres_config(backend, &file.store.postgres, env)?;
         let data_dir = env("ORDERTRAIL_DATA_DIR")
             .map(PathBuf::from)
             .or(file.store.data_dir)
@@ -424,6 +469,7 @@ impl Config {
                 sled: SledConfig {
                     cache_capacity_bytes: file.store.sled.cache_capacity_bytes.unwrap_or(DEFAULT_CACHE_CAPACITY_BYTES),
                 },
+                postgres,
                 retain_events: file.store.retain_events,
                 feed_buffer_events: file.store.feed_buffer_events.unwrap_or(DEFAULT_FEED_BUFFER_EVENTS),
                 #[cfg(any(test, feature = "test-util"))]
@@ -574,6 +620,50 @@ fn toml_error(text: &str, error: &toml::de::Error) -> String {
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `[store.postgres]` with `ORDERTRAIL_POSTGRES_URL`, when the backend is
+/// PostgreSQL (a URL is then required); `None` otherwise.
+fn postgres_config(
+    backend: Backend,
+    file: &file::FilePostgres,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<PostgresConfig>, ConfigError> {
+    if backend != Backend::Postgres {
+        return Ok(None);
+    }
+    let (origin, url) = match env("ORDERTRAIL_POSTGRES_URL") {
+        Some(url) => ("ORDERTRAIL_POSTGRES_URL", url),
+        None => ("store.postgres.url", file.url.clone().unwrap_or_default()),
+    };
+    if url.is_empty() {
+        return Err(ConfigError::new(
+            "store.backend = \"postgres\" needs store.postgres.url (or ORDERTRAIL_POSTGRES_URL)",
+        ));
+    }
+    // The URL's own text is not repeated: it may hold a password.
+    let url = url
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| ConfigError::new(format!("{origin} is not a PostgreSQL connection URL: {e}")))?;
+    let pool_size = file.pool_size.unwrap_or(DEFAULT_POSTGRES_POOL_SIZE);
+    let connect_timeout = Duration::from_millis(file.connect_timeout_ms.unwrap_or(DEFAULT_POSTGRES_CONNECT_TIMEOUT_MS));
+    let statement_timeout =
+        Duration::from_millis(file.statement_timeout_ms.unwrap_or(DEFAULT_POSTGRES_STATEMENT_TIMEOUT_MS));
+    if pool_size == 0 || connect_timeout.is_zero() || statement_timeout.is_zero() {
+        return Err(ConfigError::new(
+            "store.postgres.pool_size, connect_timeout_ms and statement_timeout_ms must be greater than 0",
+        ));
+    }
+    let follow_poll = Duration::from_millis(file.follow_poll_ms.unwrap_or(DEFAULT_POSTGRES_FOLLOW_POLL_MS).max(1));
+    Ok(Some(PostgresConfig {
+        url,
+        pool_size,
+        connect_timeout,
+        statement_timeout,
+        follow_poll,
+        #[cfg(any(test, feature = "test-util"))]
+        unsafe_sequence_outside_lock: file.unsafe_sequence_outside_lock,
+    }))
 }
 
 #[cfg(test)]

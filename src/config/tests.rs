@@ -42,9 +42,9 @@ fn the_sled_settings_have_their_own_table_and_an_unknown_backend_is_named() {
     let c = Config::from_toml("[store]\nbackend = \"sled\"\n[store.sled]\ncache_capacity_bytes = 1048576\n", &no_env)
         .unwrap();
     assert_eq!(c.store.sled.cache_capacity_bytes, 1 << 20);
-    let env = |k: &str| (k == "ORDERTRAIL_STORE_BACKEND").then(|| "postgres".to_string());
+    let env = |k: &str| (k == "ORDERTRAIL_STORE_BACKEND").then(|| "mysql".to_string());
     let err = Config::from_toml("", &env).unwrap_err().to_string();
-    assert!(err.contains("ORDERTRAIL_STORE_BACKEND") && err.contains("sled"), "{err}");
+    assert!(err.contains("ORDERTRAIL_STORE_BACKEND") && err.contains("sled, postgres"), "{err}");
 }
 
 #[test]
@@ -194,4 +194,24 @@ fn config_errors_never_quote_a_secret() {
     }
     let err = Config::from_toml("[http]\naddr = 12", &no_env).unwrap_err().to_string();
     assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn cluster_example_config_is_valid_in_its_containers() {
+    let example = include_str!("../../examples/cluster/ordertrail.toml");
+    // What the Dockerfile and the compose file put in the environment.
+    let env = |key: &str| {
+        let value = match key {
+            "ORDERTRAIL_HTTP_ADDR" => "0.0.0.0:8080",
+            "ORDERTRAIL_GRPC_ADDR" => "0.0.0.0:50051",
+            "ORDERTRAIL_ADMIN_ADDR" => "0.0.0.0:9090",
+            "ORDERTRAIL_STORE_BACKEND" => "postgres",
+            "ORDERTRAIL_POSTGRES_URL" => "postgres://ordertrail:ordertrail@postgres:5432/ordertrail",
+            _ => return None,
+        };
+        Some(value.to_string())
+    };
+    let c = Config::from_toml(example, &env).unwrap();
+    assert_eq!(c.store.backend, Backend::Postgres);
+    assert_eq!(c.sources.len(), 2);
 }

@@ -235,7 +235,10 @@ impl FrontDoor {
                 json!({"status": "stored data damaged; salvage with `ordertrail export`", "damage": damage}),
             )
         } else {
-            json_response(StatusCode::OK, json!({"status": "ready"}))
+            match self.store.warnings() {
+                warnings if warnings.is_empty() => json_response(StatusCode::OK, json!({"status": "ready"})),
+                warnings => json_response(StatusCode::OK, json!({"status": "ready", "warnings": warnings})),
+            }
         }
     }
 

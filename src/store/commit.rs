@@ -21,6 +21,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::engine::Engine;
 use super::feed::Published;
+use super::follow;
 use super::mark::{self, Mark};
 use super::{IngestOutcome, StoreError};
 use crate::config::{Durability, StoreConfig};
@@ -76,6 +77,15 @@ pub(super) struct Shared {
     /// ready (ingest goes on).
     damage: Mutex<Option<String>>,
     pub stats: Stats,
+    /// Events reach the feed from [`super::follow`], not from the group
+    /// commit (several processes share the engine).
+    followed: bool,
+    /// Signalled after each group commit, for the follower.
+    commits: Condvar,
+    /// Held while events are read from the engine and published to the
+    /// feed, by the follower or the flusher: each is published once, in
+    /// order.
+    follow: Mutex<()>,
     /// An injected storage fault (fault-injection tests): 0 none, else a
     /// [`FaultPoint`] as u8.
     #[cfg(any(test, feature = "test-util"))]
@@ -143,7 +153,7 @@ struct Queue {
 impl Shared {
     /// `feed_capacity`: published events kept for slow subscribers before
     /// they lag (and catch up from the store instead).
-    pub fn new(durable: Mark, feed_capacity: usize) -> Self {
+    pub fn new(durable: Mark, feed_capacity: usize, followed: bool) -> Self {
         let durable_head = durable.durable_sequence;
         Self {
             handoff: Handoff {
@@ -170,10 +180,51 @@ impl Shared {
                 subscriber_store_reads: AtomicU64::new(0),
                 metrics: CommitMetrics::default(),
             },
+            followed,
+            commits: Condvar::new(),
+            follow: Mutex::new(()),
             #[cfg(any(test, feature = "test-util"))]
             fault: AtomicU8::new(0),
             #[cfg(test)]
             writer_gate: Mutex::new(()),
+        }
+    }
+
+    /// Waits until a group commit happened or `timeout` passed.
+    pub fn wait_for_commit(&self, timeout: Duration) {
+        let queue = self.lock();
+        if !queue.closed {
+            let _ = self.commits.wait_timeout(queue, timeout);
+        }
+    }
+
+    /// The turn to read and publish followed events (see [`super::follow`]).
+    pub fn follow_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.follow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the durable head over `events` (dense, in order, after the
+    /// head), then publishes them: the head moves before events are
+    /// published, as for the group commit's own. Called with
+    /// [`Self::follow_turn`] held.
+    pub fn publish_followed(&self, events: Vec<Published>) {
+        let Some(last) = events.last().map(|e| e.sequence) else { return };
+        self.written(last.max(self.written_head()));
+        self.reach.durable.send_if_modified(|head| {
+            let moved = last > *head;
+            *head = (*head).max(last);
+            moved
+        });
+        for published in events {
+            self.count_event(&published);
+            let _ = self.reach.feed.send(Arc::new(published));
+        }
+    }
+
+    fn count_event(&self, published: &Published) {
+        if let Some(event) = &published.event {
+            let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
+            self.stats.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
         }
     }
 
@@ -320,6 +371,7 @@ impl Shared {
         self.lock().closed = true;
         self.handoff.wake.notify_all();
         self.handoff.changed.notify_all();
+        self.commits.notify_all();
     }
 
     /// Holds or releases commits: while held, replies queue up unanswered.
@@ -442,19 +494,29 @@ impl Flusher {
         let shared = &self.shared;
         let last_sequence = marks.durable_sequence;
         *shared.reach.mark.lock().unwrap_or_else(|e| e.into_inner()) = marks;
+        shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+        shared.stats.group_commit_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        if shared.followed {
+            // Every node's events are published in order, from the
+            // database; this node's own before it answers, so what it
+            // acknowledged is in its feed and below its head at once.
+            let (replies, own): (Vec<_>, Vec<_>) =
+                waiting.into_iter().map(|pending| ((pending.reply, pending.outcome), pending.events)).unzip();
+            follow::publish_through(&self.engine, shared, last_sequence, own.into_iter().flatten());
+            for (reply, outcome) in replies {
+                let _ = reply.send(Ok(outcome));
+            }
+            shared.commits.notify_all();
+            return;
+        }
         shared.reach.durable.send_if_modified(|head| {
             let moved = last_sequence > *head;
             *head = (*head).max(last_sequence);
             moved
         });
-        shared.stats.group_commits.fetch_add(1, Ordering::Relaxed);
-        shared.stats.group_commit_replies.fetch_add(waiting.len() as u64, Ordering::Relaxed);
         for pending in waiting {
             for published in pending.events {
-                if let Some(event) = &published.event {
-                    let kind = event.kind().as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase();
-                    shared.stats.metrics.events.get_or_create(&vec![("kind", kind)]).inc();
-                }
+                shared.count_event(&published);
                 // Sent as stored to every subscriber; no subscriber is not an error.
                 let _ = shared.reach.feed.send(Arc::new(published));
             }

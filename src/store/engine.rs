@@ -27,14 +27,20 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::StoreError;
-use super::plan::{Counters, Found, Reader, RefKind, Wants, WithHistory, WriteSet};
+use super::plan::{Counters, Planned, RefKind, WithHistory, Work};
+use super::postgres::PostgresEngine;
 use super::sled_engine::SledEngine;
 use crate::config::{Backend, Durability, StoreConfig};
 use crate::proto::{Event, Order, RawDelivery};
 
+/// Every raw record from an id on: `Err(())` for one that cannot be read at
+/// all (the scan ends), `Ok((id, Err))` for one that does not decode.
+pub(crate) type RawRecords<'a> = Box<dyn Iterator<Item = Result<(u64, Result<RawDelivery, String>), ()>> + Send + 'a>;
+
 /// One opened storage engine.
 pub(crate) enum Engine {
     Sled(SledEngine),
+    Postgres(Box<PostgresEngine>),
 }
 
 impl Engine {
@@ -45,6 +51,10 @@ impl Engine {
             Backend::Sled => {
                 Ok(Self::Sled(SledEngine::open(&config.data_dir, Some(config.sled.cache_capacity_bytes))?))
             }
+            Backend::Postgres => match &config.postgres {
+                Some(postgres) => Ok(Self::Postgres(Box::new(PostgresEngine::open(postgres)?))),
+                None => Err(StoreError::Invalid("store.backend is postgres without [store.postgres]".into())),
+            },
         }
     }
 
@@ -59,6 +69,56 @@ impl Engine {
     pub fn reads_inline(&self) -> bool {
         match self {
             Self::Sled(_) => true,
+            Self::Postgres(_) => false,
+        }
+    }
+
+    /// Waits until some process committed, or the engine's poll interval
+    /// passed (an engine one process owns is told by the group commit
+    /// instead and never waits here).
+    pub fn wait_for_commit(&self, after: u64) {
+        match self {
+            Self::Sled(_) => {}
+            Self::Postgres(engine) => engine.wait_for_commit(after),
+        }
+    }
+
+    /// Wakes whoever waits in [`Engine::wait_for_commit`].
+    pub fn wake(&self) {
+        if let Self::Postgres(engine) = self {
+            engine.wake();
+        }
+    }
+
+    /// Commit notifications so far (see [`Engine::wait_for_commit`]).
+    pub fn commits_seen(&self) -> u64 {
+        match self {
+            Self::Sled(_) => 0,
+            Self::Postgres(engine) => engine.commits_seen(),
+        }
+    }
+
+    /// Whether other processes write to the same data (the feed then
+    /// follows the database, see `store::follow`).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
+    /// Plans `work` and commits its write set atomically, with sequences
+    /// after `counters` (sled: the writer's own; PostgreSQL: the database's,
+    /// read under the counter row's lock). `planned` sees the plan before
+    /// anything of it is written (the crash harness's negative control
+    /// answers there).
+    pub fn commit_batch(
+        &self,
+        work: &[Work],
+        counters: Counters,
+        retain_events: u64,
+        planned: &mut (dyn FnMut(&Planned) + Send),
+    ) -> Result<Planned, StoreError> {
+        match self {
+            Self::Sled(engine) => engine.commit_batch(work, counters, retain_events, planned),
+            Self::Postgres(engine) => engine.commit_batch(work, retain_events, planned),
         }
     }
 }
@@ -72,6 +132,7 @@ macro_rules! delegate {
                 pub fn $name(&self $(, $arg: $ty)*) -> $ret {
                     match self {
                         Self::Sled(engine) => engine.$name($($arg),*),
+                        Self::Postgres(engine) => engine.$name($($arg),*),
                     }
                 }
             )*
@@ -84,8 +145,6 @@ delegate! {
     fn counters(&self) -> Result<Counters, StoreError>;
     /// The storage format of the database (`current` for a new one).
     fn format(&self, current: u64, empty: bool) -> Result<u64, StoreError>;
-    /// Commits a write set atomically, with its counters (not yet durable).
-    fn apply(&self, writes: &WriteSet) -> Result<(), StoreError>;
     /// Makes every committed write set durable.
     fn make_durable(&self, durability: Durability) -> std::io::Result<()>;
     /// Writes everything out before a close.
@@ -97,20 +156,22 @@ delegate! {
     /// Ids of the orders with this reference, in one source or in any.
     fn indexed(&self, kind: RefKind, value: &str, source: Option<&str>) -> Result<Vec<u64>, StoreError>;
     /// Orders with ids above `after`, ascending.
-    fn orders_after(&self, after: u64) -> impl Iterator<Item = Result<Order, StoreError>> + use<>;
+    fn orders_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<Order, StoreError>> + Send + '_>;
     /// Events in `(after, upto]` as stored: (sequence, encoding).
-    fn events_encoded(&self, after: u64, upto: u64) -> impl Iterator<Item = Result<(u64, Bytes), StoreError>> + use<>;
+    fn events_encoded(&self, after: u64, upto: u64) -> Box<dyn Iterator<Item = Result<(u64, Bytes), StoreError>> + Send + '_>;
     /// Raw deliveries with ids in `(after, upto]`.
-    fn raws(&self, after: u64, upto: u64) -> impl Iterator<Item = Result<RawDelivery, StoreError>> + use<>;
+    fn raws(&self, after: u64, upto: u64) -> Box<dyn Iterator<Item = Result<RawDelivery, StoreError>> + Send + '_>;
     /// Every raw record from id `from` on; `Err(())` for a record that
     /// cannot be read at all (the scan then ends), `Ok((id, Err))` for one
     /// that does not decode.
-    fn raw_records_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Result<RawDelivery, String>), ()>> + use<>;
+    fn raw_records_from(&self, from: u64) -> RawRecords<'_>;
     /// Quarantined raw ids above `after`.
-    fn quarantined_after(&self, after: u64) -> impl Iterator<Item = Result<u64, StoreError>> + use<>;
+    fn quarantined_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<u64, StoreError>> + Send + '_>;
     /// (provider, applies to, value, count) of every unmapped status value.
     fn unmapped(&self) -> Result<Vec<(String, String, String, u64)>, StoreError>;
     fn quarantined_count(&self) -> u64;
+    /// Settings of the engine that weaken "acknowledged means durable".
+    fn warnings(&self) -> Vec<String>;
     fn size_on_disk(&self) -> u64;
     /// Reads and checks up to `step` records after `after`: (last key, records, bytes).
     fn verify_step(&self, after: &[u8], step: usize) -> Result<(Vec<u8>, usize, usize), String>;
@@ -122,12 +183,4 @@ delegate! {
     fn set_format(&self, format: u64) -> Result<(), StoreError>;
     /// Writes or removes a raw record's bytes as they are (tests of damage).
     fn put_raw_record(&self, id: u64, bytes: Option<&[u8]>) -> Result<(), StoreError>;
-}
-
-impl Reader for Engine {
-    fn read(&self, wants: &Wants) -> Result<Found, StoreError> {
-        match self {
-            Self::Sled(engine) => engine.read(wants),
-        }
-    }
 }

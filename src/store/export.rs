@@ -69,9 +69,19 @@ pub struct ExportSummary {
 
 /// Writes every readable stored raw delivery, oldest first, skipping what
 /// cannot be read (damage in the middle of the database does not end the
-/// export).
-pub fn export(data_dir: &Path, out: &mut impl Write) -> Result<ExportSummary, StoreError> {
-    let engine = Engine::open_existing(data_dir)?;
+/// export). On sled the instance must be stopped; on PostgreSQL the nodes
+/// may run (the export reads, in pages), but not on this data dir.
+pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<ExportSummary, StoreError> {
+    let data_dir = &config.data_dir;
+    let (engine, _held) = match config.backend {
+        crate::config::Backend::Sled => (Engine::open_existing(data_dir)?, None),
+        crate::config::Backend::Postgres => {
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| StoreError::unavailable(format!("cannot create {}", data_dir.display()), e))?;
+            let held = super::lock_data_dir(data_dir)?;
+            (Engine::open(config)?, Some(held))
+        }
+    };
     // Ids are handed out without gaps, so every id up to the highest known
     // one was stored.
     let counted = engine.counters().map_or(0, |c| c.last_raw);
@@ -244,23 +254,52 @@ pub(super) async fn finish_pending_rebuild(
 /// the rebuild database (created if needed), through the current mappers.
 async fn build_into(source: &Store, after: u64, upto: u64) -> Result<ImportSummary, StoreError> {
     let config = &source.inner.config;
+    if config.backend != crate::config::Backend::Sled {
+        return Err(StoreError::Invalid(
+            "rebuild works on sled only; on PostgreSQL, `ordertrail export` the deliveries and `ordertrail import` \
+             them into an empty database, which derives everything again with the current mappers"
+                .into(),
+        ));
+    }
     let fresh_config = StoreConfig { data_dir: layout::rebuild_dir(&config.data_dir), ..config.clone() };
     let fresh = Store::open_unchecked(&fresh_config, source.inner.mapper.clone()).await?;
-    let engine = source.engine()?;
-    let deliveries = engine.raws(after, upto).map(|raw| {
-        let mut raw = raw?;
-        // Only what arrived is kept; what was made of it is made again.
-        raw.id = 0;
-        raw.outcome = 0;
-        raw.quarantine_reason.clear();
-        raw.dedup_key.clear();
-        raw.event_sequences.clear();
-        raw.mapper_version = 0;
-        Ok(raw)
-    });
-    let summary = store_all(&fresh, deliveries).await;
+    let summary = copy_raws(source, &fresh, after, upto).await;
     fresh.close().await?;
     summary
+}
+
+/// Stores the raw deliveries of `source` with ids in `(after, upto]` into
+/// `into` through the current mappers, reading a page at a time off the
+/// runtime.
+async fn copy_raws(source: &Store, into: &Store, after: u64, upto: u64) -> Result<ImportSummary, StoreError> {
+    const PAGE: usize = 1000;
+    let mut summary = ImportSummary::default();
+    let mut position = after;
+    loop {
+        let page = source
+            .read_off_runtime(move |engine| engine.raws(position, upto).take(PAGE).collect::<Result<Vec<_>, _>>())
+            .await?;
+        let Some(last) = page.last() else { return Ok(summary) };
+        position = last.id;
+        let full = page.len() == PAGE;
+        let deliveries = page.into_iter().map(|mut raw| {
+            // Only what arrived is kept; what was made of it is made again.
+            raw.id = 0;
+            raw.outcome = 0;
+            raw.quarantine_reason.clear();
+            raw.dedup_key.clear();
+            raw.event_sequences.clear();
+            raw.mapper_version = 0;
+            Ok(raw)
+        });
+        let stored = store_all(into, deliveries).await?;
+        summary.applied += stored.applied;
+        summary.quarantined += stored.quarantined;
+        summary.duplicates += stored.duplicates;
+        if !full {
+            return Ok(summary);
+        }
+    }
 }
 
 /// Moves the rebuilt database into place, keeping the old one.

@@ -11,6 +11,9 @@ const REBUILD_DIR: &str = "rebuild.partial";
 /// Written into the rebuild directory once a rebuild is complete up to a
 /// raw id.
 const READY_FILE: &str = "READY";
+/// Locked by the process that holds the data dir, when its engine has no
+/// lock of its own (PostgreSQL).
+const LOCK_FILE: &str = "ordertrail.lock";
 /// Written and fsynced to see whether storage works again.
 const PROBE_FILE: &str = "ordertrail-probe";
 
@@ -29,6 +32,10 @@ pub(super) fn rebuild_dir(data_dir: &Path) -> PathBuf {
 
 pub(super) fn ready_file(data_dir: &Path) -> PathBuf {
     rebuild_dir(data_dir).join(READY_FILE)
+}
+
+pub(super) fn lock_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(LOCK_FILE)
 }
 
 pub(super) fn probe_file(data_dir: &Path) -> PathBuf {

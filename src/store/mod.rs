@@ -35,10 +35,13 @@ mod commit;
 mod engine;
 mod export;
 mod feed;
+mod follow;
 mod keys;
 mod layout;
 mod mark;
 mod plan;
+#[doc(hidden)]
+pub mod postgres;
 mod query;
 mod recovery;
 mod sled_engine;
@@ -89,6 +92,34 @@ const WRITER_QUEUE: usize = 4096;
 /// stores them beside the order in a storage message. Raw deliveries are
 /// the same in every format, so `ordertrail rebuild` converts any data dir.
 const FORMAT: u64 = 4;
+
+/// Holds `data_dir` for this process (an flock on a file in it), for an
+/// engine that does not hold it itself: the data dir has the hand-over
+/// socket and the durability mark, which belong to one process. Another
+/// process waits up to 5 s (one that is handing over lets go at close),
+/// then is refused.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let path = layout::lock_file(data_dir);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::unavailable(format!("cannot open {}", path.display()), e))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => {
+                return Err(StoreError::unavailable(
+                    format!("{} is in use by another ordertrail process", data_dir.display()),
+                    std::io::Error::from(e),
+                ));
+            }
+        }
+    }
+}
 
 /// The cause of a storage error, shared (errors are cloned to every reply
 /// of a failed batch).
@@ -187,6 +218,9 @@ struct Inner {
     shared: Arc<Shared>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
     workers: Mutex<Workers>,
+    /// The data dir held for this process when the engine does not hold
+    /// it (see [`lock_data_dir`]); let go at close.
+    data_dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 /// The threads that write to the engine, and the one that reopens it.
@@ -195,6 +229,7 @@ struct Workers {
     writer: Option<JoinHandle<Option<mpsc::Receiver<Command>>>>,
     flusher: Option<JoinHandle<()>>,
     recovery: Option<JoinHandle<()>>,
+    follower: Option<JoinHandle<()>>,
 }
 
 // === impl Store: lifecycle ===
@@ -230,13 +265,22 @@ impl Store {
     /// Opens (or creates) the store under `config.data_dir` and starts the
     /// writer, flusher and recovery threads.
     pub(crate) fn open_blocking(config: &StoreConfig, mapper: Mapper) -> Result<Self, StoreError> {
+        // Every engine keeps the durability mark and the hand-over socket
+        // there, and storage is probed there after a failure.
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::unavailable(format!("cannot create {}", config.data_dir.display()), e))?;
         let known = mark::read(&config.data_dir)?;
         let engine = Engine::open(config)?;
+        let data_dir_lock = match engine.is_shared() {
+            true => Some(lock_data_dir(&config.data_dir)?),
+            false => None,
+        };
         let counters = engine.counters()?;
         let format = engine.format(FORMAT, counters.last_raw == 0)?;
         let recovered = counters.mark();
         mark::check(&config.data_dir, known, recovered)?;
-        let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events));
+        let followed = engine.is_shared();
+        let shared = Arc::new(Shared::new(recovered, config.feed_buffer_events, followed));
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         #[cfg(any(test, feature = "test-util"))]
         if config.unsafe_ack_before_durable {
@@ -251,11 +295,16 @@ impl Store {
                 shared,
                 commands: Mutex::new(Some(tx)),
                 workers: Mutex::default(),
+                data_dir_lock: Mutex::new(data_dir_lock),
             }),
         };
         store.start(Arc::new(engine), counters, rx)?;
         let (watched, shared) = (Arc::downgrade(&store.inner), store.inner.shared.clone());
         store.workers().recovery = Some(spawn_thread("ordertrail-recovery", move || recovery::run(watched, shared))?);
+        if followed {
+            let (followed, shared) = (Arc::downgrade(&store.inner), store.inner.shared.clone());
+            store.workers().follower = Some(spawn_thread("ordertrail-follow", move || follow::run(followed, shared))?);
+        }
         Ok(store)
     }
 
@@ -316,16 +365,26 @@ impl Store {
         // The writer closes the queue when it ends; after a failure it may
         // be gone already.
         self.inner.shared.close();
+        if let Ok(engine) = self.engine() {
+            engine.wake();
+        }
         if let Some(recovery) = recovery {
             let _ = recovery.join();
         }
         let workers = std::mem::take(&mut *self.workers());
-        for thread in [workers.flusher].into_iter().flatten() {
+        for thread in [workers.flusher, workers.follower].into_iter().flatten() {
             let _ = thread.join();
         }
         if let Some(writer) = workers.writer {
             let _ = writer.join();
         }
+        let closed = self.finish_close();
+        self.inner.data_dir_lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        closed
+    }
+
+    /// Flushes and writes the durability mark, unless storage failed.
+    fn finish_close(&self) -> Result<(), StoreError> {
         if !self.is_healthy() {
             tracing::warn!(
                 durable_sequence = self.inner.shared.durable_mark().durable_sequence,
@@ -430,6 +489,12 @@ impl Store {
     /// Notes that a read found stored data damaged (see [`Store::damage`]).
     pub fn note_damage(&self, why: &str) {
         self.inner.shared.note_damage(why);
+    }
+
+    /// What weakens "acknowledged means durable" in the engine's settings
+    /// (said at start and in `/readyz`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.engine().map(|engine| engine.warnings()).unwrap_or_default()
     }
 
     /// What a read found damaged, if anything did: the store then serves

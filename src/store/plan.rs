@@ -142,7 +142,7 @@ pub(crate) struct Found {
 }
 
 impl Found {
-    fn absorb(&mut self, more: Found) {
+    pub(crate) fn absorb(&mut self, more: Found) {
         self.dedup.extend(more.dedup);
         self.refs.extend(more.refs);
         self.orders.extend(more.orders);

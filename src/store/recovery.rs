@@ -10,7 +10,10 @@
 //! and fsynced in the data dir), closes the instance, drops the OS's cached
 //! pages of its files so that recovery reads what is really on disk, reopens
 //! it (sled recovers its log), checks that it recovered everything that was
-//! acknowledged, and starts the writer and the flusher on it again.
+//! acknowledged, and starts the writer and the flusher on it again. On
+//! PostgreSQL the same loop reconnects (the reopen is a new connection and
+//! a new pool), with the probes backing off from 250 ms to 2 s so that a
+//! database that is down for long is not hammered by every node.
 
 use std::fs::File;
 use std::io::Write;
@@ -25,8 +28,10 @@ use super::engine::Engine;
 use super::writer::Command;
 use super::{Inner, Store, StoreError, layout};
 
-/// How often failed storage is probed.
+/// How soon failed storage is probed first; each failed probe doubles the
+/// wait, up to [`MAX_PROBE_INTERVAL`].
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How often a failure that goes on is logged again.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 /// How long reads in flight get to let go of the failed instance.
@@ -40,6 +45,7 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
     while shared.wait_for_failure() {
         let Some(queue) = upgrade().and_then(|store| store.stop_workers()) else { return };
         let mut failing = Failing { queue, logged: None };
+        let mut wait = PROBE_INTERVAL;
         loop {
             failing.refuse_waiting();
             if shared.is_closed() || failing.queue.is_closed() {
@@ -58,7 +64,8 @@ pub(super) fn run(store: Weak<Inner>, shared: Arc<Shared>) {
                 Err(e) => failing.note(&e),
             }
             drop(store);
-            std::thread::sleep(PROBE_INTERVAL);
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(MAX_PROBE_INTERVAL);
         }
     }
 }

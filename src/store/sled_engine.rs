@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 use prost::Message;
 
+use super::engine::RawRecords;
 use super::keys;
-use super::plan::{Counters, DedupEntry, Found, Reader, RefKind, Wants, WithHistory, WriteSet};
+use super::plan::{self, Counters, DedupEntry, Found, Planned, Reader, RefKind, Wants, WithHistory, Work, WriteSet};
 use super::{StoreError, layout};
 use crate::config::Durability;
 use crate::proto::{DeliveryOutcome, Event, Order, RawDelivery, StoredOrder};
@@ -101,6 +102,23 @@ impl SledEngine {
             None => drop(self.tree.remove(key)?),
         }
         self.flush()
+    }
+
+    /// Plans a batch with this engine's reads and commits its write set
+    /// (not yet durable: the flusher makes it so).
+    pub fn commit_batch(
+        &self,
+        work: &[Work],
+        counters: Counters,
+        retain_events: u64,
+        before_commit: &mut (dyn FnMut(&Planned) + Send),
+    ) -> Result<Planned, StoreError> {
+        let planned = plan::plan_with(self, work, counters, retain_events)?;
+        before_commit(&planned);
+        if planned.outcomes.iter().any(Result::is_ok) {
+            self.apply(&planned.writes)?;
+        }
+        Ok(planned)
     }
 
     /// Commits a write set as one atomic batch (not yet durable).
@@ -239,12 +257,12 @@ impl SledEngine {
     // === ranges ===
 
     /// Orders with ids above `after`, ascending.
-    pub fn orders_after(&self, after: u64) -> impl Iterator<Item = Result<Order, StoreError>> + use<> {
+    pub fn orders_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<Order, StoreError>> + Send + '_> {
         let range = self.tree.range(keys::numbered(keys::ORDER, after.saturating_add(1))..);
-        range.take_while(|e| e.as_ref().map_or(true, |(k, _)| k[0] == keys::ORDER)).map(|entry| {
+        Box::new(range.take_while(|e| e.as_ref().map_or(true, |(k, _)| k[0] == keys::ORDER)).map(|entry| {
             let (_, value) = entry?;
             Ok(decode_order(&value)?.0)
-        })
+        }))
     }
 
     /// Events in `(after, upto]`, as stored: (sequence, encoding).
@@ -252,46 +270,43 @@ impl SledEngine {
         &self,
         after: u64,
         upto: u64,
-    ) -> impl Iterator<Item = Result<(u64, bytes::Bytes), StoreError>> + use<> {
+    ) -> Box<dyn Iterator<Item = Result<(u64, bytes::Bytes), StoreError>> + Send + '_> {
         let start = keys::numbered(keys::EVENT, after.saturating_add(1));
         let end = keys::numbered(keys::EVENT, upto);
         let range = (after < upto).then(|| self.tree.range(start..=end)).into_iter().flatten();
         // sled's buffer is shared, not copied.
-        range.map(|entry| {
+        Box::new(range.map(|entry| {
             let (key, value) = entry?;
             Ok((keys::trailing_u64(&key), bytes::Bytes::from_owner(value)))
-        })
+        }))
     }
 
     /// Raw deliveries with ids in `(after, upto]`, ascending.
-    pub fn raws(&self, after: u64, upto: u64) -> impl Iterator<Item = Result<RawDelivery, StoreError>> + use<> {
+    pub fn raws(&self, after: u64, upto: u64) -> Box<dyn Iterator<Item = Result<RawDelivery, StoreError>> + Send + '_> {
         let start = keys::numbered(keys::RAW, after.saturating_add(1));
         let end = keys::numbered(keys::RAW, upto.max(after.saturating_add(1)));
         let range = (after < upto).then(|| self.tree.range(start..=end)).into_iter().flatten();
-        range.map(|entry| {
+        Box::new(range.map(|entry| {
             let (_, value) = entry?;
             Ok(RawDelivery::decode(&*value)?)
-        })
+        }))
     }
 
     /// Every raw delivery from `from` on, by id; an unreadable record is
     /// `Err` with the id it was read at (export goes on after it).
-    pub fn raw_records_from(
-        &self,
-        from: u64,
-    ) -> impl Iterator<Item = Result<(u64, Result<RawDelivery, String>), ()>> + use<> {
+    pub fn raw_records_from(&self, from: u64) -> RawRecords<'_> {
         let range = self.tree.range(keys::numbered(keys::RAW, from)..=keys::numbered(keys::RAW, u64::MAX));
-        range.map(|entry| {
+        Box::new(range.map(|entry| {
             let (key, value) = entry.map_err(drop)?;
             Ok((keys::trailing_u64(&key), RawDelivery::decode(&*value).map_err(|e| e.to_string())))
-        })
+        }))
     }
 
     /// Quarantined raw ids above `after`, ascending.
-    pub fn quarantined_after(&self, after: u64) -> impl Iterator<Item = Result<u64, StoreError>> + use<> {
+    pub fn quarantined_after(&self, after: u64) -> Box<dyn Iterator<Item = Result<u64, StoreError>> + Send + '_> {
         let start = keys::numbered(keys::QUARANTINE, after.saturating_add(1));
         let end = keys::numbered(keys::QUARANTINE, u64::MAX);
-        self.tree.range(start..=end).keys().map(|key| Ok(keys::trailing_u64(&key?)))
+        Box::new(self.tree.range(start..=end).keys().map(|key| Ok(keys::trailing_u64(&key?))))
     }
 
     /// (provider, applies to, value, count) of every unmapped status value.
@@ -305,6 +320,11 @@ impl SledEngine {
                 Ok((provider, applies_to, status, keys::trailing_u64(&value)))
             })
             .collect()
+    }
+
+    /// Nothing about sled's settings weakens the promise.
+    pub fn warnings(&self) -> Vec<String> {
+        Vec::new()
     }
 
     pub fn quarantined_count(&self) -> u64 {

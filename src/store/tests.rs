@@ -11,6 +11,7 @@ fn open(dir: &std::path::Path) -> Store {
         data_dir: dir.to_path_buf(),
         durability: Durability::Fsync,
         sled: SledConfig { cache_capacity_bytes: 16 * 1024 * 1024 },
+        postgres: None,
         retain_events: 0,
         feed_buffer_events: 64,
         unsafe_ack_before_durable: false,
@@ -280,7 +281,7 @@ async fn export_skips_what_it_cannot_read_and_saves_the_rest() {
     Store::tamper_raw_record(dir.path(), 4, None).unwrap();
     Store::tamper_raw_record(dir.path(), 6, None).unwrap();
     let mut out = Vec::new();
-    let summary = export(&config.data_dir, &mut out).unwrap();
+    let summary = export(&config, &mut out).unwrap();
     assert_eq!(summary, ExportSummary { exported: 3, unreadable: 3 });
     let ids: Vec<u64> = String::from_utf8(out)
         .unwrap()

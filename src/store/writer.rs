@@ -13,11 +13,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
+use super::StoreError;
 use super::commit::{Reply, Shared};
 use super::engine::Engine;
-use super::feed::Published;
-use super::plan::{self, Counters, Work};
-use super::{IngestOutcome, StoreError};
+use super::plan::{Counters, Planned, Work};
 use crate::config::StoreConfig;
 
 /// What the writer is handed.
@@ -44,9 +43,6 @@ pub(super) struct Writer {
     #[cfg(any(test, feature = "test-util"))]
     ack_before_durable: bool,
 }
-
-/// A planned delivery waiting for its turn's batch to be applied.
-type Done = (Reply, IngestOutcome, Vec<Published>);
 
 /// What the writer does after a turn.
 enum Next {
@@ -93,22 +89,32 @@ impl Writer {
         if turn.is_empty() {
             return;
         }
-        let (work, replies): (Vec<Work>, Vec<Reply>) = turn.into_iter().unzip();
+        let (work, mut replies): (Vec<Work>, Vec<Reply>) = turn.into_iter().unzip();
         if !self.shared.is_healthy() {
             return refuse(replies, &StoreError::unavailable_because("storage failed"));
         }
-        let planned = plan::plan_with(&*self.engine, &work, self.counters, self.retain_events);
-        let planned = match planned {
+        let early = self.acknowledges_early();
+        let mut answer_early = |planned: &Planned| {
+            if early {
+                answer_before_commit(&mut replies, planned);
+            }
+        };
+        let committed = self
+            .shared
+            .fault(super::FaultPoint::Write)
+            .map_err(|e| StoreError::unavailable("write failed", e))
+            .and_then(|()| self.engine.commit_batch(&work, self.counters, self.retain_events, &mut answer_early));
+        let planned = match committed {
             Ok(planned) => planned,
             Err(e) => {
-                self.shared.fail(&format_args!("read failed: {e}"));
+                self.shared.fail(&format_args!("write failed: {e}"));
                 return refuse(replies, &e);
             }
         };
         let mut done = Vec::with_capacity(replies.len());
         for (reply, outcome) in replies.into_iter().zip(planned.outcomes) {
             match outcome {
-                Ok((outcome, events)) => done.push(self.acknowledge_early(reply, outcome, events)),
+                Ok((outcome, events)) => done.push((reply, outcome, events)),
                 Err(e) => {
                     // Damage in one record is that delivery's problem.
                     if let StoreError::Corrupt(why) = &e {
@@ -121,39 +127,32 @@ impl Writer {
         if done.is_empty() {
             return;
         }
-        let applied = self
-            .shared
-            .fault(super::FaultPoint::Write)
-            .map_err(|e| StoreError::unavailable("write failed", e))
-            .and_then(|()| self.engine.apply(&planned.writes));
-        match applied {
-            Ok(()) => {
-                self.counters = planned.writes.counters;
-                self.shared.stats.turns.fetch_add(1, Ordering::Relaxed);
-                self.shared.written(self.counters.last_sequence);
-                self.shared.enqueue(done);
-            }
-            Err(e) => {
-                self.shared.fail(&format_args!("write failed: {e}"));
-                refuse(done.into_iter().map(|(reply, _, _)| reply), &e);
-            }
-        }
+        self.counters = planned.writes.counters;
+        self.shared.stats.turns.fetch_add(1, Ordering::Relaxed);
+        self.shared.written(self.counters.last_sequence);
+        self.shared.enqueue(done);
     }
 
-    /// With the negative-control switch on, answers at once and leaves
-    /// the group commit a reply nobody waits for.
+    /// The negative-control switch: answer once planned, before the commit.
     #[cfg(any(test, feature = "test-util"))]
-    fn acknowledge_early(&self, reply: Reply, outcome: IngestOutcome, events: Vec<Published>) -> Done {
-        if !self.ack_before_durable {
-            return (reply, outcome, events);
-        }
-        let _ = reply.send(Ok(outcome.clone()));
-        (tokio::sync::oneshot::channel().0, outcome, events)
+    fn acknowledges_early(&self) -> bool {
+        self.ack_before_durable
     }
 
     #[cfg(not(any(test, feature = "test-util")))]
-    fn acknowledge_early(&self, reply: Reply, outcome: IngestOutcome, events: Vec<Published>) -> Done {
-        (reply, outcome, events)
+    fn acknowledges_early(&self) -> bool {
+        false
+    }
+}
+
+/// Answers every planned delivery now, before its batch is committed, and
+/// leaves the group commit replies nobody waits for (the negative control).
+fn answer_before_commit(replies: &mut [Reply], planned: &Planned) {
+    for (reply, outcome) in replies.iter_mut().zip(&planned.outcomes) {
+        if let Ok((outcome, _)) = outcome {
+            let early = std::mem::replace(reply, tokio::sync::oneshot::channel().0);
+            let _ = early.send(Ok(outcome.clone()));
+        }
     }
 }
 

@@ -66,3 +66,10 @@ fn fan_out_delivers_every_event_to_every_subscriber() {
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1][5], "yes", "{rows:?}");
 }
+
+#[test]
+fn cluster_compares_nodes_on_postgres_with_the_ceiling_and_a_hand_written_receiver() {
+    let rows = rows("cluster", &["--connections", "4"]);
+    assert_eq!(rows.len(), 5, "ceiling, hand-written, 1 node, 3 nodes, sled: {rows:?}");
+    assert!(rows.iter().all(|row| number(&row[3]) > 0.0), "each subject acknowledged webhooks: {rows:?}");
+}

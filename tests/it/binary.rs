@@ -194,8 +194,10 @@ fn a_damaged_database_is_refused_not_recreated() {
     assert!(stderr.contains("50 could not be read"), "the export says what it could not save: {stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn export_then_import_rebuilds_identical_state() {
+/// A stopped sled data dir holding deliveries of every provider (one
+/// quarantined), with the events and quarantine it served.
+pub(crate) async fn sample_data_dir()
+-> (Vec<ordertrail::proto::Event>, Vec<ordertrail::proto::RawDelivery>, tempfile::TempDir) {
     let server = crate::common::TestServer::start().await;
     for name in ["order-creation", "order-update", "shipment-created", "shipment-update"] {
         let body = crate::common::fixture(&format!("ordermesh/{name}.json"));
@@ -210,25 +212,33 @@ async fn export_then_import_rebuilds_identical_state() {
     assert_eq!(server.post_json("/webhooks/ordermesh", vec![0xffu8, 0x00, 0x7b]).await.status, 202);
     let events = server.all_events().await;
     let quarantine = server.quarantine().await;
-    let source = server.stop().await;
+    (events, quarantine, server.stop().await)
+}
 
+/// Runs an `ordertrail` command on `data_dir` with `env`; it must succeed.
+/// Returns what it said on stderr.
+pub(crate) fn cli(args: &[&str], data_dir: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("ORDERTRAIL_CONFIG").env("ORDERTRAIL_DATA_DIR", data_dir);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_rebuilds_identical_state() {
+    let (events, quarantine, source) = sample_data_dir().await;
     let file = source.path().join("export.ndjson");
-    let cli = |args: Vec<String>, data_dir: &std::path::Path| {
-        let output = Command::new(BIN)
-            .args(args)
-            .env_remove("ORDERTRAIL_CONFIG")
-            .env("ORDERTRAIL_DATA_DIR", data_dir)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    let exported = cli(vec!["export".into(), "--out".into(), file.display().to_string()], source.path());
+    let file = file.to_str().unwrap();
+    let exported = cli(&["export", "--out", file], source.path(), &[]);
     assert!(exported.contains("exported 9 deliveries"), "{exported}");
     let target = tempfile::tempdir().unwrap();
-    let imported = cli(vec!["import".into(), file.display().to_string()], target.path());
+    let imported = cli(&["import", file], target.path(), &[]);
     assert!(imported.contains("imported 8 applied, 1 quarantined, 0 already present"), "{imported}");
-    let again = cli(vec!["import".into(), file.display().to_string()], target.path());
+    let again = cli(&["import", file], target.path(), &[]);
     assert!(again.contains("imported 0 applied, 0 quarantined, 9 already present"), "{again}");
 
     let rebuilt = crate::common::TestServer::start_in(target, "").await;

@@ -28,6 +28,33 @@ pub fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(&full).unwrap_or_else(|e| panic!("fixture {}: {e}", full.display()))
 }
 
+/// The engine a test binary runs the behaviour tests on: `it` on sled,
+/// `on_postgres` the same modules on PostgreSQL.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Engine {
+    Sled,
+    Postgres,
+}
+
+/// On [`Engine::Postgres`], each data dir gets its own database (kept for
+/// restarts on the same dir) in one private cluster per test binary.
+/// Returns its URL; `None` on sled, or when the test chose its store itself.
+fn engine_under_test(data_dir: &Path, extra_toml: &str) -> Option<String> {
+    static CLUSTER: std::sync::OnceLock<ordertrail::testing::PostgresCluster> = std::sync::OnceLock::new();
+    static DATABASES: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    if crate::ENGINE != Engine::Postgres || extra_toml.contains("backend") {
+        return None;
+    }
+    let cluster = CLUSTER.get_or_init(ordertrail::testing::PostgresCluster::start);
+    let mut databases = DATABASES.lock().unwrap();
+    if let Some((_, url)) = databases.iter().find(|(dir, _)| dir == data_dir) {
+        return Some(url.clone());
+    }
+    let url = cluster.create_database(&format!("behaviour_{}", databases.len()));
+    databases.push((data_dir.to_path_buf(), url.clone()));
+    Some(url)
+}
+
 /// A running server.
 pub struct TestServer {
     pub http_addr: SocketAddr,
@@ -76,7 +103,13 @@ impl TestServer {
 
     async fn start_on(dir: TempDir, extra_toml: &str, listeners: Listeners) -> Self {
         let data_dir = dir.path().display().to_string();
-        let env = |key: &str| (key == "ORDERTRAIL_DATA_DIR").then(|| data_dir.clone());
+        let postgres = engine_under_test(dir.path(), extra_toml);
+        let env = |key: &str| match key {
+            "ORDERTRAIL_DATA_DIR" => Some(data_dir.clone()),
+            "ORDERTRAIL_STORE_BACKEND" => postgres.as_ref().map(|_| "postgres".to_string()),
+            "ORDERTRAIL_POSTGRES_URL" => postgres.clone(),
+            _ => None,
+        };
         let config = Config::from_toml(extra_toml, &env).expect("test config is valid");
         let http_addr = listeners.http.local_addr().unwrap();
         let grpc_addr = listeners.grpc.local_addr().unwrap();

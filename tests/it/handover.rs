@@ -43,12 +43,17 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with_store("")
+    }
+
+    /// `store`: extra `[store]` keys (none: sled in the data dir).
+    fn with_store(store: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (http, grpc, admin) = (free_port(), free_port(), free_port());
         let config = dir.path().join("ordertrail.toml");
         let text = format!(
             "shutdown_grace_ms = {GRACE_MS}\n[http]\naddr = \"{http}\"\n[grpc]\naddr = \"{grpc}\"\n\
-             [admin]\naddr = \"{admin}\"\n[store]\ndata_dir = {:?}\n",
+             [admin]\naddr = \"{admin}\"\n[store]\ndata_dir = {:?}\n{store}\n",
             dir.path().join("data").display().to_string()
         );
         std::fs::write(&config, text).unwrap();
@@ -241,7 +246,24 @@ const HANDOVERS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_without_failing_a_request() {
-    let setup = Setup::new();
+    hand_over_under_load(Setup::new()).await;
+}
+
+/// The same on PostgreSQL: the old process releases its store (its
+/// connections) and the new one opens its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_takes_over_on_postgres_without_failing_a_request() {
+    let cluster = ordertrail::testing::PostgresCluster::start();
+    hand_over_under_load(Setup::with_store(&format!(
+        "backend = \"postgres\"\n[store.postgres]\nurl = \"{}\"",
+        cluster.url()
+    )))
+    .await;
+}
+
+/// `HANDOVERS` hand-overs under continuous load, each with a silent and a
+/// stalled gRPC connection open.
+async fn hand_over_under_load(setup: Setup) {
     let mut running = setup.start().await;
     let stop = CancellationToken::new();
     let loading = tokio::spawn(load(setup.http, stop.clone()));

@@ -136,6 +136,11 @@ pub(crate) fn next_run() -> u64 {
 
 /// `connections` workers send webhooks back to back for `duration`.
 pub(crate) async fn closed_loop(address: SocketAddr, connections: usize, duration: Duration) -> Sample {
+    closed_loop_over(&[address], connections, duration).await
+}
+
+/// [`closed_loop`] with the workers spread over `addresses` in turn.
+pub(crate) async fn closed_loop_over(addresses: &[SocketAddr], connections: usize, duration: Duration) -> Sample {
     let client = http_client(connections);
     let run = next_run();
     let next = Arc::new(AtomicU64::new(0));
@@ -143,8 +148,9 @@ pub(crate) async fn closed_loop(address: SocketAddr, connections: usize, duratio
     let started = Instant::now();
     let deadline = started + duration;
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..connections {
+    for worker in 0..connections {
         let (client, next) = (client.clone(), next.clone());
+        let address = addresses[worker % addresses.len()];
         workers.spawn(async move {
             let (mut latencies, mut errors) = (Vec::new(), 0u64);
             while Instant::now() < deadline {

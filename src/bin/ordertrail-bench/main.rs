@@ -13,13 +13,14 @@
 //! what gets measured.
 //!
 //! Scenarios: `ingest`, `ingest-latency`, `durability`, `lookup`,
-//! `fan-out`, `catch-up`, `scale` (see `--help` and BENCHMARKS.md).
+//! `fan-out`, `catch-up`, `scale`, `cluster` (see `--help` and BENCHMARKS.md).
 
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
 use crate::scenarios::catch_up::catch_up;
+use crate::scenarios::cluster::cluster;
 use crate::scenarios::fan_out::fan_out;
 use crate::scenarios::ingest::{ingest, ingest_latency, sled_alone};
 use crate::scenarios::lookup::{lookup, scale};
@@ -106,6 +107,9 @@ enum Scenario {
     CatchUp,
     /// GetOrder p99, RSS and start-up time with `--small-orders` vs `--orders`.
     Scale,
+    /// Durable webhooks/s on one private PostgreSQL: 1 and 3 nodes vs the
+    /// PostgreSQL ceiling, a hand-written receiver and sled.
+    Cluster,
     /// (internal) serve `--data-dir` until stdin closes; `scale` runs it as
     /// a separate process to measure its memory alone.
     #[value(hide = true)]
@@ -134,6 +138,7 @@ fn main() {
             Scenario::FanOut => fan_out(&args).await,
             Scenario::CatchUp => catch_up(&args).await,
             Scenario::Scale => scale(&args).await,
+            Scenario::Cluster => cluster(&args).await,
             Scenario::Serve => match args.data_dir.as_deref() {
                 Some(dir) => servers::serve(dir, &args.settings()).await,
                 None => {

@@ -102,6 +102,19 @@ pub(crate) fn start_bare_with(order: Order) -> Subject {
 }
 
 pub(crate) async fn bare_http(listener: tokio::net::TcpListener, stop: CancellationToken) {
+    serve_http(listener, stop, |request| async move {
+        let _ = request.into_body().collect().await;
+        hyper::Response::new(Full::new(Bytes::from_static(b"{\"outcome\":\"applied\"}")))
+    })
+    .await;
+}
+
+/// An HTTP/1 server answering every request with `handle`, until `stop`.
+pub(crate) async fn serve_http<F, R>(listener: tokio::net::TcpListener, stop: CancellationToken, handle: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> R + Clone + Send + 'static,
+    R: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -111,11 +124,10 @@ pub(crate) async fn bare_http(listener: tokio::net::TcpListener, stop: Cancellat
             () = stop.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let service = service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-            let _ = request.into_body().collect().await;
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                b"{\"outcome\":\"applied\"}",
-            ))))
+        let handle = handle.clone();
+        let service = service_fn(move |request| {
+            let answer = handle(request);
+            async move { Ok::<_, std::convert::Infallible>(answer.await) }
         });
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -141,7 +153,7 @@ pub(crate) async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str, settin
         // The one-off background verification after start is not what the
         // scenarios measure.
         "[store]\ndata_dir = {:?}\ndurability = \"{durability}\"\nunsafe_ack_before_durable = {unsafe_ack}\n\
-         verify_on_start = false\n{}{extra}\n{}",
+         verify_on_start = false\n{extra}\n{}\n{}",
         dir.display().to_string(),
         cache.unwrap_or_default(),
         sources_toml()
