@@ -231,7 +231,7 @@ async fn rebuild(config: &Config) -> anyhow::Result<()> {
         summary.applied,
         summary.quarantined,
         summary.duplicates,
-        kept.display()
+        kept
     );
     Ok(())
 }

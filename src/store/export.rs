@@ -185,11 +185,15 @@ pub async fn import(store: &Store, input: impl BufRead) -> Result<ImportSummary,
     store_all(store, deliveries).await
 }
 
-/// Rebuilds all derived state of a (stopped) data dir from its raw
+/// Rebuilds all derived state of a stopped instance from its raw
 /// deliveries with the current mappers: a new database is built beside the
 /// old one, then swapped in; the old one is kept beside it. Returns the
-/// summary and where the old database went.
-pub async fn rebuild(config: &StoreConfig, mapper: Mapper) -> Result<(ImportSummary, PathBuf), StoreError> {
+/// summary and where the old database went. On PostgreSQL every node must
+/// be stopped (see [`super::postgres::rebuild`]).
+pub async fn rebuild(config: &StoreConfig, mapper: Mapper) -> Result<(ImportSummary, String), StoreError> {
+    if let Some(postgres) = config.postgres.as_ref().filter(|_| config.backend == crate::config::Backend::Postgres) {
+        return rebuild_postgres(config, postgres, mapper).await;
+    }
     drop(Engine::open_existing(&config.data_dir)?);
     let work = layout::rebuild_dir(&config.data_dir);
     if work.exists() {
@@ -199,7 +203,41 @@ pub async fn rebuild(config: &StoreConfig, mapper: Mapper) -> Result<(ImportSumm
     let summary = build_into(&old, 0, u64::MAX).await;
     old.close().await?;
     let summary = summary?;
-    Ok((summary, swap_in(&config.data_dir)?))
+    Ok((summary, swap_in(&config.data_dir)?.display().to_string()))
+}
+
+/// [`rebuild`] on PostgreSQL: built in a schema of its own through a
+/// second store (with its own data dir beside this one), then swapped in
+/// by one transaction that first checks nothing arrived meanwhile.
+async fn rebuild_postgres(
+    config: &StoreConfig,
+    postgres: &crate::config::PostgresConfig,
+    mapper: Mapper,
+) -> Result<(ImportSummary, String), StoreError> {
+    use super::postgres::{connect, rebuild as pg};
+    let mut client = connect(postgres).await?;
+    super::postgres::schema::migrate(&mut client).await?;
+    let live_schema = pg::begin(&client).await?;
+    let live = Store::open_unchecked(config, mapper.clone()).await?;
+    let work = layout::rebuild_dir(&config.data_dir);
+    let fresh_config =
+        StoreConfig { data_dir: work.clone(), postgres: Some(pg::in_rebuild_schema(postgres)), ..config.clone() };
+    let built = async {
+        let fresh = Store::open_unchecked(&fresh_config, mapper).await?;
+        let summary = copy_raws(&live, &fresh, 0, u64::MAX).await;
+        fresh.close().await?;
+        summary
+    }
+    .await;
+    live.close().await?;
+    let summary = built?;
+    // Raw ids are dense from 1: as many were read as the live tables hold
+    // unless one arrived meanwhile, which the swap checks under the lock.
+    let copied = summary.applied + summary.quarantined + summary.duplicates;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string().to_lowercase();
+    let kept = pg::swap_in(&mut client, &live_schema, copied, &stamp).await?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok((summary, format!("the PostgreSQL schema {kept}")))
 }
 
 impl Store {
@@ -256,9 +294,7 @@ async fn build_into(source: &Store, after: u64, upto: u64) -> Result<ImportSumma
     let config = &source.inner.config;
     if config.backend != crate::config::Backend::Sled {
         return Err(StoreError::Invalid(
-            "rebuild works on sled only; on PostgreSQL, `ordertrail export` the deliveries and `ordertrail import` \
-             them into an empty database, which derives everything again with the current mappers"
-                .into(),
+            "an online rebuild works on sled only; on PostgreSQL, stop every node and run `ordertrail rebuild`".into(),
         ));
     }
     let fresh_config = StoreConfig { data_dir: layout::rebuild_dir(&config.data_dir), ..config.clone() };

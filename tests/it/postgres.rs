@@ -376,15 +376,51 @@ async fn a_commit_the_synchronous_standby_does_not_confirm_is_never_acknowledged
     drop(standby);
 }
 
-/// Rebuild is sled's; on PostgreSQL it is refused with the way to do it.
-#[tokio::test]
-async fn rebuild_on_postgres_is_refused_with_the_export_import_path() {
+/// `ordertrail rebuild` on PostgreSQL: refused while a node runs (and
+/// online), then, with every node stopped, everything is derived again
+/// with what the mappers learned, the old tables kept in a schema of their
+/// own; the nodes serve the rebuilt state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_on_postgres_derives_everything_again_with_every_node_stopped() {
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
-    let server = crate::common::TestServer::start_with(&config).await;
-    let refused = server.admin().await.rebuild(ordertrail::proto::RebuildRequest {}).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    assert!(refused.message().contains("ordertrail export") && refused.message().contains("import"), "{refused:?}");
+    let url = cluster.url();
+    let store = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n");
+    let server = crate::common::TestServer::start_with(&store).await;
+    let order = crate::common::fixture("winkelstraat/order.json");
+    assert_eq!(server.post_json("/webhooks/winkelstraat/stock-order", order).await.status, 202, "quarantined");
+    let creation = crate::common::fixture("ordermesh/order-creation.json");
+    assert_eq!(server.post_json("/webhooks/ordermesh", creation).await.status, 200);
+    let online = server.admin().await.rebuild(ordertrail::proto::RebuildRequest {}).await.unwrap_err();
+    assert!(online.message().contains("stop every node and run `ordertrail rebuild`"), "{online:?}");
+    // The mapper learns that stock-order carries an order.
+    let taught = format!(
+        "{store}[[sources]]\nname = \"winkelstraat\"\nprovider = \"winkelstraat\"\n\
+         kind_aliases = {{ stock-order = \"order\" }}\n[[sources]]\nname = \"ordermesh\"\nprovider = \"ordermesh\"\n"
+    );
+    let file = server.dir.path().join("taught.toml");
+    std::fs::write(&file, &taught).unwrap();
+    let rebuild = |data_dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ordertrail"))
+            .args(["rebuild", "--config", file.to_str().unwrap()])
+            .env_remove("ORDERTRAIL_CONFIG")
+            .env("ORDERTRAIL_DATA_DIR", data_dir)
+            .output()
+            .unwrap()
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let refused = rebuild(elsewhere.path());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("stop every node"), "{stderr}");
+    let dir = server.stop().await;
+    let rebuilt = rebuild(dir.path());
+    let stderr = String::from_utf8_lossy(&rebuilt.stderr);
+    assert!(rebuilt.status.success(), "{stderr}");
+    assert!(stderr.contains("2 applied, 0 quarantined") && stderr.contains("ordertrail_before_rebuild_"), "{stderr}");
+    let kept = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'ordertrail_before_rebuild_%'";
+    assert_eq!(cluster.psql("ordertrail", kept), "1", "the old tables are kept");
+    let server = crate::common::TestServer::start_in(dir, &taught).await;
+    assert!(server.quarantine().await.is_empty(), "the stock-order delivery is applied now");
+    assert_eq!(server.all_events().await.len(), 2);
     server.stop().await;
 }
 

@@ -5,12 +5,15 @@
 //! - [`batch`]: one batch as one transaction under the counter row's lock
 //!   (dense sequences in commit order), its statements prepared once and
 //!   sent together.
+//! - [`rebuild`]: `ordertrail rebuild` into a schema beside the live
+//!   tables, swapped in by one transaction.
 //! - `engine`: the engine interface (reads on a pool; the writer's and the
 //!   listener's connections are their own), LISTEN/NOTIFY as the
 //!   followers' wake-up, the server settings that weaken durability.
 
 pub(crate) mod batch;
 mod engine;
+pub(crate) mod rebuild;
 pub(crate) mod schema;
 
 pub(crate) use engine::PostgresEngine;
@@ -28,10 +31,12 @@ pub async fn prepare(config: &PostgresConfig) -> Result<i32, StoreError> {
 }
 
 /// The connection settings of every session: the connect and statement
-/// timeouts on top of the configured URL.
+/// timeouts and ordertrail's application name on top of the configured URL.
 pub(crate) fn session(config: &PostgresConfig) -> tokio_postgres::Config {
     let mut url = config.url.clone();
     url.connect_timeout(config.connect_timeout);
+    // How a rebuild tells that nodes are still running.
+    url.application_name(rebuild::APPLICATION);
     let timeout = format!("-c statement_timeout={}", config.statement_timeout.as_millis());
     let options = match url.get_options() {
         Some(options) => format!("{options} {timeout}"),

@@ -122,3 +122,22 @@ async fn concurrent_nodes_number_densely_and_store_a_shared_delivery_once() {
     let all: Vec<u64> = blocks.into_iter().flatten().collect();
     assert_eq!(all, (1..=420).collect::<Vec<u64>>(), "the blocks tile the log without gap or overlap");
 }
+
+/// The rebuild's swap checks, under the live counter row's lock, that no
+/// delivery arrived after the copy; if one did, nothing moves.
+#[tokio::test]
+async fn a_rebuild_swap_refuses_when_a_delivery_arrived_after_the_copy() {
+    let cluster = PostgresCluster::start();
+    let config = config(&cluster);
+    let mut client = connect(&config).await.unwrap();
+    schema::migrate(&mut client).await.unwrap();
+    let live = super::rebuild::begin(&client).await.unwrap();
+    client.batch_execute("UPDATE ot_counters SET last_raw = 5").await.unwrap();
+    let swapped = super::rebuild::swap_in(&mut client, &live, 4, "test").await;
+    assert!(
+        matches!(&swapped, Err(crate::store::StoreError::Invalid(why)) if why.contains("arrived during the rebuild")),
+        "{swapped:?}"
+    );
+    let tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'ot_%'";
+    assert_eq!(cluster.psql("ordertrail", tables), "7", "the live tables stay where they were");
+}
