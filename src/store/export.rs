@@ -76,8 +76,7 @@ pub fn export(config: &StoreConfig, out: &mut impl Write) -> Result<ExportSummar
     let (engine, _held) = match config.backend {
         crate::config::Backend::Sled => (Engine::open_existing(data_dir)?, None),
         crate::config::Backend::Postgres => {
-            std::fs::create_dir_all(data_dir)
-                .map_err(|e| StoreError::unavailable(format!("cannot create {}", data_dir.display()), e))?;
+            super::create_data_dir(data_dir)?;
             let held = super::lock_data_dir(data_dir)?;
             (Engine::open(config)?, Some(held))
         }

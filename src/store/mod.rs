@@ -93,6 +93,14 @@ const WRITER_QUEUE: usize = 4096;
 /// the same in every format, so `ordertrail rebuild` converts any data dir.
 const FORMAT: u64 = 4;
 
+/// Creates the data dir if it is missing: every engine keeps the
+/// durability mark and the hand-over socket there, and storage is probed
+/// there after a failure.
+fn create_data_dir(data_dir: &std::path::Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StoreError::unavailable(format!("cannot create {}", data_dir.display()), e))
+}
+
 /// Holds `data_dir` for this process (an flock on a file in it), for an
 /// engine that does not hold it itself: the data dir has the hand-over
 /// socket and the durability mark, which belong to one process. Another
@@ -265,10 +273,7 @@ impl Store {
     /// Opens (or creates) the store under `config.data_dir` and starts the
     /// writer, flusher and recovery threads.
     pub(crate) fn open_blocking(config: &StoreConfig, mapper: Mapper) -> Result<Self, StoreError> {
-        // Every engine keeps the durability mark and the hand-over socket
-        // there, and storage is probed there after a failure.
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StoreError::unavailable(format!("cannot create {}", config.data_dir.display()), e))?;
+        create_data_dir(&config.data_dir)?;
         let known = mark::read(&config.data_dir)?;
         let engine = Engine::open(config)?;
         let data_dir_lock = match engine.is_shared() {

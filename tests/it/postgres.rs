@@ -10,6 +10,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// The config of a node storing at `url`, plus `extra` `[store.postgres]` keys.
+fn node_config(url: &str, extra: &str) -> String {
+    format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n{extra}\n")
+}
+
 fn postgres_config(cluster: &PostgresCluster) -> ordertrail::config::PostgresConfig {
     let env = |key: &str| match key {
         "ORDERTRAIL_STORE_BACKEND" => Some("postgres".to_string()),
@@ -85,7 +90,7 @@ async fn a_node_on_postgres_stores_serves_and_dedups() {
     use ordertrail::proto::get_order_request::Reference;
     use ordertrail::proto::{GetOrderRequest, ListEventsRequest};
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let server = crate::common::TestServer::start_with(&config).await;
     let body = crate::common::fixture("ordermesh/order-creation.json");
     let first = server.post_json("/webhooks/ordermesh", body.clone()).await;
@@ -112,7 +117,7 @@ async fn a_subscriber_on_one_node_receives_what_another_node_ingests() {
     use ordertrail::proto::subscribe_response::Message;
     use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let a = crate::common::TestServer::start_with(&config).await;
     let b = crate::common::TestServer::start_with(&config).await;
     let mut stream = b
@@ -148,7 +153,7 @@ async fn a_subscriber_on_one_node_receives_what_another_node_ingests() {
 #[tokio::test]
 async fn a_server_setting_that_weakens_durability_is_said_at_readyz() {
     let cluster = PostgresCluster::start_with(&["synchronous_commit=off"]);
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let server = crate::common::TestServer::start_with(&config).await;
     let ready = server.request("GET", "/readyz", &[], bytes::Bytes::new()).await;
     assert_eq!(ready.status, 200);
@@ -156,7 +161,7 @@ async fn a_server_setting_that_weakens_durability_is_said_at_readyz() {
     assert!(warnings.contains("synchronous_commit = off"), "{}", ready.json);
     server.stop().await;
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let server = crate::common::TestServer::start_with(&config).await;
     let ready = server.request("GET", "/readyz", &[], bytes::Bytes::new()).await;
     assert!(ready.json.get("warnings").is_none(), "{}", ready.json);
@@ -169,7 +174,7 @@ async fn a_server_setting_that_weakens_durability_is_said_at_readyz() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_crash_under_load_loses_nothing_acknowledged_and_ingest_resumes() {
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let server = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
     let stop = tokio_util::sync::CancellationToken::new();
     let poster = {
@@ -239,7 +244,7 @@ async fn readiness(server: &crate::common::TestServer) -> (u16, ServingStatus) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_deliveries_on_two_nodes_at_once_are_stored_once() {
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let a = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
     let b = std::sync::Arc::new(crate::common::TestServer::start_with(&config).await);
     let body = crate::common::fixture("ordermesh/order-creation.json");
@@ -274,7 +279,7 @@ async fn a_sled_export_imported_into_postgres_serves_identical_events() {
     let node_dir = tempfile::tempdir().unwrap();
     let imported = crate::binary::cli(&["import", file], node_dir.path(), &postgres);
     assert!(imported.contains("imported 8 applied, 1 quarantined, 0 already present"), "{imported}");
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n");
+    let config = node_config(&url, "");
     let node = crate::common::TestServer::start_in(node_dir, &config).await;
     assert_eq!(node.all_events().await, events, "events identical, provenance included");
     assert_eq!(node.quarantine().await, quarantine);
@@ -291,10 +296,7 @@ fn sessions_carry_the_statement_timeout() {
 #[tokio::test]
 async fn a_stuck_database_fails_the_batch_instead_of_holding_the_writer() {
     let cluster = PostgresCluster::start();
-    let config = format!(
-        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nstatement_timeout_ms = 500\n",
-        cluster.url()
-    );
+    let config = node_config(&cluster.url(), "statement_timeout_ms = 500");
     let server = crate::common::TestServer::start_with(&config).await;
     // Another session holds the counter row: every batch waits for it.
     let holder = std::thread::spawn({
@@ -325,10 +327,7 @@ async fn other_nodes_commits_wake_the_follower_by_notification() {
     use ordertrail::proto::SubscribeRequest;
     use ordertrail::proto::subscribe_response::Message;
     let cluster = PostgresCluster::start();
-    let config = format!(
-        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nfollow_poll_ms = 3600000\n",
-        cluster.url()
-    );
+    let config = node_config(&cluster.url(), "follow_poll_ms = 3600000");
     let a = crate::common::TestServer::start_with(&config).await;
     let b = crate::common::TestServer::start_with(&config).await;
     let request = SubscribeRequest { after_sequence: Some(0), ..Default::default() };
@@ -358,10 +357,7 @@ async fn a_commit_the_synchronous_standby_does_not_confirm_is_never_acknowledged
     let primary = PostgresCluster::start();
     let standby = PostgresCluster::standby_of(&primary, "standby");
     primary.make_synchronous("standby");
-    let config = format!(
-        "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\nstatement_timeout_ms = 300\n",
-        primary.url()
-    );
+    let config = node_config(&primary.url(), "statement_timeout_ms = 300");
     let server = crate::common::TestServer::start_with(&config).await;
     let body = |n: u32| {
         format!(r#"{{"EventType":"OrderCreation","IsSuccessful":true,"OrderId":"r{n}","ExternalOrderId":"R{n}"}}"#)
@@ -384,7 +380,7 @@ async fn a_commit_the_synchronous_standby_does_not_confirm_is_never_acknowledged
 async fn rebuild_on_postgres_derives_everything_again_with_every_node_stopped() {
     let cluster = PostgresCluster::start();
     let url = cluster.url();
-    let store = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n");
+    let store = node_config(&url, "");
     let server = crate::common::TestServer::start_with(&store).await;
     let order = crate::common::fixture("winkelstraat/order.json");
     assert_eq!(server.post_json("/webhooks/winkelstraat/stock-order", order).await.status, 202, "quarantined");
@@ -434,7 +430,7 @@ async fn a_lifecycle_posted_across_three_nodes_reads_the_same_from_each() {
     use ordertrail::proto::subscribe_response::Message;
     use ordertrail::proto::{GetOrderRequest, SubscribeRequest};
     let cluster = PostgresCluster::start();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{}\"\n", cluster.url());
+    let config = node_config(&cluster.url(), "");
     let nodes = [
         crate::common::TestServer::start_with(&config).await,
         crate::common::TestServer::start_with(&config).await,
@@ -484,7 +480,7 @@ async fn a_lifecycle_posted_across_three_nodes_reads_the_same_from_each() {
 async fn a_second_process_on_a_nodes_data_dir_is_refused() {
     let cluster = PostgresCluster::start();
     let url = cluster.url();
-    let config = format!("[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n");
+    let config = node_config(&url, "");
     let server = crate::common::TestServer::start_with(&config).await;
     let body = crate::common::fixture("ordermesh/order-creation.json");
     assert_eq!(server.post_json("/webhooks/ordermesh", body).await.status, 200);

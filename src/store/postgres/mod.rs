@@ -37,7 +37,10 @@ pub(crate) fn session(config: &PostgresConfig) -> tokio_postgres::Config {
     url.connect_timeout(config.connect_timeout);
     // How a rebuild tells that nodes are still running.
     url.application_name(rebuild::APPLICATION);
-    let timeout = format!("-c statement_timeout={}", config.statement_timeout.as_millis());
+    // Server notices (e.g. "relation already exists, skipping" from the
+    // migrations' IF NOT EXISTS) are not worth a log line.
+    let timeout =
+        format!("-c statement_timeout={} -c client_min_messages=warning", config.statement_timeout.as_millis());
     let options = match url.get_options() {
         Some(options) => format!("{options} {timeout}"),
         None => timeout,
