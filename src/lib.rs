@@ -15,6 +15,8 @@
 //! - `http`: the hyper front door. Routing, limits, authentication calls,
 //!   and the single mapping from ingest errors to HTTP status codes.
 //! - [`provider`]: the closed set of providers, named once; a leaf.
+//! - [`allowlist`]: sender allowlists that follow DNS TXT records (being
+//!   built: the record parser).
 //! - [`ingest`]: per-source authentication and one module per provider that
 //!   turns a raw delivery into provider-neutral observations, and the
 //!   [`ingest::Mapper`] that applies the current mappers (with each source's
@@ -91,6 +93,7 @@
 // One exception, documented in `memory`: a call into glibc.
 #![deny(unsafe_code)]
 
+pub mod allowlist;
 mod api;
 pub mod config;
 mod gate;

@@ -1,0 +1,9 @@
+//! Sender allowlists that follow DNS TXT records, as Withings asks its
+//! receivers to do ("refer to the TXT record from
+//! ipblock-notify.withings.net … make sure you monitor it").
+//!
+//! Being built: [`record`] reads what a record says; the refresher (a
+//! resolver on a timer, the last good answer kept with the store, metrics
+//! and the change log) comes next.
+
+pub mod record;
