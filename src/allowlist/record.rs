@@ -9,21 +9,7 @@
 //! configured minimum prefix, is refused as a whole: the caller keeps the
 //! last good list (never fail open, never fail empty).
 
-use crate::config::Network;
-
-/// The shortest prefixes an answer may contain: a shorter one is taken for
-/// a mistake (or an attack), not for a sender's range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MinPrefix {
-    pub v4: u8,
-    pub v6: u8,
-}
-
-impl Default for MinPrefix {
-    fn default() -> Self {
-        Self { v4: 8, v6: 32 }
-    }
-}
+use crate::config::{MinPrefix, Network};
 
 /// A usable answer: its networks, and the tokens that were skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -48,12 +48,42 @@ pub enum AuthConfig {
         /// Allowed networks, IPv4 or IPv6 CIDRs (a bare address is a /32 or
         /// /128). Each entry may hold several, separated by whitespace or
         /// commas, so a DNS TXT record can be pasted as it is.
-        #[serde(deserialize_with = "networks")]
+        #[serde(default, deserialize_with = "networks")]
         allow: Vec<Network>,
+        /// DNS TXT records whose ranges are allowed too, followed while
+        /// running (Withings: `ipblock-notify.withings.net`).
+        #[serde(default)]
+        dns_txt: Vec<String>,
+        /// The longest wait between two lookups of the records, in ms (a
+        /// record's TTL, within bounds, makes it sooner).
+        #[serde(default)]
+        refresh_ms: Option<u64>,
+        /// The DNS server to ask (`host:port`) instead of the system's.
+        #[serde(default)]
+        dns_server: Option<std::net::SocketAddr>,
+        /// The broadest ranges a record's answer may hold.
+        #[serde(default)]
+        min_prefix: MinPrefix,
         /// An optional shared secret as a second factor.
         #[serde(default)]
         second_factor: Option<SecondFactor>,
     },
+}
+
+/// The shortest prefixes a DNS-published range may have: a broader one is
+/// taken for a mistake (or an attack), not for a sender's range, and the
+/// answer holding it is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinPrefix {
+    pub v4: u8,
+    pub v6: u8,
+}
+
+impl Default for MinPrefix {
+    fn default() -> Self {
+        Self { v4: 8, v6: 32 }
+    }
 }
 
 /// One username/password pair for HTTP Basic.
@@ -143,12 +173,24 @@ fn networks<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Net
         .collect()
 }
 
+/// A host name as DNS writes it: dot-separated labels of letters, digits,
+/// `-` and `_` (as in `_spf`), each 1–63 bytes, 253 in all.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 impl AuthConfig {
     /// True when the scheme lets anyone in.
     pub fn is_open(&self) -> bool {
         match self {
             Self::None => true,
-            Self::IpAllowlist { allow, second_factor } => {
+            Self::IpAllowlist { allow, second_factor, .. } => {
                 second_factor.is_none() && allow.iter().any(|n| n.0.prefix_len() == 0)
             }
             _ => false,
@@ -251,9 +293,18 @@ pub(super) fn validate_source(source: &SourceConfig) -> Result<(), ConfigError> 
             }
             Ok(())
         }
-        AuthConfig::IpAllowlist { allow, second_factor } => {
-            if allow.is_empty() {
-                return fail("allow", "must list at least one network");
+        AuthConfig::IpAllowlist { allow, second_factor, dns_txt, refresh_ms, min_prefix, .. } => {
+            if allow.is_empty() && dns_txt.is_empty() {
+                return fail("allow", "must list at least one network, or name dns_txt records to follow");
+            }
+            if let Some(name) = dns_txt.iter().find(|name| !is_dns_name(name)) {
+                return fail("dns_txt", &format!("`{name}` is not a DNS name"));
+            }
+            if *refresh_ms == Some(0) {
+                return fail("refresh_ms", "must be greater than 0");
+            }
+            if !(1..=32).contains(&min_prefix.v4) || !(1..=128).contains(&min_prefix.v6) {
+                return fail("min_prefix", "v4 must be 1 to 32 and v6 1 to 128");
             }
             let Some(factor) = second_factor else { return Ok(()) };
             match (&factor.query, &factor.header) {

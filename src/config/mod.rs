@@ -19,8 +19,8 @@ mod file;
 
 use auth::validate_source;
 pub use auth::{
-    AuthConfig, BasicCredential, MIN_BEARER_TOKEN_BYTES, MIN_HMAC_SECRET_BYTES, Network, SecondFactor, Secret,
-    SignatureEncoding,
+    AuthConfig, BasicCredential, MIN_BEARER_TOKEN_BYTES, MIN_HMAC_SECRET_BYTES, MinPrefix, Network, SecondFactor,
+    Secret, SignatureEncoding,
 };
 use file::{FileConfig, FileTls};
 

@@ -153,6 +153,35 @@ fn an_allowlist_takes_a_pasted_txt_record() {
 }
 
 #[test]
+fn an_allowlist_can_follow_dns_txt_records() {
+    let text = source(
+        "scheme = \"ip_allowlist\", dns_txt = [\"ipblock-notify.withings.net\"], refresh_ms = 60000, \
+         dns_server = \"127.0.0.1:5353\", min_prefix = { v4 = 16, v6 = 48 }",
+    );
+    let c = Config::from_toml(&text, &no_env).unwrap();
+    let AuthConfig::IpAllowlist { allow, dns_txt, refresh_ms, dns_server, min_prefix, .. } = &c.sources[0].auth else {
+        panic!("not an allowlist")
+    };
+    assert!(allow.is_empty(), "static entries are optional beside a record");
+    assert_eq!(dns_txt, &["ipblock-notify.withings.net"]);
+    assert_eq!((*refresh_ms, dns_server.map(|a| a.to_string())), (Some(60000), Some("127.0.0.1:5353".into())));
+    assert_eq!(*min_prefix, MinPrefix { v4: 16, v6: 48 });
+    let defaults = Config::from_toml(&source("scheme = \"ip_allowlist\", dns_txt = [\"a.example\"]"), &no_env).unwrap();
+    let AuthConfig::IpAllowlist { min_prefix, .. } = &defaults.sources[0].auth else { panic!("not an allowlist") };
+    assert_eq!(*min_prefix, MinPrefix { v4: 8, v6: 32 });
+    for (bad, says) in [
+        ("scheme = \"ip_allowlist\"", "dns_txt records"),
+        ("scheme = \"ip_allowlist\", dns_txt = [\"not a name\"]", "is not a DNS name"),
+        ("scheme = \"ip_allowlist\", dns_txt = [\"a.example\"], refresh_ms = 0", "refresh_ms"),
+        ("scheme = \"ip_allowlist\", dns_txt = [\"a.example\"], min_prefix = { v4 = 0, v6 = 32 }", "min_prefix"),
+        ("scheme = \"ip_allowlist\", dns_txt = [\"a.example\"], dns_server = \"nowhere\"", "invalid socket address"),
+    ] {
+        let err = Config::from_toml(&source(bad), &no_env).unwrap_err().to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn an_allowlist_of_everyone_counts_as_open() {
     let text =
         format!("[http]\naddr = \"0.0.0.0:8080\"\n{}", source("scheme = \"ip_allowlist\", allow = [\"0.0.0.0/0\"]"));

@@ -70,7 +70,7 @@ pub fn verify(auth: &AuthConfig, facts: &RequestFacts<'_>) -> Result<Verified, A
             let signature = decode_signature(value, prefix, *encoding).ok_or(AuthError::Unauthorized)?;
             if hmac_matches(&signature, facts.body, secrets) { ok("hmac") } else { Err(AuthError::Unauthorized) }
         }
-        AuthConfig::IpAllowlist { allow, second_factor } => {
+        AuthConfig::IpAllowlist { allow, second_factor, .. } => {
             let ip = client_ip(facts.headers, facts.peer, facts.trusted_proxies).ok_or(AuthError::Forbidden)?;
             if !allow.iter().any(|net| net.contains(&ip)) {
                 return Err(AuthError::Forbidden);
@@ -298,10 +298,22 @@ mod tests {
         assert!(check(&b64_auth, &format!("{b64}x"), body).is_err());
     }
 
+    /// A static allowlist (no DNS record followed).
+    fn allowlist(allow: Vec<Network>, second_factor: Option<SecondFactor>) -> AuthConfig {
+        AuthConfig::IpAllowlist {
+            allow,
+            dns_txt: Vec::new(),
+            refresh_ms: None,
+            dns_server: None,
+            min_prefix: crate::config::MinPrefix::default(),
+            second_factor,
+        }
+    }
+
     #[test]
     fn ip_allowlist_uses_the_peer_unless_it_is_a_trusted_proxy() {
         let allow = nets(&["203.0.113.0/24", "2001:db8::/32"]);
-        let auth = AuthConfig::IpAllowlist { allow, second_factor: None };
+        let auth = allowlist(allow, None);
         let trusted = nets(&["127.0.0.1"]);
         let check = |peer: &str, xff: &[&str], trusted: &[Network]| {
             let h = headers(&xff.iter().map(|v| ("x-forwarded-for", *v)).collect::<Vec<_>>());
@@ -332,14 +344,10 @@ mod tests {
     #[test]
     fn second_factor_in_query_or_header() {
         let allow = nets(&["127.0.0.0/8"]);
-        let by_query = AuthConfig::IpAllowlist {
-            allow: allow.clone(),
-            second_factor: Some(SecondFactor {
-                query: Some("token".into()),
-                header: None,
-                secrets: vec![Secret::new("s3cret")],
-            }),
-        };
+        let by_query = allowlist(
+            allow.clone(),
+            Some(SecondFactor { query: Some("token".into()), header: None, secrets: vec![Secret::new("s3cret")] }),
+        );
         let none = HeaderMap::new();
         let check = |query: Option<&str>| verify(&by_query, &facts(&none, b"", query));
         assert_eq!(check(Some("token=s3cret")).unwrap().method(), "ip_allowlist+secret");
@@ -354,14 +362,10 @@ mod tests {
         ] {
             assert_eq!(check(bad), Err(AuthError::Unauthorized), "{bad:?}");
         }
-        let by_header = AuthConfig::IpAllowlist {
+        let by_header = allowlist(
             allow,
-            second_factor: Some(SecondFactor {
-                query: None,
-                header: Some("x-token".into()),
-                secrets: vec![Secret::new("s3cret")],
-            }),
-        };
+            Some(SecondFactor { query: None, header: Some("x-token".into()), secrets: vec![Secret::new("s3cret")] }),
+        );
         let good = headers(&[("x-token", "s3cret")]);
         assert!(verify(&by_header, &facts(&good, b"", None)).is_ok());
         assert_eq!(verify(&by_header, &facts(&none, b"", Some("x-token=s3cret"))), Err(AuthError::Unauthorized));
