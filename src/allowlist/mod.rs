@@ -2,8 +2,9 @@
 //! receivers to do ("refer to the TXT record from
 //! ipblock-notify.withings.net … make sure you monitor it").
 //!
-//! Being built: [`record`] reads what a record says; the refresher (a
-//! resolver on a timer, the last good answer kept with the store, metrics
-//! and the change log) comes next.
+//! Being built: [`record`] reads what a record says, [`lookup`] asks DNS
+//! for it; the refresher (on a timer, the last good answer kept with the
+//! store, metrics and the change log) comes next.
 
+pub mod lookup;
 pub mod record;

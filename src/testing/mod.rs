@@ -9,6 +9,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support fails loudly")]
 
 use std::net::TcpListener;
+
+pub mod dns;
+pub use dns::DnsServer;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
