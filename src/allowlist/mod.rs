@@ -3,8 +3,10 @@
 //! ipblock-notify.withings.net … make sure you monitor it").
 //!
 //! Being built: [`record`] reads what a record says, [`lookup`] asks DNS
-//! for it; the refresher (on a timer, the last good answer kept with the
-//! store, metrics and the change log) comes next.
+//! for it, [`followed`] keeps the last good answer and says what each new
+//! one changes; the refresher (on a timer, the last good answer kept with
+//! the store, metrics and the change log) comes next.
 
+pub mod followed;
 pub mod lookup;
 pub mod record;
