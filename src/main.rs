@@ -137,8 +137,11 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig => {
             println!("{config:#?}");
-            eprintln!("ordertrail: the configuration is valid");
-            Ok(())
+            run_async(async {
+                print!("{}", ordertrail::allowlist::Allowlists::describe(&config).await);
+                Ok(())
+            })
+            .map(|()| eprintln!("ordertrail: the configuration is valid"))
         }
         Command::Tail(args) => run_async(tail(args, &config)),
         Command::Export { out } => export(&config, out),

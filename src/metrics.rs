@@ -5,6 +5,7 @@
 //! store when scraped.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +26,8 @@ pub struct Gauges {
     pub connections: Box<dyn Fn() -> usize + Send + Sync>,
     /// The bounds webhook bodies are read within.
     pub bodies: crate::http::Bodies,
+    /// The state of every followed DNS allowlist record.
+    pub allowlists: Box<dyn Fn() -> Vec<crate::allowlist::Status> + Send + Sync>,
 }
 
 /// Every metric of the process.
@@ -45,6 +48,11 @@ pub struct Metrics {
     http_connections: Gauge,
     body_memory_bytes: Gauge,
     unverified_bodies: Gauge,
+    allowlist_changes: Family<Labels, Counter>,
+    allowlist_refresh_failures: Family<Labels, Counter>,
+    allowlist_last_refresh: Family<Labels, Gauge<f64, AtomicU64>>,
+    allowlist_entries: Family<Labels, Gauge>,
+    allowlist_refused: Family<Labels, Counter>,
     store: Store,
     gauges: Gauges,
 }
@@ -69,6 +77,11 @@ impl Metrics {
             http_connections: Gauge::default(),
             body_memory_bytes: Gauge::default(),
             unverified_bodies: Gauge::default(),
+            allowlist_changes: Family::default(),
+            allowlist_refresh_failures: Family::default(),
+            allowlist_last_refresh: Family::default(),
+            allowlist_entries: Family::default(),
+            allowlist_refused: Family::default(),
             store,
             gauges,
             registry: Registry::default(),
@@ -111,6 +124,32 @@ impl Metrics {
             "Times a subscriber fell behind and read from the store",
             metrics.subscriber_store_reads.clone(),
         );
+        registry.register(
+            "allowlist_changes",
+            "Changes of a followed DNS allowlist record (the first good answer counts), by source and record",
+            metrics.allowlist_changes.clone(),
+        );
+        registry.register(
+            "allowlist_refresh_failures",
+            "Lookups of a followed DNS allowlist record that failed (lookup) or whose answer was refused \
+             (empty, too_broad); the last good list stays",
+            metrics.allowlist_refresh_failures.clone(),
+        );
+        registry.register(
+            "allowlist_last_refresh_seconds",
+            "Age of a followed DNS allowlist record's last good answer",
+            metrics.allowlist_last_refresh.clone(),
+        );
+        registry.register(
+            "allowlist_entries",
+            "Ranges a followed DNS allowlist record allows now (0: no good answer yet)",
+            metrics.allowlist_entries.clone(),
+        );
+        registry.register(
+            "allowlist_refused",
+            "Webhooks an allowlist refused (403), by source and sender network (/24, /48; `other` past 256)",
+            metrics.allowlist_refused.clone(),
+        );
         Arc::new(Self { registry, ..metrics })
     }
 
@@ -122,6 +161,26 @@ impl Metrics {
     /// Records how long a stored webhook took to be answered.
     pub fn ingest_latency(&self, seconds: f64) {
         self.ingest_latency.observe(seconds);
+    }
+
+    /// Counts a change of a followed allowlist record.
+    pub fn allowlist_change(&self, source: &str, record: &str) {
+        self.allowlist_changes
+            .get_or_create(&vec![("source", source.to_string()), ("record", record.to_string())])
+            .inc();
+    }
+
+    /// Counts a failed or refused lookup of a followed allowlist record.
+    pub fn allowlist_failure(&self, source: &str, record: &str, reason: &'static str) {
+        let labels = vec![("source", source.to_string()), ("record", record.to_string()), ("reason", reason.into())];
+        self.allowlist_refresh_failures.get_or_create(&labels).inc();
+    }
+
+    /// Counts a sender an allowlist refused, by its network.
+    pub fn allowlist_refused(&self, source: &str, network: &str) {
+        self.allowlist_refused
+            .get_or_create(&vec![("source", source.to_string()), ("network", network.to_string())])
+            .inc();
     }
 
     /// The text exposition, with the stored-state gauges read now.
@@ -156,6 +215,13 @@ impl Metrics {
         self.http_connections.set(as_gauge((self.gauges.connections)() as u64));
         self.body_memory_bytes.set(as_gauge(self.gauges.bodies.in_memory_bytes() as u64));
         self.unverified_bodies.set(as_gauge(self.gauges.bodies.unverified() as u64));
+        for status in (self.gauges.allowlists)() {
+            let labels = vec![("source", status.source.clone()), ("record", status.record.clone())];
+            self.allowlist_entries.get_or_create(&labels).set(as_gauge(status.networks.len() as u64));
+            if let Some(age) = status.age() {
+                self.allowlist_last_refresh.get_or_create(&labels).set(age.as_secs_f64());
+            }
+        }
         let positions = (self.gauges.positions)();
         self.subscriptions.set(as_gauge(positions.len() as u64));
         self.subscriber_lag.clear();

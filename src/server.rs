@@ -15,6 +15,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::allowlist::Allowlists;
 use crate::api::{AdminAuth, AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig};
 use crate::gate;
@@ -171,12 +172,17 @@ async fn serve(
     let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
     let positions = subscriptions.clone();
     let bodies = http::Bodies::new(&config.http);
+    let allowlists = Allowlists::new(&config);
+    allowlists.recall(&store).await;
+    let followed = allowlists.clone();
     let gauges = Gauges {
         positions: Box::new(move || positions.positions()),
         connections: Box::new(move || connections.len()),
         bodies: bodies.clone(),
+        allowlists: Box::new(move || followed.statuses()),
     };
     let metrics = Metrics::new(store.clone(), gauges);
+    allowlists.follow(store.clone(), metrics.clone(), shutdown.clone());
     let grpc = grpc_server(&config.grpc)?
         .add_service(health)
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
@@ -195,6 +201,7 @@ async fn serve(
         shutdown.clone(),
         metrics,
         bodies,
+        allowlists,
     ))));
     let grpc_result = serve_grpc(grpc, &shutdown, grace).await;
     shutdown.cancel();

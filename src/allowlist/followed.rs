@@ -12,7 +12,8 @@ use super::lookup::Answer;
 use super::record::{self, Refused};
 use crate::config::{MinPrefix, Network};
 
-/// The shortest wait between two lookups, whatever the TTL says.
+/// The shortest wait between two lookups, whatever the TTL says (unless
+/// `refresh_ms` asks for a shorter one).
 pub const MIN_REFRESH: Duration = Duration::from_secs(30);
 
 /// The last good answer of a record.
@@ -28,7 +29,7 @@ pub enum Outcome {
     /// The first good answer, or a changed one: what it added and removed.
     Changed { added: Vec<Network>, removed: Vec<Network>, skipped: Vec<String> },
     /// The same ranges again (the answer's time is still recorded).
-    Unchanged,
+    Unchanged { skipped: Vec<String> },
     /// The answer was not used; the last good list stays.
     Refused(Refused),
     /// The lookup failed; the last good list stays.
@@ -53,6 +54,11 @@ impl Followed {
         self.good.as_ref()
     }
 
+    /// The broadest ranges an answer may hold.
+    pub fn min(&self) -> MinPrefix {
+        self.min
+    }
+
     /// Takes the result of a lookup made at `now`.
     pub fn absorb(&mut self, looked_up: Result<&Answer, String>, now: SystemTime) -> Outcome {
         let answer = match looked_up {
@@ -70,15 +76,17 @@ impl Followed {
         self.good = Some(Good { networks: ranges.networks, at: now });
         match changed {
             true => Outcome::Changed { added, removed, skipped: ranges.skipped },
-            false => Outcome::Unchanged,
+            false => Outcome::Unchanged { skipped: ranges.skipped },
         }
     }
 }
 
 /// When to look again after an answer with `ttl`: the TTL, but at least
-/// [`MIN_REFRESH`] and at most `refresh` (after a failure: `MIN_REFRESH`).
+/// [`MIN_REFRESH`] and at most `refresh` (after a failure: soon). A
+/// `refresh` below [`MIN_REFRESH`] is obeyed: the operator asked for it.
 pub fn next_lookup(ttl: Option<Duration>, refresh: Duration) -> Duration {
-    ttl.unwrap_or(MIN_REFRESH).clamp(MIN_REFRESH, refresh.max(MIN_REFRESH))
+    let floor = MIN_REFRESH.min(refresh);
+    ttl.unwrap_or(floor).clamp(floor, refresh)
 }
 
 #[cfg(test)]
@@ -103,7 +111,10 @@ mod tests {
             Outcome::Changed { added: nets(&["198.51.100.0/24", "203.0.113.0/24"]), removed: vec![], skipped: vec![] }
         );
         let t1 = t0 + Duration::from_secs(60);
-        assert_eq!(followed.absorb(Ok(&answer("203.0.113.0/24, 198.51.100.0/24")), t1), Outcome::Unchanged);
+        assert_eq!(
+            followed.absorb(Ok(&answer("203.0.113.0/24, 198.51.100.0/24")), t1),
+            Outcome::Unchanged { skipped: vec![] }
+        );
         assert_eq!(followed.good().unwrap().at, t1, "the age counts from the last good answer");
         let moved = followed.absorb(Ok(&answer("203.0.113.0/24 192.0.2.0/24")), t1);
         assert_eq!(
@@ -138,5 +149,8 @@ mod tests {
         assert_eq!(next_lookup(Some(Duration::from_secs(1)), hour), MIN_REFRESH, "a tiny TTL is not obeyed");
         assert_eq!(next_lookup(Some(Duration::from_secs(86_400)), hour), hour, "refresh_ms caps a long TTL");
         assert_eq!(next_lookup(None, hour), MIN_REFRESH, "after a failure, soon");
+        let asked = Duration::from_millis(200);
+        assert_eq!(next_lookup(Some(Duration::from_secs(300)), asked), asked, "a short refresh_ms is obeyed");
+        assert_eq!(next_lookup(None, asked), asked);
     }
 }

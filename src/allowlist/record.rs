@@ -27,6 +27,16 @@ pub enum Refused {
     TooBroad(Network),
 }
 
+impl Refused {
+    /// The reason as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty { .. } => "empty",
+            Self::TooBroad(_) => "too_broad",
+        }
+    }
+}
+
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::allowlist::Allowlists;
 use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
 use crate::ingest::{self, auth};
 use crate::metrics::Metrics;
@@ -47,6 +48,7 @@ pub struct FrontDoor {
     limiters: HashMap<String, DefaultDirectRateLimiter>,
     metrics: Arc<Metrics>,
     bodies: Bodies,
+    allowlists: Arc<Allowlists>,
 }
 
 /// Why a request was not stored. Mapped to a status code in one place.
@@ -163,13 +165,14 @@ impl FrontDoor {
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
         bodies: Bodies,
+        allowlists: Arc<Allowlists>,
     ) -> Self {
         let limiters = config
             .sources
             .iter()
             .filter_map(|source| Some((source.name.clone(), limiter(source.rate_limit?)?)))
             .collect();
-        Self { config, store, shutdown, limiters, metrics, bodies }
+        Self { config, store, shutdown, limiters, metrics, bodies, allowlists }
     }
 
     /// Takes a token of the source's bucket, or says when to retry.
@@ -235,10 +238,16 @@ impl FrontDoor {
                 json!({"status": "stored data damaged; salvage with `ordertrail export`", "damage": damage}),
             )
         } else {
-            match self.store.warnings() {
-                warnings if warnings.is_empty() => json_response(StatusCode::OK, json!({"status": "ready"})),
-                warnings => json_response(StatusCode::OK, json!({"status": "ready", "warnings": warnings})),
+            let mut ready = json!({"status": "ready"});
+            let warnings = self.store.warnings();
+            if !warnings.is_empty() {
+                ready["warnings"] = json!(warnings);
             }
+            let allowlists = self.allowlists.statuses();
+            if !allowlists.is_empty() {
+                ready["allowlists"] = allowlists.iter().map(allowlist_detail).collect();
+            }
+            json_response(StatusCode::OK, ready)
         }
     }
 
@@ -252,23 +261,26 @@ impl FrontDoor {
     ) -> Result<IngestOutcome, Refusal> {
         let limit = self.config.http.body_limit_bytes;
         let (parts, body) = req.into_parts();
+        let followed = self.allowlists.allowed(&source.name);
         let mut facts = auth::RequestFacts {
             headers: &parts.headers,
             peer,
             query: parts.uri.query(),
             body: &[],
             trusted_proxies: &self.config.http.trusted_proxies,
+            followed: followed.as_deref().unwrap_or_default(),
         };
         // Before the body: a stranger is refused without it being read (and
         // without `100 Continue`).
-        let verified_by_headers = auth::verify_headers(&source.auth, &facts).map_err(Refusal::Auth)?;
+        let verified_by_headers =
+            auth::verify_headers(&source.auth, &facts).map_err(|e| self.auth_refusal(source, &facts, e))?;
         let expected = content_length(&parts.headers);
         if expected.is_some_and(|len| len > limit as u64) {
             return Err(Refusal::TooLarge(limit));
         }
         let (body, _held) = self.bodies.read(body, expected, verified_by_headers).await?;
         facts.body = &body;
-        let verified = auth::verify(&source.auth, &facts).map_err(Refusal::Auth)?;
+        let verified = auth::verify(&source.auth, &facts).map_err(|e| self.auth_refusal(source, &facts, e))?;
         // After authentication, so strangers cannot spend a source's budget.
         self.admit(&source.name)?;
         if body.is_empty() {
@@ -294,6 +306,30 @@ impl FrontDoor {
         Ok(outcome)
     }
 
+    /// The refusal for a request that failed authentication. A sender an
+    /// allowlist refused is counted by network and logged (at its first
+    /// refusal, then at most once a minute), so a provider's new range
+    /// shows up in the logs and metrics rather than as silence.
+    fn auth_refusal(&self, source: &SourceConfig, facts: &auth::RequestFacts<'_>, e: auth::AuthError) -> Refusal {
+        if e == auth::AuthError::Forbidden
+            && let Some(sender) = auth::sender(facts)
+        {
+            let noted = self.allowlists.note_refused(&source.name, sender);
+            self.metrics.allowlist_refused(&source.name, &noted.network);
+            if let Some(unlogged) = noted.log {
+                tracing::warn!(
+                    source = %source.name,
+                    network = %noted.network,
+                    %sender,
+                    unlogged,
+                    "webhook refused (403): the sender is not in the source's allowlist; \
+                     if the provider sends from a new range, allow it or follow its DNS record"
+                );
+            }
+        }
+        Refusal::Auth(e)
+    }
+
     /// Counts the answer to a webhook of a configured source.
     fn record(&self, source: &str, result: &Result<IngestOutcome, Refusal>, started: std::time::Instant) {
         let outcome = match result {
@@ -313,6 +349,20 @@ impl FrontDoor {
             self.metrics.ingest_latency(started.elapsed().as_secs_f64());
         }
     }
+}
+
+/// A followed record in `/readyz`: what it allows now and how old that is.
+fn allowlist_detail(status: &crate::allowlist::Status) -> serde_json::Value {
+    let mut detail = json!({
+        "source": status.source,
+        "record": status.record,
+        "networks": status.networks.iter().map(|n| n.0.to_string()).collect::<Vec<_>>(),
+    });
+    match status.age() {
+        Some(age) => detail["age_seconds"] = json!(age.as_secs()),
+        None => detail["note"] = json!("no DNS-derived entries yet: the static entries alone apply"),
+    }
+    detail
 }
 
 fn limiter(limit: RateLimit) -> Option<DefaultDirectRateLimiter> {

@@ -47,6 +47,9 @@ pub struct RequestFacts<'a> {
     pub body: &'a [u8],
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: &'a [Network],
+    /// What the source's followed DNS records allow now, beside its
+    /// static `allow` entries.
+    pub followed: &'a [Network],
 }
 
 /// Checks a request against its source's authentication settings.
@@ -71,8 +74,8 @@ pub fn verify(auth: &AuthConfig, facts: &RequestFacts<'_>) -> Result<Verified, A
             if hmac_matches(&signature, facts.body, secrets) { ok("hmac") } else { Err(AuthError::Unauthorized) }
         }
         AuthConfig::IpAllowlist { allow, second_factor, .. } => {
-            let ip = client_ip(facts.headers, facts.peer, facts.trusted_proxies).ok_or(AuthError::Forbidden)?;
-            if !allow.iter().any(|net| net.contains(&ip)) {
+            let ip = sender(facts).ok_or(AuthError::Forbidden)?;
+            if !allow.iter().chain(facts.followed).any(|net| net.contains(&ip)) {
                 return Err(AuthError::Forbidden);
             }
             match second_factor {
@@ -172,6 +175,11 @@ fn second_factor_matches(factor: &SecondFactor, facts: &RequestFacts<'_>) -> boo
     }
 }
 
+/// The sender's address, as an allowlist checks it (see [`client_ip`]).
+pub fn sender(facts: &RequestFacts<'_>) -> Option<IpAddr> {
+    client_ip(facts.headers, facts.peer, facts.trusted_proxies)
+}
+
 /// The sender's address: the TCP peer, unless the peer is a trusted proxy;
 /// then the rightmost `X-Forwarded-For` hop that is not a trusted proxy.
 /// `None` when a hop that must be believed cannot be parsed.
@@ -205,7 +213,14 @@ mod tests {
     use super::*;
 
     fn facts<'a>(headers: &'a HeaderMap, body: &'a [u8], query: Option<&'a str>) -> RequestFacts<'a> {
-        RequestFacts { headers, peer: "127.0.0.1:5000".parse().unwrap(), query, body, trusted_proxies: &[] }
+        RequestFacts {
+            headers,
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            query,
+            body,
+            trusted_proxies: &[],
+            followed: &[],
+        }
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -323,6 +338,7 @@ mod tests {
                 query: None,
                 body: b"",
                 trusted_proxies: trusted,
+                followed: &[],
             };
             verify(&auth, &f)
         };
@@ -339,6 +355,22 @@ mod tests {
         assert_eq!(check("127.0.0.1:1", &["203.0.113.7", "198.51.100.9"], &trusted), Err(AuthError::Forbidden));
         assert_eq!(check("127.0.0.1:1", &["garbage"], &trusted), Err(AuthError::Forbidden));
         assert!(check("127.0.0.1:1", &["203.0.113.7:4711"], &trusted).is_ok());
+    }
+
+    #[test]
+    fn a_followed_record_allows_beside_the_static_entries() {
+        let auth = allowlist(nets(&["203.0.113.0/24"]), None);
+        let none = HeaderMap::new();
+        let check = |peer: &str, followed: &[Network]| {
+            let f = RequestFacts { peer: peer.parse().unwrap(), followed, ..facts(&none, b"", None) };
+            verify(&auth, &f)
+        };
+        let followed = nets(&["198.51.100.0/24", "2001:db8::/48"]);
+        assert!(check("203.0.113.7:1", &followed).is_ok(), "static");
+        assert!(check("198.51.100.7:1", &followed).is_ok(), "followed");
+        assert!(check("[2001:db8::9]:1", &followed).is_ok(), "followed IPv6");
+        assert_eq!(check("198.51.100.7:1", &[]), Err(AuthError::Forbidden), "not followed any more");
+        assert_eq!(check("192.0.2.1:1", &followed), Err(AuthError::Forbidden));
     }
 
     #[test]

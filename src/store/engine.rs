@@ -170,6 +170,10 @@ delegate! {
     /// (provider, applies to, value, count) of every unmapped status value.
     fn unmapped(&self) -> Result<Vec<(String, String, String, u64)>, StoreError>;
     fn quarantined_count(&self) -> u64;
+    /// Everything remembered besides deliveries: (name, value).
+    fn remembered(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Remembers `value` under `name`, durably, replacing what was there.
+    fn remember(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Settings of the engine that weaken "acknowledged means durable".
     fn warnings(&self) -> Vec<String>;
     fn size_on_disk(&self) -> u64;

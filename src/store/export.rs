@@ -224,6 +224,7 @@ async fn rebuild_postgres(
     let built = async {
         let fresh = Store::open_unchecked(&fresh_config, mapper).await?;
         let summary = copy_raws(&live, &fresh, 0, u64::MAX).await;
+        let summary = carry_remembered(&live, &fresh, summary).await;
         fresh.close().await?;
         summary
     }
@@ -299,8 +300,24 @@ async fn build_into(source: &Store, after: u64, upto: u64) -> Result<ImportSumma
     let fresh_config = StoreConfig { data_dir: layout::rebuild_dir(&config.data_dir), ..config.clone() };
     let fresh = Store::open_unchecked(&fresh_config, source.inner.mapper.clone()).await?;
     let summary = copy_raws(source, &fresh, after, upto).await;
+    let summary = carry_remembered(source, &fresh, summary).await;
     fresh.close().await?;
     summary
+}
+
+/// Carries what `source` remembers into `into` once the copy succeeded:
+/// a rebuild derives deliveries again, but a remembered DNS answer cannot
+/// be derived.
+async fn carry_remembered(
+    source: &Store,
+    into: &Store,
+    copied: Result<ImportSummary, StoreError>,
+) -> Result<ImportSummary, StoreError> {
+    let summary = copied?;
+    for (name, value) in source.remembered().await? {
+        into.remember(&name, value).await?;
+    }
+    Ok(summary)
 }
 
 /// Stores the raw deliveries of `source` with ids in `(after, upto]` into

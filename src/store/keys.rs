@@ -24,6 +24,9 @@ pub const QUARANTINE: u8 = b'q';
 pub const META: u8 = b'm';
 /// Unmapped status values: `u` + provider + what + value -> count (u64).
 pub const UNMAPPED: u8 = b'u';
+/// What the process remembers across restarts besides deliveries (a
+/// followed allowlist's last good answer): `n` + name -> bytes.
+pub const REMEMBERED: u8 = b'n';
 
 /// The one-byte tag of a reference kind in index keys.
 impl RefKind {
@@ -122,6 +125,12 @@ pub fn parse_unmapped(key: &[u8]) -> Option<(String, String, String)> {
     let provider = next()?;
     let applies_to = next()?;
     Some((provider, applies_to, String::from_utf8_lossy(rest).into_owned()))
+}
+
+pub fn remembered(name: &str) -> Vec<u8> {
+    let mut key = vec![REMEMBERED];
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 pub fn meta(name: &str) -> Vec<u8> {

@@ -157,6 +157,18 @@ impl Store {
         self.read_off_runtime(|engine| engine.unmapped()).await
     }
 
+    /// Everything remembered besides deliveries: (name, value).
+    pub async fn remembered(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read_off_runtime(|engine| engine.remembered()).await
+    }
+
+    /// Remembers `value` under `name`, durably, replacing what was there.
+    /// Not a delivery: export leaves it out, a rebuild carries it over.
+    pub async fn remember(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.read_off_runtime(move |engine| engine.remember(&name, &value)).await
+    }
+
     /// Quarantined deliveries with a raw id greater than `after`.
     pub async fn list_quarantined(&self, after: u64, limit: PageLimit) -> Result<Page<RawDelivery>, StoreError> {
         self.read_off_runtime(move |engine| {

@@ -216,6 +216,23 @@ impl SledEngine {
         Ok(())
     }
 
+    /// Everything remembered: (name, value).
+    pub fn remembered(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut all = Vec::new();
+        for entry in self.tree.scan_prefix([keys::REMEMBERED]) {
+            let (key, value) = entry?;
+            all.push((String::from_utf8_lossy(&key[1..]).into_owned(), value.to_vec()));
+        }
+        Ok(all)
+    }
+
+    /// Remembers `value` under `name`, durably.
+    pub fn remember(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(keys::remembered(name), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     // === point reads ===
 
     pub fn order(&self, id: u64) -> Result<Option<Order>, StoreError> {

@@ -331,6 +331,20 @@ impl PostgresEngine {
         Ok(rows.iter().map(|row| (row.get(0), row.get(1), row.get(2), as_u64(row.get(3)))).collect())
     }
 
+    pub fn remembered(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = self.query("SELECT name, value FROM ot_remembered ORDER BY name", &[])?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    pub fn remember(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO ot_remembered (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            &[&name, &value],
+        )
+        .map(drop)
+    }
+
     pub fn quarantined_count(&self) -> u64 {
         self.query("SELECT count(*) FROM ot_raw WHERE quarantined", &[])
             .ok()

@@ -20,8 +20,17 @@ pub(crate) const APPLICATION: &str = "ordertrail";
 /// Where a rebuild is built.
 const REBUILD_SCHEMA: &str = "ordertrail_rebuild";
 /// ordertrail's tables, moved together.
-const TABLES: &[&str] =
-    &["ordertrail_schema", "ot_counters", "ot_raw", "ot_events", "ot_orders", "ot_index", "ot_dedup", "ot_unmapped"];
+const TABLES: &[&str] = &[
+    "ordertrail_schema",
+    "ot_counters",
+    "ot_raw",
+    "ot_events",
+    "ot_orders",
+    "ot_index",
+    "ot_dedup",
+    "ot_unmapped",
+    "ot_remembered",
+];
 
 fn failed(e: tokio_postgres::Error) -> StoreError {
     StoreError::unavailable("the rebuild failed", e)

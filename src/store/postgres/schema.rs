@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
          count bigint NOT NULL,
          PRIMARY KEY (provider, applies_to, value)
      );",
+    // 2: what a node remembers besides deliveries (a followed allowlist's
+    // last good answer), shared by every node.
+    "CREATE TABLE ot_remembered (name text PRIMARY KEY, value bytea NOT NULL);",
 ];
 
 /// The schema version this build writes and reads.
