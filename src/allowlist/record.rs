@@ -25,7 +25,13 @@ pub enum Refused {
     Empty { skipped: Vec<String> },
     /// A network broader than the minimum prefix.
     TooBroad(Network),
+    /// More networks than any sender publishes ([`MAX_NETWORKS`]).
+    TooMany(usize),
 }
+
+/// The most networks an answer may hold: a sender publishes a handful; a
+/// record of thousands is a mistake, and each would be checked per webhook.
+pub const MAX_NETWORKS: usize = 1024;
 
 impl Refused {
     /// The reason as a metric label.
@@ -33,6 +39,7 @@ impl Refused {
         match self {
             Self::Empty { .. } => "empty",
             Self::TooBroad(_) => "too_broad",
+            Self::TooMany(_) => "too_many",
         }
     }
 }
@@ -45,6 +52,7 @@ impl std::fmt::Display for Refused {
                 write!(f, "the record holds no address range (skipped: {})", skipped.join(" "))
             }
             Self::TooBroad(network) => write!(f, "the record allows {}, broader than the minimum prefix", network.0),
+            Self::TooMany(count) => write!(f, "the record holds {count} ranges, more than {MAX_NETWORKS}"),
         }
     }
 }
@@ -71,6 +79,9 @@ pub fn parse<'a>(strings: impl IntoIterator<Item = &'a str>, min: MinPrefix) -> 
     }
     networks.sort_by_key(|network| network.0);
     networks.dedup();
+    if networks.len() > MAX_NETWORKS {
+        return Err(Refused::TooMany(networks.len()));
+    }
     Ok(Ranges { networks, skipped })
 }
 
@@ -126,5 +137,14 @@ mod tests {
         assert!(parse(["2001:db8::/32"], min).is_ok());
         let strict = MinPrefix { v4: 16, v6: 48 };
         assert!(matches!(parse(["10.0.0.0/15"], strict), Err(Refused::TooBroad(_))));
+    }
+
+    #[test]
+    fn an_answer_of_too_many_ranges_is_refused() {
+        let many = |n: usize| (0..n).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect::<Vec<_>>().join(" ");
+        assert_eq!(parse([many(MAX_NETWORKS).as_str()], MinPrefix::default()).unwrap().networks.len(), MAX_NETWORKS);
+        let refused = parse([many(MAX_NETWORKS + 1).as_str()], MinPrefix::default()).unwrap_err();
+        assert_eq!(refused, Refused::TooMany(MAX_NETWORKS + 1));
+        assert_eq!(refused.reason(), "too_many");
     }
 }

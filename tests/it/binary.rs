@@ -354,6 +354,7 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
     let events = server.all_events().await;
     let quarantine = server.quarantine().await;
     let orders = server.all_orders().await;
+    server.store.remember("allowlist/ipblock.example", b"remembered".to_vec()).await.unwrap();
     let dir = server.stop().await;
     let output = tokio::process::Command::new(BIN)
         .arg("rebuild")
@@ -375,6 +376,8 @@ async fn rebuild_from_raw_deliveries_gives_identical_state() {
     assert_eq!(rebuilt.quarantine().await, quarantine);
     let again = rebuilt.all_orders().await;
     assert_eq!(again, orders, "identical orders");
+    let remembered = rebuilt.store.remembered().await.unwrap();
+    assert_eq!(remembered, [("allowlist/ipblock.example".into(), b"remembered".to_vec())], "carried over");
     rebuilt.stop().await;
 }
 
@@ -471,4 +474,82 @@ fn the_open_file_limit_is_raised_or_the_start_refused() {
     assert_eq!(open_files[3], open_files[4], "soft limit raised to the hard one: {limits}");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// A minimal HTTP/1.1 GET over a std socket; returns the body.
+fn get_std(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// A followed allowlist record: `check-config` looks it up once and prints
+/// the effective list; while serving, each change is logged once, with the
+/// ranges added and removed and the tokens skipped, and counted.
+#[test]
+fn allowlist_changes_are_logged_once_and_counted_and_check_config_resolves_them() {
+    use ordertrail::testing::{DnsServer, dns::Answer as Says};
+    let dns = DnsServer::start();
+    let record = "ipblock-notify.example";
+    dns.set(record, Says::Txt(vec!["198.51.100.0/24 include:_spf.example".into()], 300));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ordertrail.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[sources]]\nname = \"withings\"\nprovider = \"withings\"\n\
+             auth = {{ scheme = \"ip_allowlist\", allow = [\"192.0.2.10\"], dns_txt = [\"{record}\"], \
+             dns_server = \"{}\", refresh_ms = 100 }}\n",
+            dns.addr
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+
+    let check = run_with(&["check-config", "--config", config], &[]);
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let expected = "allowlist of source `withings`:\n  static: 192.0.2.10/32\n  \
+                    dns_txt ipblock-notify.example: 198.51.100.0/24 (skipped: include:_spf.example)\n  \
+                    effective: 192.0.2.10/32 198.51.100.0/24\n";
+    assert!(stdout.contains(expected), "{stdout}");
+
+    let mut child = spawn_server(&["--log-format", "json", "--config", config], &dir.path().join("data"));
+    let mut logs = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .map(|line| serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{line}: {e}")));
+    let is = |message: &'static str| move |log: &serde_json::Value| log["fields"]["message"] == message;
+    let serving = logs.find(is("ordertrail serving")).expect("a start-up line");
+    let admin = serving["fields"]["admin"].as_str().unwrap().to_string();
+    let first = logs.find(is("allowlist changed")).expect("the first answer");
+    let fields = |log: &serde_json::Value, name: &str| log["fields"][name].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        ["source", "record", "added", "removed", "skipped"].map(|name| fields(&first, name)),
+        ["withings", record, "198.51.100.0/24", "", "include:_spf.example"],
+        "{first}"
+    );
+    dns.set(record, Says::Txt(vec!["203.0.113.0/24".into(), "2001:db8::/48".into()], 300));
+    let second = logs.find(is("allowlist changed")).expect("the change");
+    assert_eq!(
+        ["added", "removed", "skipped"].map(|name| fields(&second, name)),
+        ["203.0.113.0/24 2001:db8::/48", "198.51.100.0/24", ""],
+        "{second}"
+    );
+    // More lookups find the same record: no more changes.
+    let asked = dns.questions();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dns.questions() < asked + 3 {
+        assert!(std::time::Instant::now() < deadline, "the record is not looked up again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let metrics = get_std(&admin, "/metrics");
+    let changes = "ordertrail_allowlist_changes_total{source=\"withings\",record=\"ipblock-notify.example\"} 2\n";
+    assert!(metrics.contains(changes), "{metrics}");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(logs.filter(is("allowlist changed")).count(), 0, "a change is logged once");
 }

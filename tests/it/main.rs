@@ -8,6 +8,7 @@
 /// The engine [`common::TestServer`] starts on.
 const ENGINE: common::Engine = common::Engine::Sled;
 
+mod allowlist;
 mod auth;
 mod bench;
 mod binary;

@@ -407,6 +407,7 @@ async fn rebuild_on_postgres_derives_everything_again_with_every_node_stopped() 
     let refused = rebuild(elsewhere.path());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("stop every node"), "{stderr}");
+    server.store.remember("allowlist/ipblock.example", b"remembered".to_vec()).await.unwrap();
     let dir = server.stop().await;
     let rebuilt = rebuild(dir.path());
     let stderr = String::from_utf8_lossy(&rebuilt.stderr);
@@ -417,6 +418,8 @@ async fn rebuild_on_postgres_derives_everything_again_with_every_node_stopped() 
     let server = crate::common::TestServer::start_in(dir, &taught).await;
     assert!(server.quarantine().await.is_empty(), "the stock-order delivery is applied now");
     assert_eq!(server.all_events().await.len(), 2);
+    let remembered = server.store.remembered().await.unwrap();
+    assert_eq!(remembered, [("allowlist/ipblock.example".into(), b"remembered".to_vec())], "carried over");
     server.stop().await;
 }
 

@@ -20,10 +20,14 @@ async fn rebuild_online_is_swapped_in_at_the_next_start_with_what_arrived_meanwh
     for i in 5..8 {
         assert_eq!(server.post_json("/webhooks/ordermesh", post(i)).await.status, 200);
     }
+    // Remembered after the rebuild was prepared: the swap carries it.
+    server.store.remember("allowlist/ipblock.example", b"remembered".to_vec()).await.unwrap();
     let events = server.all_events().await;
     let quarantine = server.quarantine().await;
     let dir = server.stop().await;
     let server = TestServer::start_in(dir, "").await;
+    let remembered = server.store.remembered().await.unwrap();
+    assert_eq!(remembered, [("allowlist/ipblock.example".into(), b"remembered".to_vec())], "carried over");
     assert_eq!(server.all_events().await, events, "rebuilt state plus what arrived meanwhile, identical");
     assert_eq!(server.quarantine().await, quarantine);
     let kept = std::fs::read_dir(server.dir.path())

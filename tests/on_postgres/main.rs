@@ -8,6 +8,8 @@
 /// The engine [`common::TestServer`] starts on.
 const ENGINE: common::Engine = common::Engine::Postgres;
 
+#[path = "../it/allowlist.rs"]
+mod allowlist;
 #[path = "../it/auth.rs"]
 mod auth;
 #[allow(dead_code, reason = "shared with tests/it, which uses all of it")]
