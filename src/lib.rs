@@ -15,8 +15,9 @@
 //! - `http`: the hyper front door. Routing, limits, authentication calls,
 //!   and the single mapping from ingest errors to HTTP status codes.
 //! - [`provider`]: the closed set of providers, named once; a leaf.
-//! - [`allowlist`]: sender allowlists that follow DNS TXT records (being
-//!   built: the record parser).
+//! - [`allowlist`]: sender allowlists that follow DNS TXT records (looked up
+//!   on a timer, the last good answer remembered with the store), and the
+//!   senders allowlists refuse, counted by network.
 //! - [`ingest`]: per-source authentication and one module per provider that
 //!   turns a raw delivery into provider-neutral observations, and the
 //!   [`ingest::Mapper`] that applies the current mappers (with each source's

@@ -34,7 +34,7 @@ pub use refused::Noted;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest wait between two lookups of a record without `refresh_ms`.
-pub const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
+const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);
 
 /// Every followed record of the config, and what each source's records
 /// allow now.
@@ -299,7 +299,7 @@ fn parse_remembered(value: &[u8], min: MinPrefix) -> Result<Good, String> {
 }
 
 /// Networks as one space-separated string, for a log line.
-pub fn joined(networks: &[Network]) -> String {
+fn joined(networks: &[Network]) -> String {
     networks.iter().map(|n| n.0.to_string()).collect::<Vec<_>>().join(" ")
 }
 

@@ -525,6 +525,7 @@ fn allowlist_changes_are_logged_once_and_counted_and_check_config_resolves_them(
     let is = |message: &'static str| move |log: &serde_json::Value| log["fields"]["message"] == message;
     let serving = logs.find(is("ordertrail serving")).expect("a start-up line");
     let admin = serving["fields"]["admin"].as_str().unwrap().to_string();
+    let http = serving["fields"]["http"].as_str().unwrap().to_string();
     let first = logs.find(is("allowlist changed")).expect("the first answer");
     let fields = |log: &serde_json::Value, name: &str| log["fields"][name].as_str().unwrap_or_default().to_string();
     assert_eq!(
@@ -546,10 +547,27 @@ fn allowlist_changes_are_logged_once_and_counted_and_check_config_resolves_them(
         assert!(std::time::Instant::now() < deadline, "the record is not looked up again");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // A sender outside the list (this test, on loopback), refused twice:
+    // logged once, counted twice, by its /24.
+    for _ in 0..2 {
+        assert!(post_std(&http, "/webhooks/withings", b"customer_ref=M-1").starts_with("HTTP/1.1 403"));
+    }
     let metrics = get_std(&admin, "/metrics");
     let changes = "ordertrail_allowlist_changes_total{source=\"withings\",record=\"ipblock-notify.example\"} 2\n";
     assert!(metrics.contains(changes), "{metrics}");
+    let refused = "ordertrail_allowlist_refused_total{source=\"withings\",network=\"127.0.0.0/24\"} 2\n";
+    assert!(metrics.contains(refused), "{metrics}");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success());
-    assert_eq!(logs.filter(is("allowlist changed")).count(), 0, "a change is logged once");
+    let rest: Vec<serde_json::Value> = logs.collect();
+    assert_eq!(rest.iter().filter(|log| is("allowlist changed")(log)).count(), 0, "a change is logged once");
+    let refusals: Vec<_> = rest
+        .iter()
+        .filter(|log| log["fields"]["message"].as_str().is_some_and(|m| m.starts_with("webhook refused (403)")))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(
+        ["source", "network", "sender"].map(|name| fields(refusals[0], name)),
+        ["withings", "127.0.0.0/24", "127.0.0.1"]
+    );
 }
