@@ -139,6 +139,9 @@ impl Allowlists {
     /// or another node's). One that no longer passes the record's minimum
     /// prefix is not used.
     pub async fn recall(&self, store: &Store) {
+        if self.records.is_empty() {
+            return;
+        }
         let remembered: HashMap<String, Vec<u8>> = match store.remembered().await {
             Ok(all) => all.into_iter().collect(),
             Err(e) => {

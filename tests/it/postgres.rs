@@ -40,11 +40,27 @@ async fn nodes_starting_together_migrate_the_schema_once() {
         found.push(start.await.unwrap().expect("every node starts"));
     }
     found.sort_unstable();
-    assert_eq!(found, [0, 1, 1], "one node migrated, the others found it done");
-    assert_eq!(cluster.psql("ordertrail", "SELECT version FROM ordertrail_schema"), "1");
+    assert_eq!(found, [0, 2, 2], "one node migrated, the others found it done");
+    assert_eq!(cluster.psql("ordertrail", "SELECT version FROM ordertrail_schema"), "2");
     assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ordertrail_schema"), "1");
     assert_eq!(cluster.psql("ordertrail", "SELECT last_sequence FROM ot_counters"), "0");
-    assert_eq!(ordertrail::store::postgres::prepare(&config).await.unwrap(), 1, "a restart changes nothing");
+    assert_eq!(ordertrail::store::postgres::prepare(&config).await.unwrap(), 2, "a restart changes nothing");
+}
+
+/// A database at an older schema version is brought up to date at start,
+/// keeping what it holds.
+#[tokio::test]
+async fn an_older_schema_is_migrated_forward() {
+    let cluster = PostgresCluster::start();
+    let config = postgres_config(&cluster);
+    ordertrail::store::postgres::prepare(&config).await.unwrap();
+    // As a database of version 1 was: no remembered answers yet.
+    cluster.psql("ordertrail", "DROP TABLE ot_remembered; UPDATE ordertrail_schema SET version = 1");
+    cluster.psql("ordertrail", "UPDATE ot_counters SET last_raw = 7");
+    assert_eq!(ordertrail::store::postgres::prepare(&config).await.unwrap(), 1, "found at version 1");
+    assert_eq!(cluster.psql("ordertrail", "SELECT version FROM ordertrail_schema"), "2");
+    assert_eq!(cluster.psql("ordertrail", "SELECT count(*) FROM ot_remembered"), "0", "migration 2 ran");
+    assert_eq!(cluster.psql("ordertrail", "SELECT last_raw FROM ot_counters"), "7", "nothing else changed");
 }
 
 #[tokio::test]
