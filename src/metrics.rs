@@ -132,7 +132,7 @@ impl Metrics {
         registry.register(
             "allowlist_refresh_failures",
             "Lookups of a followed DNS allowlist record that failed (lookup) or whose answer was refused \
-             (empty, too_broad); the last good list stays",
+             (empty, too_broad, too_many); the last good list stays",
             metrics.allowlist_refresh_failures.clone(),
         );
         registry.register(
