@@ -97,6 +97,7 @@
 pub mod allowlist;
 mod api;
 pub mod config;
+mod console;
 mod gate;
 pub mod handover;
 mod http;

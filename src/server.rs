@@ -18,6 +18,7 @@ use tonic_health::server::HealthReporter;
 use crate::allowlist::Allowlists;
 use crate::api::{AdminAuth, AdminService, BearerAuth, OrderTrailService, SubscribeRoute, Subscriptions};
 use crate::config::{Config, GrpcConfig};
+use crate::console::{Console, Rates};
 use crate::gate;
 use crate::handover::{HandedConnection, Offer, Predecessor, Role, Successor};
 use crate::http::{self, FrontDoor};
@@ -171,6 +172,7 @@ async fn serve(
     let auth = BearerAuth::new(config.grpc.bearer_tokens.clone());
     let subscriptions = Subscriptions::new(store.clone(), shutdown.clone(), &config.grpc);
     let positions = subscriptions.clone();
+    let rates = Rates::start(store.clone(), subscriptions.clone(), shutdown.clone());
     let bodies = http::Bodies::new(&config.http);
     let allowlists = Allowlists::new(&config);
     allowlists.recall(&store).await;
@@ -183,6 +185,14 @@ async fn serve(
     };
     let metrics = Metrics::new(store.clone(), gauges);
     allowlists.follow(store.clone(), metrics.clone(), shutdown.clone());
+    let console = Arc::new(Console::new(
+        &config,
+        store.clone(),
+        subscriptions.clone(),
+        rates,
+        allowlists.clone(),
+        shutdown.clone(),
+    ));
     let grpc = grpc_server(&config.grpc)?
         .add_service(health)
         .add_service(InterceptedService::new(reflection.0, auth.clone()))
@@ -194,7 +204,7 @@ async fn serve(
             shutdown.clone().cancelled_owned(),
         );
     tokio::spawn(report_health(health_reporter, store.clone(), shutdown.clone()));
-    let admin_task = tokio::spawn(http::serve_admin(listeners.admin, metrics.clone(), shutdown.clone()));
+    let admin_task = tokio::spawn(http::serve_admin(listeners.admin, metrics.clone(), console, shutdown.clone()));
     let _ = open_door.send(Some(Arc::new(FrontDoor::new(
         config.clone(),
         store.clone(),

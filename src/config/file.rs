@@ -96,6 +96,8 @@ impl FileTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileAdmin {
     pub(super) addr: Option<String>,
+    #[serde(default)]
+    pub(super) allow_unauthenticated_public: bool,
 }
 
 #[derive(Default, Deserialize)]

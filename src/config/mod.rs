@@ -196,10 +196,13 @@ impl fmt::Debug for GrpcTls {
     }
 }
 
-/// The internal admin listener (metrics).
+/// The internal admin listener (metrics and the operator console).
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
+    /// Serve the console on a non-loopback address without
+    /// `grpc.admin_tokens` (behind an authenticating proxy).
+    pub allow_unauthenticated_public: bool,
 }
 
 /// When a write counts as durable, by what it survives.
@@ -461,6 +464,7 @@ impl Config {
             },
             admin: AdminConfig {
                 addr: addr("ORDERTRAIL_ADMIN_ADDR", "admin.addr", file.admin.addr, DEFAULT_ADMIN_ADDR)?,
+                allow_unauthenticated_public: file.admin.allow_unauthenticated_public,
             },
             store: StoreConfig {
                 backend,
@@ -532,6 +536,15 @@ impl Config {
             return Err(ConfigError::new(format!(
                 "grpc.addr {} is not loopback and gRPC has no authentication (grpc.bearer_tokens or grpc.tls.client_ca_file); set grpc.allow_unauthenticated_public = true to allow it anyway",
                 self.grpc.addr
+            )));
+        }
+        if !self.admin.addr.ip().is_loopback()
+            && self.grpc.admin_tokens.is_empty()
+            && !self.admin.allow_unauthenticated_public
+        {
+            return Err(ConfigError::new(format!(
+                "admin.addr {} is not loopback and the console there has no authentication (grpc.admin_tokens); set admin.allow_unauthenticated_public = true to allow it anyway",
+                self.admin.addr
             )));
         }
         let tokens = self.grpc.bearer_tokens.iter().chain(&self.grpc.admin_tokens);

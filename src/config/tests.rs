@@ -64,6 +64,7 @@ fn bad_configs_are_refused_with_one_line() {
         ),
         ("[http]\naddr = \"0.0.0.0:8080\"", "no authentication"),
         ("[grpc]\naddr = \"0.0.0.0:50051\"", "allow_unauthenticated_public"),
+        ("[admin]\naddr = \"0.0.0.0:9090\"", "admin.allow_unauthenticated_public"),
         (
             "[[sources]]\nname = \"a\"\nprovider = \"ordermesh\"\nauth = { scheme = \"header\", header = \"x-s\", secrets = [\"\"] }",
             "non-empty",

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming as Body;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -28,6 +28,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::allowlist::Allowlists;
 use crate::config::{AuthConfig, Config, RateLimit, SourceConfig};
+use crate::console::{self, Console};
 use crate::ingest::{self, auth};
 use crate::metrics::Metrics;
 use crate::proto::RawDelivery;
@@ -516,9 +517,21 @@ impl Door {
 
 // === The admin listener ===
 
-/// Serves `GET /metrics` (Prometheus text format) and `GET /healthz` until
-/// `shutdown`.
-pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// What the admin listener answers with: a whole body, or the console's
+/// stream of server-sent events.
+type AdminBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long a console form may take to arrive.
+const FORM_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` (Prometheus text format), `GET /healthz` and the
+/// operator console (everything else) until `shutdown`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    console: Arc<Console>,
+    shutdown: CancellationToken,
+) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
     loop {
@@ -532,10 +545,10 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown:
             },
             () = shutdown.cancelled() => break,
         };
-        let metrics = metrics.clone();
+        let (metrics, console) = (metrics.clone(), console.clone());
         let service = service_fn(move |req: Request<Body>| {
-            let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(admin_response(&req, &metrics).await) }
+            let (metrics, console) = (metrics.clone(), console.clone());
+            async move { Ok::<_, Infallible>(admin_response(req, &metrics, &console).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
@@ -548,16 +561,42 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, shutdown:
     }
 }
 
-async fn admin_response(req: &Request<Body>, metrics: &Metrics) -> Response<Full<Bytes>> {
+async fn admin_response(req: Request<Body>, metrics: &Metrics, console: &Console) -> Response<AdminBody> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render().await)
         }
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => return console_response(req, console).await,
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Reads a console request's (small) body, lets the console answer, and
+/// turns its answer into a hyper body.
+async fn console_response(req: Request<Body>, console: &Console) -> Response<AdminBody> {
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, console::MAX_FORM_BYTES);
+    let form = match tokio::time::timeout(FORM_READ_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "form too large or unreadable"),
+        Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "the form did not arrive in time"),
+    };
+    console.handle(Request::from_parts(parts, form)).await.map(|body| match body {
+        console::Body::Full(bytes) => Full::new(bytes).boxed_unsync(),
+        console::Body::Events(events) => {
+            let frames = futures::StreamExt::map(events, |bytes| Ok(hyper::body::Frame::data(bytes)));
+            BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames))
+        }
+    })
+}
+
+fn plain(status: StatusCode, message: &'static str) -> Response<AdminBody> {
+    let mut response = Response::new(Full::new(Bytes::from_static(message.as_bytes())).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
