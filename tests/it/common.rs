@@ -142,8 +142,15 @@ impl TestServer {
     /// Stops and starts again on the same data dir and the same ports, so
     /// clients can reconnect.
     pub async fn restart(self) -> Self {
+        let extra = self.extra_toml.clone();
+        self.restart_with(&extra).await
+    }
+
+    /// [`TestServer::restart`] with another config (say, a mapper taught
+    /// a kind alias).
+    pub async fn restart_with(self, extra: &str) -> Self {
         let (extra, http_addr, grpc_addr, admin_addr) =
-            (self.extra_toml.clone(), self.http_addr, self.grpc_addr, self.admin_addr);
+            (extra.to_string(), self.http_addr, self.grpc_addr, self.admin_addr);
         let dir = self.stop().await;
         let http = TcpListener::bind(http_addr).await.expect("rebind http");
         let grpc = TcpListener::bind(grpc_addr).await.expect("rebind grpc");
@@ -170,6 +177,26 @@ impl TestServer {
         let bytes = response.into_body().collect().await.expect("HTTP body").to_bytes();
         let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Answer { status, headers, json }
+    }
+
+    /// A request to the admin listener (the console): status, headers and
+    /// body text.
+    pub async fn console(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut builder = Request::builder().method(method).uri(format!("http://{}{path}", self.admin_addr));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let response = self.http.request(request).await.expect("console request");
+        let (status, headers) = (response.status(), response.headers().clone());
+        let bytes = response.into_body().collect().await.expect("console body").to_bytes();
+        (status, headers, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// The admin listener's metrics page.

@@ -13,6 +13,7 @@ mod auth;
 mod bench;
 mod binary;
 mod common;
+mod console;
 mod crash;
 mod disk_full;
 mod dockerfile;

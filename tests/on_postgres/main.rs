@@ -15,6 +15,8 @@ mod auth;
 #[allow(dead_code, reason = "shared with tests/it, which uses all of it")]
 #[path = "../it/common.rs"]
 mod common;
+#[path = "../it/console.rs"]
+mod console;
 #[path = "../it/fixtures.rs"]
 mod fixtures;
 #[path = "../it/front_door.rs"]
