@@ -41,6 +41,10 @@
 //! - `api`: the tonic services and the single mapping from store errors to
 //!   gRPC `Status`; `Subscribe` sends events as stored/encoded once.
 //! - `metrics`: Prometheus metrics for the admin listener.
+//! - `console`: the operator console on the admin listener: pages rendered
+//!   with maud through the `api` services called in-process, live events
+//!   over server-sent events from `Subscribe`; it speaks `http` types and
+//!   `http` serves it.
 //! - [`tail`]: the `ordertrail tail` command-line subscriber (a gRPC client).
 //! - [`send`]: `ordertrail send`, posting a captured webhook (an HTTP client).
 //! - [`proto`]: the generated protobuf types (the public contract, and the

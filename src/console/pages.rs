@@ -111,7 +111,7 @@ pub(super) async fn live(console: &Console, query: &str) -> Result<Markup, Failu
                 a.tile href="/quarantine" { span.value #quarantined { (stats.quarantined) } span { "in quarantine" } }
                 div.tile { span.value { (format!("{:.1}", rate.deliveries)) } span { "webhooks/s (last minute)" } }
                 div.tile { span.value { (format!("{:.1}", rate.events)) } span { "events/s" } }
-                a.tile href="/stats" { span.value { (head) } span { "head sequence" } }
+                a.tile href="/stats" { span.value #head-sequence { (head) } span { "head sequence" } }
             }
             form.filters method="get" action="/" {
                 label { "source " input name="source" value=[filter.source.as_deref()] placeholder="any"; }
@@ -138,7 +138,10 @@ pub(super) async fn live(console: &Console, query: &str) -> Result<Markup, Failu
                 thead { (event_header()) }
                 tbody #events { @for event in &events { (event_row(event)) } }
             }
-            @if events.is_empty() { p.empty { "No matching events in sequences " (from + 1) "–" (upto) "." } }
+            @if events.is_empty() {
+                @if upto == 0 { p.empty #no-events { "No events yet." } }
+                @else { p.empty #no-events { "No matching events in sequences " (from + 1) "–" (upto) "." } }
+            }
             @if older > 1 {
                 p { a href={ "/?" (filter_query) "&before=" (older) } { "Older events →" } }
             }
@@ -215,7 +218,7 @@ pub(super) async fn search(console: &Console, query: &str) -> Result<Markup, Fai
     let request = FindOrdersRequest { reference: Some(reference), source: source.to_string() };
     let orders = console.orders.find_orders(Request::new(request)).await?.into_inner().orders;
     if let [order] = orders.as_slice() {
-        return Ok(order_page(console, order).await?);
+        return order_page(console, order).await;
     }
     Ok(layout(
         "Orders",
@@ -445,7 +448,7 @@ async fn body_view(raw: &RawDelivery) -> Markup {
     if content_type.starts_with("multipart/form-data")
         && let Ok(boundary) = multer::parse_boundary(&raw.content_type)
     {
-        let body = Bytes::from(raw.body.clone());
+        let body = raw.body.clone();
         let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
         let mut multipart = multer::Multipart::new(stream, boundary);
         let mut pairs = Vec::new();
@@ -554,6 +557,15 @@ pub(super) async fn redrive(console: &Console, form: &[u8]) -> Result<Response<B
         (None, Some(since)) => format!("every quarantined delivery received after {since} UTC"),
         (None, None) => "every quarantined delivery".to_string(),
     };
+    let mut would_become = std::collections::HashMap::new();
+    if !confirmed {
+        for result in response.results.iter().take(PAGE_ROWS as usize) {
+            let request = GetDeliveryRequest { raw_id: result.raw_id };
+            if let Ok(raw) = console.admin.get_delivery(Request::new(request)).await {
+                would_become.insert(result.raw_id, console.store.map(&raw.into_inner()));
+            }
+        }
+    }
     let title = if confirmed { "Re-driven" } else { "Re-drive: dry run" };
     let page = layout(
         title,
@@ -574,6 +586,18 @@ pub(super) async fn redrive(console: &Console, form: &[u8]) -> Result<Response<B
                                 strong { @if confirmed { "applied" } @else { "would be applied" } }
                                 @if result.duplicate_of != 0 { " (already applied by delivery " a href={ "/deliveries/" (result.duplicate_of) } { (result.duplicate_of) } ")" }
                             } @else { "still quarantined: " (result.reason) }
+                            @if let Some(Ok(normalized)) = would_become.get(&result.raw_id) {
+                                ul.observations { @for observation in &normalized.observations {
+                                    li {
+                                        (render::kind(observation.kind as i32)) " for "
+                                        strong { (observation.references.merchant_reference) }
+                                        @if let Some(status) = &observation.status {
+                                            ": " code { (status.verbatim) } " → "
+                                            (status.canonical.map_or("unmapped".to_string(), |s| render::status(s as i32)))
+                                        }
+                                    }
+                                } }
+                            }
                         }
                         td {
                             (result.events)

@@ -71,6 +71,11 @@ async fn a_changed_record_is_followed_without_a_restart() {
     assert_eq!(sample(&page, &refused("203.0.113.0/24")), Some(1.0), "{page}");
     assert_eq!(sample(&page, &refused("198.51.100.0/24")), Some(1.0), "{page}");
     assert_eq!(server.all_orders().await.len(), 3, "one order per accepted sender, none for a refused one");
+    let (_, _, stats) = server.console("GET", "/stats", &[], "").await;
+    assert!(
+        stats.contains("<code>ipblock-notify.example</code>") && stats.contains("<code>203.0.113.0/24</code>"),
+        "{stats}"
+    );
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ fn bad_config_exits_64_with_one_line() {
         (vec!["--config", "/nonexistent/ordertrail.toml"], vec![], "cannot read config file"),
         (vec![], vec![("ORDERTRAIL_DURABILITY", "sometimes")], "ORDERTRAIL_DURABILITY"),
         (vec![], vec![("ORDERTRAIL_HTTP_ADDR", "0.0.0.0:8080")], "no authentication"),
+        // The console on a public admin listener needs the admin tokens.
+        (vec![], vec![("ORDERTRAIL_ADMIN_ADDR", "0.0.0.0:0")], "admin.allow_unauthenticated_public"),
         (vec![], vec![("ORDERTRAIL_CONFIG", file.to_str().unwrap())], "http.addr"),
     ];
     for (args, env, expected) in cases {

@@ -12,6 +12,7 @@ mod allowlist;
 mod auth;
 mod bench;
 mod binary;
+mod browser;
 mod common;
 mod console;
 mod crash;

@@ -41,6 +41,14 @@
       }
       row.classList.add("new");
       rows.insertBefore(row, rows.firstChild);
+      var empty = document.getElementById("no-events");
+      if (empty) {
+        empty.remove();
+      }
+      var head = document.getElementById("head-sequence");
+      if (head && Number(head.textContent) < sequence) {
+        head.textContent = String(sequence);
+      }
       while (rows.children.length > MAX_ROWS) {
         rows.removeChild(rows.lastChild);
       }
