@@ -124,7 +124,7 @@ impl Console {
             [""] => pages::live(self, query).await?,
             ["live"] => return pages::live_stream(self, query).await,
             ["orders"] => pages::search(self, query).await?,
-            ["orders", id] => pages::order(self, number(id)?).await?,
+            ["orders", id] => pages::order(self, number(id)?, query).await?,
             ["events", sequence] => pages::event(self, number(sequence)?).await?,
             ["deliveries", id] => pages::delivery(self, number(id)?).await?,
             ["quarantine"] => pages::quarantine(self, query).await?,

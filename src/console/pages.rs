@@ -24,6 +24,9 @@ use crate::proto::{
 /// How far back the live page looks for events matching its filter.
 const WINDOW: u64 = 1000;
 
+/// Events of an order's history on one page.
+const HISTORY_PAGE: u32 = 200;
+
 /// The query string's fields.
 fn fields(query: &str) -> Vec<(String, String)> {
     serde_urlencoded::from_str(query).unwrap_or_default()
@@ -218,7 +221,7 @@ pub(super) async fn search(console: &Console, query: &str) -> Result<Markup, Fai
     let request = FindOrdersRequest { reference: Some(reference), source: source.to_string() };
     let orders = console.orders.find_orders(Request::new(request)).await?.into_inner().orders;
     if let [order] = orders.as_slice() {
-        return order_page(console, order).await;
+        return order_page(console, order, 0).await;
     }
     Ok(layout(
         "Orders",
@@ -254,9 +257,12 @@ fn order_list(orders: &[Order]) -> Markup {
     }
 }
 
-pub(super) async fn order(console: &Console, id: u64) -> Result<Markup, Failure> {
+/// An order by its id; its history from after the sequence `after` in the
+/// query (a page at a time).
+pub(super) async fn order(console: &Console, id: u64, query: &str) -> Result<Markup, Failure> {
     let order = console.store.order(id).await?.ok_or_else(|| Failure::not_found(format!("no order {id}")))?;
-    order_page(console, &order).await
+    let after = field(&fields(query), "after").and_then(|after| after.parse().ok()).unwrap_or(0);
+    order_page(console, &order, after).await
 }
 
 /// A link target that is safe to put in `href`: http(s) only.
@@ -264,8 +270,13 @@ fn web_link(url: &str) -> Option<&str> {
     (url.starts_with("https://") || url.starts_with("http://")).then_some(url)
 }
 
-async fn order_page(console: &Console, order: &Order) -> Result<Markup, Failure> {
-    let request = ListEventsRequest { order_id: order.id, page_size: 1000, ..ListEventsRequest::default() };
+async fn order_page(console: &Console, order: &Order, after: u64) -> Result<Markup, Failure> {
+    let request = ListEventsRequest {
+        order_id: order.id,
+        after_sequence: after,
+        page_size: HISTORY_PAGE,
+        ..ListEventsRequest::default()
+    };
     let listed = console.orders.list_events(Request::new(request)).await?.into_inner();
     let references = order.references.clone().unwrap_or_default();
     let title = if references.merchant_reference.is_empty() {
@@ -353,7 +364,10 @@ async fn order_page(console: &Console, order: &Order) -> Result<Markup, Failure>
                     }
                 }
             }
-            @if !listed.next_page_token.is_empty() { p { "Only the first 1000 events are shown." } }
+            @if after > 0 { p { a href={ "/orders/" (order.id) } { "← From the first event" } } }
+            @if let Some(last) = listed.events.last().filter(|_| !listed.next_page_token.is_empty()) {
+                p { a href={ "/orders/" (order.id) "?after=" (last.sequence) } { "Later events →" } }
+            }
         },
     ))
 }

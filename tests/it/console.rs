@@ -140,3 +140,21 @@ async fn a_dry_run_changes_nothing_and_the_confirmed_redrive_applies() {
     assert!(server.quarantine().await.is_empty());
     assert_eq!(server.head().await, 1, "the delivery's event is in the log");
 }
+
+#[tokio::test]
+async fn an_order_history_pages_on() {
+    let server = TestServer::start().await;
+    assert_eq!(server.post_json("/webhooks/ordermesh", fixture("ordermesh/order-creation.json")).await.status, 200);
+    for n in 0..205 {
+        let update = format!(
+            r#"{{"EventType":"OrderUpdate","OrderId":"670e58fe7741035996cf7d20","ExternalOrderId":"WBTEST22","NewStatus":"Processing","OldStatus":"Open","RequestId":"r-{n}"}}"#
+        );
+        assert_eq!(server.post_json("/webhooks/ordermesh", update).await.status, 200);
+    }
+    let (_, _, first) = server.console("GET", "/orders/1", &[], "").await;
+    assert_eq!(first.matches("<li class=").count(), 200, "one page of the history");
+    assert!(first.contains("href=\"/orders/1?after=200\""), "a link to the rest");
+    let (_, _, rest) = server.console("GET", "/orders/1?after=200", &[], "").await;
+    assert_eq!(rest.matches("<li class=").count(), 6);
+    assert!(rest.contains("href=\"/events/206\"") && !rest.contains("Later events"));
+}

@@ -77,5 +77,15 @@ async fn large_items_are_paged_by_bytes_and_an_order_stays_readable() {
     let order = client.get_order(request).await.expect("GetOrder").into_inner();
     assert!(order.omitted_entries > 0 && !order.returns.is_empty(), "{} returns", order.returns.len());
     assert_eq!(order.returns.last().unwrap().id, "RMA-4", "the newest return stays");
+
+    // The console pages the same data: the quarantine shows excerpts of a
+    // page that fits one answer, and the order's history pages on.
+    let (status, _, page) = server.console("GET", "/quarantine", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(page.len() < 64 * 1024, "excerpts, not the bodies: {} bytes", page.len());
+    assert!(page.contains("More →"), "the rest is on the next page");
+    let (status, _, page) = server.console("GET", &format!("/orders/{}", order.id), &[], "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("RMA-4"));
     server.stop().await;
 }

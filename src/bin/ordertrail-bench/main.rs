@@ -13,7 +13,8 @@
 //! what gets measured.
 //!
 //! Scenarios: `ingest`, `ingest-latency`, `durability`, `lookup`,
-//! `fan-out`, `catch-up`, `scale`, `cluster` (see `--help` and BENCHMARKS.md).
+//! `fan-out`, `catch-up`, `scale`, `cluster`, `console` (see `--help` and
+//! BENCHMARKS.md).
 
 use std::path::PathBuf;
 
@@ -21,6 +22,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::scenarios::catch_up::catch_up;
 use crate::scenarios::cluster::cluster;
+use crate::scenarios::console::console;
 use crate::scenarios::fan_out::fan_out;
 use crate::scenarios::ingest::{ingest, ingest_latency, sled_alone};
 use crate::scenarios::lookup::{lookup, scale};
@@ -110,6 +112,9 @@ enum Scenario {
     /// Durable webhooks/s on one private PostgreSQL: 1 and 3 nodes vs the
     /// PostgreSQL ceiling, a hand-written receiver and sled.
     Cluster,
+    /// Each console page with `--orders` stored, against `/healthz` on
+    /// the same listener.
+    Console,
     /// (internal) serve `--data-dir` until stdin closes; `scale` runs it as
     /// a separate process to measure its memory alone.
     #[value(hide = true)]
@@ -139,6 +144,7 @@ fn main() {
             Scenario::CatchUp => catch_up(&args).await,
             Scenario::Scale => scale(&args).await,
             Scenario::Cluster => cluster(&args).await,
+            Scenario::Console => console(&args).await,
             Scenario::Serve => match args.data_dir.as_deref() {
                 Some(dir) => servers::serve(dir, &args.settings()).await,
                 None => {

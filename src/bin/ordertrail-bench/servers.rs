@@ -35,6 +35,9 @@ pub(crate) enum Mode {
 pub(crate) struct Subject {
     pub(crate) http: SocketAddr,
     pub(crate) grpc: SocketAddr,
+    /// The admin listener (metrics, console); the bare servers have none
+    /// and name their HTTP address.
+    pub(crate) admin: SocketAddr,
     pub(crate) stop: CancellationToken,
     pub(crate) thread: std::thread::JoinHandle<()>,
 }
@@ -98,7 +101,7 @@ pub(crate) fn start_bare_with(order: Order) -> Subject {
             });
         });
     });
-    Subject { http: addresses.0, grpc: addresses.1, stop, thread }
+    Subject { http: addresses.0, grpc: addresses.1, admin: addresses.0, stop, thread }
 }
 
 pub(crate) async fn bare_http(listener: tokio::net::TcpListener, stop: CancellationToken) {
@@ -161,6 +164,7 @@ pub(crate) async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str, settin
     let config = Config::from_toml(&text, &|_| None).expect("bench config");
     let (http, grpc, admin) = (loopback(), loopback(), loopback());
     let (http_addr, grpc_addr) = (http.local_addr().expect("address"), grpc.local_addr().expect("address"));
+    let admin_addr = admin.local_addr().expect("address");
     let stop = CancellationToken::new();
     let token = stop.clone();
     let started = Instant::now();
@@ -188,7 +192,7 @@ pub(crate) async fn start_ordertrail(dir: &Path, mode: Mode, extra: &str, settin
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let startup = started.elapsed();
-    (Subject { http: http_addr, grpc: grpc_addr, stop, thread }, startup)
+    (Subject { http: http_addr, grpc: grpc_addr, admin: admin_addr, stop, thread }, startup)
 }
 
 /// A connected gRPC channel to `address` (TCP_NODELAY, as the servers).

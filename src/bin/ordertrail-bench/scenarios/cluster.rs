@@ -234,7 +234,7 @@ async fn start_receiver(url: &str) -> Subject {
             .await;
         });
     });
-    Subject { http, grpc: http, stop, thread }
+    Subject { http, grpc: http, admin: http, stop, thread }
 }
 
 /// One request stored: path, headers as JSON, body; one INSERT, committed.

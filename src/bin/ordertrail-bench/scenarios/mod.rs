@@ -2,6 +2,7 @@
 
 pub(crate) mod catch_up;
 pub(crate) mod cluster;
+pub(crate) mod console;
 pub(crate) mod fan_out;
 pub(crate) mod ingest;
 pub(crate) mod lookup;
