@@ -16,7 +16,8 @@ pub const ORDER: u8 = b'o';
 /// Reference indexes: `i` + ref kind + ref + source -> the ids of the
 /// orders with that reference (ascending u64s), so a lookup is one read.
 pub const INDEX: u8 = b'i';
-/// Permanent dedup: `d` + source + dedup key -> raw id + outcome.
+/// Permanent dedup: `d` + source + SHA-256 of the dedup key (32 bytes,
+/// whatever the key's length; no two keys share one) -> raw id + outcome.
 pub const DEDUP: u8 = b'd';
 /// Quarantine: `q` + raw id -> ().
 pub const QUARANTINE: u8 = b'q';
@@ -99,9 +100,10 @@ pub fn with_id(value: &[u8], id: u64) -> Option<Vec<u8>> {
 }
 
 pub fn dedup(source: &str, dedup_key: &str) -> Vec<u8> {
+    use sha2::Digest;
     let mut key = vec![DEDUP];
     push_str(&mut key, source);
-    key.extend_from_slice(dedup_key.as_bytes());
+    key.extend_from_slice(&sha2::Sha256::digest(dedup_key.as_bytes()));
     key
 }
 

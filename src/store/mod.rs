@@ -89,9 +89,13 @@ const WRITER_QUEUE: usize = 4096;
 /// The layout of derived state (keys and values) this build writes. Format
 /// 1 had one index key per order; format 2 one key per reference; format 3
 /// kept an order's event sequences after the order's own fields; format 4
-/// stores them beside the order in a storage message. Raw deliveries are
-/// the same in every format, so `ordertrail rebuild` converts any data dir.
-const FORMAT: u64 = 4;
+/// stores them beside the order in a storage message; format 5 keys dedup
+/// entries by the SHA-256 of the dedup key, keeps an event's provenance to
+/// its raw delivery's id (with the request id and mapper version), and
+/// stores no body SHA-256 in raw records (the body gives it). Raw
+/// deliveries of every format read the same, so `ordertrail rebuild`
+/// converts any data dir.
+const FORMAT: u64 = 5;
 
 /// Creates the data dir if it is missing: every engine keeps the
 /// durability mark and the hand-over socket there, and storage is probed

@@ -531,6 +531,8 @@ impl Turn<'_> {
             }
         };
         self.current.dedup.insert(dedup, DedupEntry { raw_id: raw.id, outcome: raw.outcome() });
+        // The body gives its SHA-256 again when the record is read.
+        raw.body_sha256.clear();
         self.current.raws.push(raw);
         self.current.counters = Some(counters);
         Ok((outcome, events))
@@ -568,8 +570,10 @@ impl Turn<'_> {
         raw.outcome = DeliveryOutcome::Applied as i32;
         raw.mapper_version = MAPPER_VERSION;
         // A resend of the same bytes is now a duplicate of an applied delivery.
-        let raw_dedup = DedupKey { source: raw.source.clone(), key: raw_dedup_key(&raw.body_sha256) };
+        let raw_dedup =
+            DedupKey { source: raw.source.clone(), key: raw_dedup_key(&crate::ingest::sha256_hex(&raw.body)) };
         self.current.dedup.insert(raw_dedup, DedupEntry { raw_id: raw.id, outcome: DeliveryOutcome::Applied });
+        raw.body_sha256.clear();
         self.current.raws.push(raw);
         self.current.counters = Some(counters);
         Ok((outcome, events))
@@ -752,17 +756,18 @@ fn index_entries(order: Option<&Order>) -> Vec<RefKey> {
     out
 }
 
-fn provenance(raw: &RawDelivery) -> Provenance {
-    Provenance {
-        raw_id: raw.id,
-        body_sha256: raw.body_sha256.clone(),
-        content_type: raw.content_type.clone(),
-        auth_method: raw.auth_method.clone(),
-        peer_addr: raw.peer_addr.clone(),
-        mapper_version: MAPPER_VERSION,
-        dedup_key: raw.dedup_key.clone(),
-        request_id: raw.request_id.clone(),
+/// A stored raw delivery read back. Its body's SHA-256 is not stored (the
+/// body gives it); storage formats up to 4 stored it, and it is kept then.
+pub(crate) fn decode_raw(bytes: &[u8]) -> Result<RawDelivery, prost::DecodeError> {
+    let mut raw = RawDelivery::decode(bytes)?;
+    if raw.body_sha256.is_empty() {
+        raw.body_sha256 = crate::ingest::sha256_hex(&raw.body);
     }
+    Ok(raw)
+}
+
+fn provenance(raw: &RawDelivery) -> Provenance {
+    Provenance { raw_id: raw.id, mapper_version: MAPPER_VERSION, request_id: raw.request_id.clone() }
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use prost::Message;
 
 use super::engine::RawRecords;
 use super::keys;
-use super::plan::{self, Counters, DedupEntry, Found, Planned, Reader, RefKind, Wants, WithHistory, Work, WriteSet};
+use super::plan::{
+    self, Counters, DedupEntry, Found, Planned, Reader, RefKind, Wants, WithHistory, Work, WriteSet, decode_raw,
+};
 use super::{StoreError, layout};
 use crate::config::Durability;
 use crate::proto::{DeliveryOutcome, Event, Order, RawDelivery, StoredOrder};
@@ -250,7 +252,7 @@ impl SledEngine {
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
         let value = self.tree.get(keys::numbered(keys::RAW, id))?;
-        Ok(value.map(|v| RawDelivery::decode(&*v)).transpose()?)
+        Ok(value.map(|v| decode_raw(&v)).transpose()?)
     }
 
     /// Ids of the orders indexed under `value`, in `source` or in any source.
@@ -305,7 +307,7 @@ impl SledEngine {
         let range = (after < upto).then(|| self.tree.range(start..=end)).into_iter().flatten();
         Box::new(range.map(|entry| {
             let (_, value) = entry?;
-            Ok(RawDelivery::decode(&*value)?)
+            Ok(decode_raw(&value)?)
         }))
     }
 
@@ -315,7 +317,7 @@ impl SledEngine {
         let range = self.tree.range(keys::numbered(keys::RAW, from)..=keys::numbered(keys::RAW, u64::MAX));
         Box::new(range.map(|entry| {
             let (key, value) = entry.map_err(drop)?;
-            Ok((keys::trailing_u64(&key), RawDelivery::decode(&*value).map_err(|e| e.to_string())))
+            Ok((keys::trailing_u64(&key), decode_raw(&value).map_err(|e| e.to_string())))
         }))
     }
 
@@ -399,7 +401,7 @@ impl Reader for SledEngine {
         for id in &wants.raws {
             let quarantined = self.tree.contains_key(keys::numbered(keys::QUARANTINE, *id))?;
             let raw = self.tree.get(keys::numbered(keys::RAW, *id))?;
-            let raw = raw.map(|v| RawDelivery::decode(&*v)).transpose().map_err(StoreError::from);
+            let raw = raw.map(|v| decode_raw(&v)).transpose().map_err(StoreError::from);
             found.raws.insert(*id, raw.map(|r| r.map(|r| (r, quarantined))));
         }
         for key in &wants.unmapped {

@@ -127,7 +127,8 @@ async fn header_secret_source_refuses_bad_credentials_and_stores_nothing() {
     let answer = server.request("POST", "/webhooks/om", &headers, body).await;
     assert_eq!(answer.status, 200);
     let event = &server.all_events().await[0];
-    assert_eq!(event.provenance.as_ref().unwrap().auth_method, "header");
+    let raw_id = event.provenance.as_ref().unwrap().raw_id;
+    assert_eq!(server.delivery(raw_id).await.unwrap().auth_method, "header");
     // The secret is never stored with the raw request.
     server.post("/webhooks/om", "text/plain", "x").await;
     let garbage = server.request("POST", "/webhooks/om", &headers, Bytes::from_static(b"garbage")).await;

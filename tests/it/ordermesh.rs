@@ -61,10 +61,13 @@ async fn order_update_changes_status_and_records_the_previous_one() {
     assert_eq!(update.previous_status(), OrderStatus::Accepted);
     assert_eq!(update.provider_previous_status, "Open");
     assert!(update.applied);
+    // The event names its raw delivery, which holds the rest of its provenance.
     let provenance = update.provenance.as_ref().unwrap();
-    assert_eq!(provenance.auth_method, "none");
-    assert_eq!(provenance.body_sha256, ordertrail::ingest::sha256_hex(&fixture("ordermesh/order-update.json")));
-    assert!(provenance.dedup_key.starts_with("ordermesh:"));
+    let raw = server.delivery(provenance.raw_id).await.unwrap();
+    assert_eq!(raw.request_id, provenance.request_id);
+    assert_eq!(raw.auth_method, "none");
+    assert_eq!(raw.body_sha256, ordertrail::ingest::sha256_hex(&fixture("ordermesh/order-update.json")));
+    assert!(raw.dedup_key.starts_with("ordermesh:"));
 }
 
 #[tokio::test]
@@ -296,7 +299,7 @@ async fn large_and_non_utf8_deliveries_are_kept_byte_for_byte_across_restart() {
     let event = &server.all_events().await[0];
     let raw_id = event.provenance.as_ref().unwrap().raw_id;
     assert_eq!(raw_id, 1);
-    assert_eq!(event.provenance.as_ref().unwrap().body_sha256, ordertrail::ingest::sha256_hex(&large));
+    assert_eq!(server.delivery(raw_id).await.unwrap().body_sha256, ordertrail::ingest::sha256_hex(&large));
     let order = get(&server, Reference::ProviderOrderId("big".into())).await.unwrap();
     assert_eq!(order.description.len(), 1_000_000);
     server.stop().await;

@@ -15,11 +15,11 @@ use prost::Message;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::proto::{DeliveryOutcome, RawDelivery, StoredOrder};
+use crate::proto::{DeliveryOutcome, StoredOrder};
 use crate::store::StoreError;
 use crate::store::plan::{
     self, Counters, DedupEntry, DedupKey, Found, Planned, RefKey, RefKind, UnmappedKey, Wants, WithHistory, Work,
-    WriteSet,
+    WriteSet, decode_raw,
 };
 
 /// The writer's statements, prepared once per connection (one round trip
@@ -335,8 +335,7 @@ async fn read(client: &Client, prepared: &Prepared, wants: &Wants) -> Result<Fou
         found.orders.insert(as_u64(row.get(0)), decode_order(row.get(1)).map(Some));
     }
     for row in raws {
-        let raw =
-            RawDelivery::decode(row.get::<_, &[u8]>(1)).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
+        let raw = decode_raw(row.get::<_, &[u8]>(1)).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
         found.raws.insert(as_u64(row.get(0)), raw);
     }
     for row in unmapped {

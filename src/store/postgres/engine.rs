@@ -18,7 +18,7 @@ use crate::config::PostgresConfig;
 use crate::proto::{Event, Order, RawDelivery, StoredOrder};
 use crate::store::StoreError;
 use crate::store::engine::RawRecords;
-use crate::store::plan::{Counters, Planned, RefKind, WithHistory, Work};
+use crate::store::plan::{Counters, Planned, RefKind, WithHistory, Work, decode_raw};
 
 /// Rows fetched per round trip when a range is read.
 const RANGE_PAGE: i64 = 1000;
@@ -219,7 +219,7 @@ impl PostgresEngine {
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
         let rows = self.query("SELECT record FROM ot_raw WHERE id = $1", &[&as_i64(id)])?;
-        Ok(rows.first().map(|row| RawDelivery::decode(row.get::<_, &[u8]>(0))).transpose()?)
+        Ok(rows.first().map(|row| decode_raw(row.get::<_, &[u8]>(0))).transpose()?)
     }
 
     pub fn indexed(&self, kind: RefKind, value: &str, source: Option<&str>) -> Result<Vec<u64>, StoreError> {
@@ -300,7 +300,7 @@ impl PostgresEngine {
             "SELECT id, record FROM ot_raw WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
             after,
             upto.min(u64::MAX >> 1),
-            |row| Ok(RawDelivery::decode(row.get::<_, &[u8]>(1))?),
+            |row| Ok(decode_raw(row.get::<_, &[u8]>(1))?),
         )
     }
 
@@ -310,7 +310,7 @@ impl PostgresEngine {
             from.saturating_sub(1),
             u64::MAX >> 1,
             |row| {
-                let decoded = RawDelivery::decode(row.get::<_, &[u8]>(1)).map_err(|e| e.to_string());
+                let decoded = decode_raw(row.get::<_, &[u8]>(1)).map_err(|e| e.to_string());
                 Ok((as_u64(row.get(0)), decoded))
             },
         );
