@@ -383,7 +383,7 @@ pub(super) async fn event(console: &Console, sequence: u64) -> Result<Markup, Fa
         .into_iter()
         .find(|e| e.sequence == sequence)
         .ok_or_else(|| Failure::not_found(format!("no event {sequence} (it may be past the retained history)")))?;
-    let provenance = event.provenance.clone().unwrap_or_default();
+    let provenance = event.provenance.unwrap_or_default();
     let request = GetDeliveryRequest { raw_id: provenance.raw_id };
     let raw = console.admin.get_delivery(Request::new(request)).await.ok().map(|raw| raw.into_inner());
     Ok(layout(
@@ -403,9 +403,9 @@ pub(super) async fn event(console: &Console, sequence: u64) -> Result<Markup, Fa
             h2 { "Provenance" }
             table.facts {
                 tr { th { "raw delivery" } td { a href={ "/deliveries/" (provenance.raw_id) } { (provenance.raw_id) } } }
-                tr { th { "request id" } td { code { (provenance.request_id) } } }
                 tr { th { "mapper version" } td { (provenance.mapper_version) } }
                 @if let Some(raw) = &raw {
+                    tr { th { "request id" } td { code { (raw.request_id) } } }
                     tr { th { "body SHA-256" } td { code { (raw.body_sha256) } } }
                     tr { th { "content type" } td { (raw.content_type) } }
                     tr { th { "authentication" } td { (raw.auth_method) } }

@@ -91,8 +91,9 @@ const WRITER_QUEUE: usize = 4096;
 /// kept an order's event sequences after the order's own fields; format 4
 /// stores them beside the order in a storage message; format 5 keys dedup
 /// entries by the SHA-256 of the dedup key, keeps an event's provenance to
-/// its raw delivery's id (with the request id and mapper version), and
-/// stores no body SHA-256 in raw records (the body gives it). Raw
+/// its raw delivery's id and the mapper version, and stores in raw records
+/// nothing that can be derived (body SHA-256, dedup key, a content type the
+/// headers hold). Raw
 /// deliveries of every format read the same, so `ordertrail rebuild`
 /// converts any data dir.
 const FORMAT: u64 = 5;

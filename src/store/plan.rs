@@ -282,7 +282,9 @@ fn unmapped_key(provider: &str, applies_to: &str, value: &str) -> UnmappedKey {
 
 /// The dedup key of a delivery: the mapper's, or the body's hash for a
 /// delivery the mapper did not understand.
-fn dedup_key(source: &str, mapped: &Result<Normalized, Unrecognized>, body_sha256: &str) -> DedupKey {
+/// The key a delivery is de-duplicated on: what the mappers make of it, or
+/// its raw bytes when they do not understand it.
+pub(crate) fn dedup_key(source: &str, mapped: &Result<Normalized, Unrecognized>, body_sha256: &str) -> DedupKey {
     let key = match mapped {
         Ok(n) => n.dedup_key.clone(),
         Err(_) => raw_dedup_key(body_sha256),
@@ -459,7 +461,11 @@ impl Turn<'_> {
         let quarantined = self.current.quarantine.get(&id).or_else(|| self.kept.quarantine.get(&id)).copied();
         let written = self.current.raws.iter().chain(&self.kept.raws).rev().find(|r| r.id == id);
         let (raw, stored_quarantined) = match (written, self.found.raws.get(&id)) {
-            (Some(raw), _) => (raw.clone(), false),
+            (Some(raw), _) => {
+                let mut raw = raw.clone();
+                restore_derivable(&mut raw);
+                (raw, false)
+            }
             (None, Some(Ok(Some((raw, q))))) => (raw.clone(), *q),
             (None, Some(Ok(None))) => return Ok(None),
             (None, Some(Err(e))) => return Err(Stop::Failed(e.clone())),
@@ -531,8 +537,7 @@ impl Turn<'_> {
             }
         };
         self.current.dedup.insert(dedup, DedupEntry { raw_id: raw.id, outcome: raw.outcome() });
-        // The body gives its SHA-256 again when the record is read.
-        raw.body_sha256.clear();
+        strip_derivable(&mut raw);
         self.current.raws.push(raw);
         self.current.counters = Some(counters);
         Ok((outcome, events))
@@ -573,7 +578,7 @@ impl Turn<'_> {
         let raw_dedup =
             DedupKey { source: raw.source.clone(), key: raw_dedup_key(&crate::ingest::sha256_hex(&raw.body)) };
         self.current.dedup.insert(raw_dedup, DedupEntry { raw_id: raw.id, outcome: DeliveryOutcome::Applied });
-        raw.body_sha256.clear();
+        strip_derivable(&mut raw);
         self.current.raws.push(raw);
         self.current.counters = Some(counters);
         Ok((outcome, events))
@@ -638,7 +643,7 @@ impl Turn<'_> {
             if order.original_order_id == 0 && !order.original_merchant_reference.is_empty() {
                 order.original_order_id = self.original_of(&order)?;
             }
-            event.provenance = Some(provenance.clone());
+            event.provenance = Some(provenance);
             self.index_new_references(&before, &order);
             history.push(event.sequence);
             events.push(self.keep_event(event));
@@ -756,18 +761,39 @@ fn index_entries(order: Option<&Order>) -> Vec<RefKey> {
     out
 }
 
-/// A stored raw delivery read back. Its body's SHA-256 is not stored (the
-/// body gives it); storage formats up to 4 stored it, and it is kept then.
+/// Clears what a raw record need not store: its body's SHA-256 (the body
+/// gives it), its content type when the headers hold it, and its dedup key
+/// (the dedup entry holds it; [`super::Store::delivery`] makes it again).
+/// Storage formats up to 4 stored them.
+fn strip_derivable(raw: &mut RawDelivery) {
+    raw.body_sha256.clear();
+    raw.dedup_key.clear();
+    if raw.headers.get("content-type") == Some(&raw.content_type) {
+        raw.content_type.clear();
+    }
+}
+
+/// A stored raw delivery read back, with its body's SHA-256 and its
+/// content type (see [`strip_derivable`]).
 pub(crate) fn decode_raw(bytes: &[u8]) -> Result<RawDelivery, prost::DecodeError> {
     let mut raw = RawDelivery::decode(bytes)?;
-    if raw.body_sha256.is_empty() {
-        raw.body_sha256 = crate::ingest::sha256_hex(&raw.body);
-    }
+    restore_derivable(&mut raw);
     Ok(raw)
 }
 
+fn restore_derivable(raw: &mut RawDelivery) {
+    if raw.body_sha256.is_empty() {
+        raw.body_sha256 = crate::ingest::sha256_hex(&raw.body);
+    }
+    if raw.content_type.is_empty()
+        && let Some(content_type) = raw.headers.get("content-type")
+    {
+        raw.content_type.clone_from(content_type);
+    }
+}
+
 fn provenance(raw: &RawDelivery) -> Provenance {
-    Provenance { raw_id: raw.id, mapper_version: MAPPER_VERSION, request_id: raw.request_id.clone() }
+    Provenance { raw_id: raw.id, mapper_version: MAPPER_VERSION }
 }
 
 #[cfg(test)]
@@ -776,6 +802,36 @@ mod tests {
 
     use super::*;
     use crate::store::sled_engine::SledEngine;
+
+    #[test]
+    fn a_raw_record_stores_nothing_derivable_and_reads_back_whole() {
+        let body = b"customer_ref=M-1&status=OPEN".to_vec();
+        let raw = RawDelivery {
+            id: 7,
+            content_type: "application/x-www-form-urlencoded".into(),
+            headers: [("content-type".to_string(), "application/x-www-form-urlencoded".to_string())].into(),
+            body_sha256: crate::ingest::sha256_hex(&body),
+            dedup_key: "withings:abc".into(),
+            body: body.into(),
+            ..RawDelivery::default()
+        };
+        let mut stored = raw.clone();
+        strip_derivable(&mut stored);
+        assert!(stored.body_sha256.is_empty() && stored.content_type.is_empty() && stored.dedup_key.is_empty());
+        assert!(stored.encoded_len() < raw.encoded_len() - 64 - 33);
+        let read = decode_raw(&stored.encode_to_vec()).unwrap();
+        assert_eq!(
+            read,
+            RawDelivery { dedup_key: String::new(), ..raw.clone() },
+            "the dedup key is the store's to add"
+        );
+        // A content type the headers do not hold is kept.
+        let mut odd = RawDelivery { content_type: "text/plain".into(), ..raw.clone() };
+        strip_derivable(&mut odd);
+        assert_eq!(odd.content_type, "text/plain");
+        // Format 4 records (everything stored) read the same.
+        assert_eq!(decode_raw(&raw.encode_to_vec()).unwrap(), raw);
+    }
 
     /// The sled engine, counting the read rounds a batch takes.
     struct Counting {

@@ -6,7 +6,7 @@ use prost::Message;
 use super::engine::Engine;
 use super::plan::RefKind;
 use super::{Store, StoreError, blocking};
-use crate::proto::{Event, EventKind, Order, OrderStatus, RawDelivery};
+use crate::proto::{DeliveryOutcome, Event, EventKind, Order, OrderStatus, RawDelivery};
 
 /// A reference to look orders up by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,7 +148,22 @@ impl Store {
 
     /// A stored delivery, as received, with what became of it.
     pub async fn delivery(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
-        self.read(move |engine| engine.raw(id)).await
+        let raw = self.read(move |engine| engine.raw(id)).await?;
+        Ok(raw.map(|raw| self.with_dedup_key(raw)))
+    }
+
+    /// A stored delivery with the key it is de-duplicated on, which is not
+    /// stored with it (the dedup entry holds it): its raw bytes' while
+    /// quarantined, what the mappers make of it once applied.
+    fn with_dedup_key(&self, mut raw: RawDelivery) -> RawDelivery {
+        if raw.dedup_key.is_empty() {
+            let mapped = match raw.outcome() {
+                DeliveryOutcome::Applied => self.map(&raw),
+                _ => Err(crate::ingest::Unrecognized(String::new())),
+            };
+            raw.dedup_key = super::plan::dedup_key(&raw.source, &mapped, &raw.body_sha256).key;
+        }
+        raw
     }
 
     /// How often each unknown provider status value was seen:
@@ -179,6 +194,7 @@ impl Store {
             page(entries, limit, |r: &RawDelivery| r.id, |_| true)
         })
         .await
+        .map(|page| Page { items: page.items.into_iter().map(|raw| self.with_dedup_key(raw)).collect(), ..page })
     }
 }
 

@@ -91,11 +91,12 @@ async fn every_response_carries_a_request_id() {
         }
         assert!(ids.insert(id), "request ids are unique");
     }
-    // The id is also in the stored record and the event's provenance.
+    // The id is also in the stored record, which the event's provenance names.
     let stored = &server.quarantine().await[0];
     assert_eq!(stored.request_id, answers[1].headers["x-request-id"].to_str().unwrap());
     let event = &server.all_events().await[0];
-    assert_eq!(event.provenance.as_ref().unwrap().request_id, answers[0].headers["x-request-id"].to_str().unwrap());
+    let raw = server.delivery(event.provenance.as_ref().unwrap().raw_id).await.unwrap();
+    assert_eq!(raw.request_id, answers[0].headers["x-request-id"].to_str().unwrap());
 }
 
 #[tokio::test]

@@ -64,7 +64,7 @@ async fn order_update_changes_status_and_records_the_previous_one() {
     // The event names its raw delivery, which holds the rest of its provenance.
     let provenance = update.provenance.as_ref().unwrap();
     let raw = server.delivery(provenance.raw_id).await.unwrap();
-    assert_eq!(raw.request_id, provenance.request_id);
+    assert_eq!(raw.event_sequences, [update.sequence]);
     assert_eq!(raw.auth_method, "none");
     assert_eq!(raw.body_sha256, ordertrail::ingest::sha256_hex(&fixture("ordermesh/order-update.json")));
     assert!(raw.dedup_key.starts_with("ordermesh:"));
