@@ -453,6 +453,8 @@ impl Store {
         }
         let sender = self.sender().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
+        let mut delivery = delivery;
+        plan::compress_body(&mut delivery.raw);
         sender
             .send(Command::Do { work: Work::Ingest(Box::new(delivery)), reply })
             .await

@@ -164,7 +164,7 @@ fn take_turn(first: Command, commands: &mut mpsc::Receiver<Command>) -> (Vec<(Wo
     while let Some(command) = next.take() {
         let Command::Do { work, reply } = command else { return (turn, Next::Stop) };
         if let Work::Ingest(delivery) = &work {
-            bytes += delivery.raw.body.len();
+            bytes += delivery.raw.body.len() + delivery.raw.body_zstd.len();
         }
         turn.push((work, reply));
         if turn.len() < TURN_DELIVERIES && bytes < TURN_BYTES {
