@@ -783,10 +783,16 @@ const MAX_BODY_BYTES: usize = 1 << 30;
 /// task, not the writer's.
 pub(crate) fn compress_body(raw: &mut RawDelivery) {
     const LEVEL: i32 = 1;
+    thread_local! {
+        // A compression context is large to set up; each thread keeps one.
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            std::cell::RefCell::new(zstd::bulk::Compressor::new(LEVEL).ok());
+    }
     if raw.body.len() < 64 || !raw.body_zstd.is_empty() {
         return;
     }
-    if let Ok(compressed) = zstd::bulk::compress(&raw.body, LEVEL)
+    let compressed = COMPRESSOR.with_borrow_mut(|compressor| compressor.as_mut()?.compress(&raw.body).ok());
+    if let Some(compressed) = compressed
         && compressed.len() + 16 < raw.body.len()
     {
         raw.body_zstd = compressed;
@@ -805,7 +811,20 @@ pub(crate) fn decode_raw(bytes: &[u8]) -> Result<RawDelivery, prost::DecodeError
 fn restore_derivable(raw: &mut RawDelivery) {
     if !raw.body_zstd.is_empty() {
         // Compressed by this process from a body it held: it decompresses.
-        match zstd::bulk::decompress(&raw.body_zstd, MAX_BODY_BYTES) {
+        thread_local! {
+            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+        }
+        // The frame records the body's length: exactly that is allocated.
+        let size = zstd::zstd_safe::get_frame_content_size(&raw.body_zstd).ok().flatten().unwrap_or(u64::MAX);
+        let decompressed = match usize::try_from(size).ok().filter(|size| *size <= MAX_BODY_BYTES) {
+            Some(size) => DECOMPRESSOR.with_borrow_mut(|decompressor| match decompressor.as_mut() {
+                Some(decompressor) => decompressor.decompress(&raw.body_zstd, size),
+                None => zstd::bulk::decompress(&raw.body_zstd, size),
+            }),
+            None => Err(std::io::Error::other("the compressed body does not say its length")),
+        };
+        match decompressed {
             Ok(body) => {
                 raw.body = body.into();
                 raw.body_zstd.clear();
