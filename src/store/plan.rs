@@ -282,8 +282,6 @@ fn unmapped_key(provider: &str, applies_to: &str, value: &str) -> UnmappedKey {
 
 /// The dedup key of a delivery: the mapper's, or the body's hash for a
 /// delivery the mapper did not understand.
-/// The key a delivery is de-duplicated on: what the mappers make of it, or
-/// its raw bytes when they do not understand it.
 pub(crate) fn dedup_key(source: &str, mapped: &Result<Normalized, Unrecognized>, body_sha256: &str) -> DedupKey {
     let key = match mapped {
         Ok(n) => n.dedup_key.clone(),
@@ -462,8 +460,9 @@ impl Turn<'_> {
         let written = self.current.raws.iter().chain(&self.kept.raws).rev().find(|r| r.id == id);
         let (raw, stored_quarantined) = match (written, self.found.raws.get(&id)) {
             (Some(raw), _) => {
+                // Compressed by this process a moment ago: it decompresses.
                 let mut raw = raw.clone();
-                restore_derivable(&mut raw);
+                restore_derivable(&mut raw).map_err(|why| Stop::Failed(StoreError::Corrupt(why)))?;
                 (raw, false)
             }
             (None, Some(Ok(Some((raw, q))))) => (raw.clone(), *q),
@@ -801,14 +800,15 @@ pub(crate) fn compress_body(raw: &mut RawDelivery) {
 }
 
 /// A stored raw delivery read back, with its body's SHA-256 and its
-/// content type (see [`strip_derivable`]).
-pub(crate) fn decode_raw(bytes: &[u8]) -> Result<RawDelivery, prost::DecodeError> {
+/// content type (see [`strip_derivable`]). A record whose body does not
+/// decompress is damaged.
+pub(crate) fn decode_raw(bytes: &[u8]) -> Result<RawDelivery, StoreError> {
     let mut raw = RawDelivery::decode(bytes)?;
-    restore_derivable(&mut raw);
+    restore_derivable(&mut raw).map_err(StoreError::Corrupt)?;
     Ok(raw)
 }
 
-fn restore_derivable(raw: &mut RawDelivery) {
+fn restore_derivable(raw: &mut RawDelivery) -> Result<(), String> {
     if !raw.body_zstd.is_empty() {
         // Compressed by this process from a body it held: it decompresses.
         thread_local! {
@@ -824,13 +824,9 @@ fn restore_derivable(raw: &mut RawDelivery) {
             }),
             None => Err(std::io::Error::other("the compressed body does not say its length")),
         };
-        match decompressed {
-            Ok(body) => {
-                raw.body = body.into();
-                raw.body_zstd.clear();
-            }
-            Err(e) => tracing::error!(raw_id = raw.id, error = %e, "a stored body does not decompress"),
-        }
+        let body = decompressed.map_err(|e| format!("the body of raw delivery {} does not decompress: {e}", raw.id))?;
+        raw.body = body.into();
+        raw.body_zstd.clear();
     }
     if raw.body_sha256.is_empty() {
         raw.body_sha256 = crate::ingest::sha256_hex(&raw.body);
@@ -840,6 +836,7 @@ fn restore_derivable(raw: &mut RawDelivery) {
     {
         raw.content_type.clone_from(content_type);
     }
+    Ok(())
 }
 
 fn provenance(raw: &RawDelivery) -> Provenance {
@@ -901,6 +898,12 @@ mod tests {
         assert_eq!(read.body, body);
         assert!(read.body_zstd.is_empty(), "never in an answer");
         assert_eq!(read.body_sha256, crate::ingest::sha256_hex(&body));
+        // A compressed body that does not decompress is damage, not an
+        // empty body.
+        let mut damaged = stored.clone();
+        let middle = damaged.body_zstd.len() / 2;
+        damaged.body_zstd.truncate(middle);
+        assert!(matches!(decode_raw(&damaged.encode_to_vec()), Err(StoreError::Corrupt(_))));
         // Random bytes do not compress: kept as they are.
         let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let mut kept = RawDelivery { body: noise.clone().into(), ..RawDelivery::default() };

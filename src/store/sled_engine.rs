@@ -252,7 +252,7 @@ impl SledEngine {
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
         let value = self.tree.get(keys::numbered(keys::RAW, id))?;
-        Ok(value.map(|v| decode_raw(&v)).transpose()?)
+        value.map(|v| decode_raw(&v)).transpose()
     }
 
     /// Ids of the orders indexed under `value`, in `source` or in any source.
@@ -307,7 +307,7 @@ impl SledEngine {
         let range = (after < upto).then(|| self.tree.range(start..=end)).into_iter().flatten();
         Box::new(range.map(|entry| {
             let (_, value) = entry?;
-            Ok(decode_raw(&value)?)
+            decode_raw(&value)
         }))
     }
 
@@ -401,7 +401,7 @@ impl Reader for SledEngine {
         for id in &wants.raws {
             let quarantined = self.tree.contains_key(keys::numbered(keys::QUARANTINE, *id))?;
             let raw = self.tree.get(keys::numbered(keys::RAW, *id))?;
-            let raw = raw.map(|v| decode_raw(&v)).transpose().map_err(StoreError::from);
+            let raw = raw.map(|v| decode_raw(&v)).transpose();
             found.raws.insert(*id, raw.map(|r| r.map(|r| (r, quarantined))));
         }
         for key in &wants.unmapped {

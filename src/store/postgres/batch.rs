@@ -335,7 +335,7 @@ async fn read(client: &Client, prepared: &Prepared, wants: &Wants) -> Result<Fou
         found.orders.insert(as_u64(row.get(0)), decode_order(row.get(1)).map(Some));
     }
     for row in raws {
-        let raw = decode_raw(row.get::<_, &[u8]>(1)).map_err(StoreError::from).map(|raw| Some((raw, row.get(2))));
+        let raw = decode_raw(row.get::<_, &[u8]>(1)).map(|raw| Some((raw, row.get(2))));
         found.raws.insert(as_u64(row.get(0)), raw);
     }
     for row in unmapped {

@@ -219,7 +219,7 @@ impl PostgresEngine {
 
     pub fn raw(&self, id: u64) -> Result<Option<RawDelivery>, StoreError> {
         let rows = self.query("SELECT record FROM ot_raw WHERE id = $1", &[&as_i64(id)])?;
-        Ok(rows.first().map(|row| decode_raw(row.get::<_, &[u8]>(0))).transpose()?)
+        rows.first().map(|row| decode_raw(row.get::<_, &[u8]>(0))).transpose()
     }
 
     pub fn indexed(&self, kind: RefKind, value: &str, source: Option<&str>) -> Result<Vec<u64>, StoreError> {
@@ -300,7 +300,7 @@ impl PostgresEngine {
             "SELECT id, record FROM ot_raw WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
             after,
             upto.min(u64::MAX >> 1),
-            |row| Ok(decode_raw(row.get::<_, &[u8]>(1))?),
+            |row| decode_raw(row.get::<_, &[u8]>(1)),
         )
     }
 
