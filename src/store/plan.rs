@@ -84,7 +84,8 @@ pub(crate) struct UnmappedKey {
 /// An order and the sequences of its events, ascending, as stored together.
 pub(crate) type WithHistory = (Order, Vec<u64>);
 
-/// The last ids handed out; committed with every write set.
+/// The last ids handed out. PostgreSQL keeps them in its counter row,
+/// written with every write set; sled derives them from its newest keys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Counters {
     pub last_sequence: u64,

@@ -62,14 +62,22 @@ impl SledEngine {
         Self::open(data_dir, None)
     }
 
+    /// The last ids handed out, derived from the newest key of each
+    /// keyspace: raw records and orders are never removed, and pruning
+    /// keeps the newest events. Nothing is rewritten per batch for them.
+    /// Storage formats up to 5 also kept them in meta keys, which are read
+    /// too (the larger count wins).
     pub fn counters(&self) -> Result<Counters, StoreError> {
-        let read = |name: &str| -> Result<u64, StoreError> {
+        let recorded = |name: &str| -> Result<u64, StoreError> {
             Ok(self.tree.get(keys::meta(name))?.map(|v| keys::trailing_u64(&v)).unwrap_or(0))
         };
+        let newest = |space: u8| -> Result<u64, StoreError> {
+            Ok(self.tree.scan_prefix([space]).keys().next_back().transpose()?.map_or(0, |k| keys::trailing_u64(&k)))
+        };
         Ok(Counters {
-            last_sequence: read(COUNTER_NAMES[0])?,
-            last_raw: read(COUNTER_NAMES[1])?,
-            last_order: read(COUNTER_NAMES[2])?,
+            last_sequence: newest(keys::EVENT)?.max(recorded(COUNTER_NAMES[0])?),
+            last_raw: newest(keys::RAW)?.max(recorded(COUNTER_NAMES[1])?),
+            last_order: newest(keys::ORDER)?.max(recorded(COUNTER_NAMES[2])?),
         })
     }
 
@@ -167,10 +175,7 @@ impl SledEngine {
         for (key, count) in &writes.unmapped {
             batch.insert(keys::unmapped(&key.provider, &key.applies_to, &key.value), &count.to_be_bytes());
         }
-        let c = writes.counters;
-        for (name, value) in COUNTER_NAMES.iter().zip([c.last_sequence, c.last_raw, c.last_order]) {
-            batch.insert(keys::meta(name), &value.to_be_bytes());
-        }
+        // The counters are the newest keys written here (see `counters`).
         Ok(self.tree.apply_batch(batch)?)
     }
 
@@ -517,5 +522,30 @@ mod tests {
         let order = Order { id: 7, source: "shop".into(), ..Order::default() };
         let (decoded, history) = decode_order(&encode_order(&order, &[3, 9, 42])).unwrap();
         assert_eq!((decoded, history), (order, vec![3, 9, 42]));
+    }
+
+    #[test]
+    fn the_counters_are_the_newest_keys_or_the_recorded_ones_of_older_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = SledEngine::open(dir.path(), None).unwrap();
+        assert_eq!(engine.counters().unwrap(), Counters::default(), "a new database");
+        for raw in [1u64, 2, 3] {
+            engine.tree.insert(keys::numbered(keys::RAW, raw), b"r".as_slice()).unwrap();
+        }
+        // Events 1 and 2 pruned, 3 to 5 kept; orders 1 and 2.
+        for (space, ids) in [(keys::EVENT, &[3u64, 4, 5][..]), (keys::ORDER, &[1, 2][..])] {
+            for id in ids {
+                engine.tree.insert(keys::numbered(space, *id), b"x".as_slice()).unwrap();
+            }
+        }
+        engine.tree.insert(keys::meta("format"), &5u64.to_be_bytes()).unwrap();
+        let expected = Counters { last_sequence: 5, last_raw: 3, last_order: 2 };
+        assert_eq!(engine.counters().unwrap(), expected, "from the newest keys");
+        drop(engine);
+        let engine = SledEngine::open(dir.path(), None).unwrap();
+        assert_eq!(engine.counters().unwrap(), expected, "after a reopen");
+        // A format-4 database recorded them; a larger recorded count wins.
+        engine.tree.insert(keys::meta("last_raw"), &9u64.to_be_bytes()).unwrap();
+        assert_eq!(engine.counters().unwrap().last_raw, 9);
     }
 }
