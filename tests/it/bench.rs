@@ -58,6 +58,9 @@ fn lookup_scale_and_catch_up_run_on_a_small_store() {
     let catch_up = rows("catch-up", &["--orders", "300"]);
     assert_eq!(catch_up.len(), 2, "{catch_up:?}");
     assert!(catch_up.iter().all(|row| number(&row[2]) == 300.0), "every stored event replayed: {catch_up:?}");
+    let grown = rows("grown", &["--orders", "300", "--connections", "4"]);
+    assert_eq!(grown.len(), 2, "the empty store and the grown one: {grown:?}");
+    assert!(grown.iter().all(|row| number(&row[3]) > 0.0), "{grown:?}");
     let console = rows("console", &["--orders", "300"]);
     assert_eq!(console.len(), 11, "the baseline and ten pages: {console:?}");
     assert!(console.iter().all(|row| number(&row[3]) > 0.0), "every page answered what it must show: {console:?}");

@@ -13,8 +13,8 @@
 //! what gets measured.
 //!
 //! Scenarios: `ingest`, `ingest-latency`, `durability`, `lookup`,
-//! `fan-out`, `catch-up`, `scale`, `cluster`, `console` (see `--help` and
-//! BENCHMARKS.md).
+//! `fan-out`, `catch-up`, `scale`, `cluster`, `console`, `grown` (see
+//! `--help` and BENCHMARKS.md).
 
 use std::path::PathBuf;
 
@@ -24,7 +24,7 @@ use crate::scenarios::catch_up::catch_up;
 use crate::scenarios::cluster::cluster;
 use crate::scenarios::console::console;
 use crate::scenarios::fan_out::fan_out;
-use crate::scenarios::ingest::{ingest, ingest_latency, sled_alone};
+use crate::scenarios::ingest::{grown, ingest, ingest_latency, sled_alone};
 use crate::scenarios::lookup::{lookup, scale};
 use crate::servers::Mode;
 
@@ -115,6 +115,9 @@ enum Scenario {
     /// Each console page with `--orders` stored, against `/healthz` on
     /// the same listener.
     Console,
+    /// Durable ingest into a store holding `--orders` webhooks vs into an
+    /// empty one, alternating in one run.
+    Grown,
     /// (internal) serve `--data-dir` until stdin closes; `scale` runs it as
     /// a separate process to measure its memory alone.
     #[value(hide = true)]
@@ -145,6 +148,7 @@ fn main() {
             Scenario::Scale => scale(&args).await,
             Scenario::Cluster => cluster(&args).await,
             Scenario::Console => console(&args).await,
+            Scenario::Grown => grown(&args).await,
             Scenario::Serve => match args.data_dir.as_deref() {
                 Some(dir) => servers::serve(dir, &args.settings()).await,
                 None => {

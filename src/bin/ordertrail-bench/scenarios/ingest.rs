@@ -1,4 +1,5 @@
-//! `ingest`, `durability` (with "sled alone") and `ingest-latency`.
+//! `ingest`, `durability` (with "sled alone"), `ingest-latency` and
+//! `grown`.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use crate::Args;
 use crate::load::{closed_loop, open_loop, webhook};
 use crate::measure::{Sample, dir_bytes};
 use crate::report::{header, median, median_of, row};
+use crate::scenarios::lookup::{discard, prepared};
 use crate::servers::{Mode, fresh_dir, start_bare, start_ordertrail};
 
 pub(crate) async fn ingest(args: &Args, subjects: &[(&str, Mode)]) {
@@ -43,6 +45,38 @@ pub(crate) async fn ingest(args: &Args, subjects: &[(&str, Mode)]) {
         disk.len(),
         disk.get(disk.len() / 2).copied().unwrap_or(0.0)
     );
+}
+
+/// `grown`: durable ingest into a store that already holds `--orders`
+/// webhooks, against the same load into an empty store, alternating in one
+/// run: short runs on a fresh data dir flatter a storage engine.
+pub(crate) async fn grown(args: &Args) {
+    let seconds = Duration::from_secs(args.seconds.max(1));
+    let settings = args.settings();
+    let (dir, _) = prepared(args.orders, &settings).await;
+    println!(
+        "Durable ingest (fsync) into a store holding {} webhooks vs an empty store, alternating; each round adds \
+         to the grown store.\n",
+        args.orders
+    );
+    header("connections");
+    for &connections in &args.connections {
+        let (mut empty, mut grown) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let fresh = fresh_dir();
+            let (subject, _) = start_ordertrail(&fresh, Mode::Fsync, "", &settings).await;
+            empty.push(closed_loop(subject.http, connections, seconds).await);
+            subject.stop().await;
+            let _ = std::fs::remove_dir_all(&fresh);
+            let (subject, _) = start_ordertrail(&dir, Mode::Fsync, "", &settings).await;
+            grown.push(closed_loop(subject.http, connections, seconds).await);
+            subject.stop().await;
+        }
+        let base = median(&empty, |s| s.per_second).0;
+        row("empty store (baseline)", &connections.to_string(), &empty, base);
+        row(&format!("store holding {} webhooks", args.orders), &connections.to_string(), &grown, base);
+    }
+    discard(&dir, &settings);
 }
 
 /// The storage engine's own ceiling: one thread doing, per delivery, the
