@@ -158,9 +158,26 @@ impl PostgresCluster {
     }
 
     /// Creates another empty database, owned by `ordertrail`; returns its URL.
+    ///
+    /// PostgreSQL refuses a `CREATE DATABASE` while another session is on
+    /// its template (an autovacuum worker, say) or while every connection
+    /// slot is taken; those refusals are tried again for up to 30 s.
     pub fn create_database(&self, name: &str) -> String {
-        self.psql("postgres", &format!("CREATE DATABASE {name} OWNER ordertrail"));
-        self.url_of(name)
+        const PASSING: [&str; 2] = ["is being accessed by other users", "too many clients"];
+        let sql = format!("CREATE DATABASE {name} OWNER ordertrail");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let output = self.try_psql("postgres", &sql);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let passing = PASSING.iter().any(|refusal| stderr.contains(refusal));
+            match output.status.success() {
+                true => return self.url_of(name),
+                false if passing && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100))
+                }
+                false => panic!("psql {sql:?}: {stderr}"),
+            }
+        }
     }
 
     fn url_of(&self, database: &str) -> String {
@@ -169,11 +186,14 @@ impl PostgresCluster {
 
     /// Runs `sql` in `database` with psql; panics with its output on failure.
     pub fn psql(&self, database: &str, sql: &str) -> String {
-        let port = self.port.to_string();
-        let output =
-            command(&["psql", "-h", "127.0.0.1", "-p", &port, "-U", "ordertrail", "-d", database, "-Atc", sql]);
+        let output = self.try_psql(database, sql);
         assert!(output.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn try_psql(&self, database: &str, sql: &str) -> Output {
+        let port = self.port.to_string();
+        command(&["psql", "-h", "127.0.0.1", "-p", &port, "-U", "ordertrail", "-d", database, "-Atc", sql])
     }
 
     /// The cluster's data directory.

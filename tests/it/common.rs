@@ -45,12 +45,19 @@ fn engine_under_test(data_dir: &Path, extra_toml: &str) -> Option<String> {
     if crate::ENGINE != Engine::Postgres || extra_toml.contains("backend") {
         return None;
     }
+    static NAMES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let cluster = CLUSTER.get_or_init(ordertrail::testing::PostgresCluster::start);
-    let mut databases = DATABASES.lock().unwrap();
-    if let Some((_, url)) = databases.iter().find(|(dir, _)| dir == data_dir) {
-        return Some(url.clone());
+    // A test that panicked while holding the list must not fail the others.
+    let known = |dir: &Path| {
+        let databases = DATABASES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        databases.iter().find(|(known, _)| known == dir).map(|(_, url)| url.clone())
+    };
+    if let Some(url) = known(data_dir) {
+        return Some(url);
     }
-    let url = cluster.create_database(&format!("behaviour_{}", databases.len()));
+    let name = format!("behaviour_{}", NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let url = cluster.create_database(&name);
+    let mut databases = DATABASES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     databases.push((data_dir.to_path_buf(), url.clone()));
     Some(url)
 }
