@@ -180,6 +180,12 @@ impl PostgresCluster {
         }
     }
 
+    /// Drops a database created by [`Self::create_database`], closing any
+    /// session still on it.
+    pub fn drop_database(&self, name: &str) {
+        self.psql("postgres", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+
     fn url_of(&self, database: &str) -> String {
         format!("postgres://ordertrail@127.0.0.1:{}/{database}", self.port)
     }

@@ -37,28 +37,36 @@ pub enum Engine {
 }
 
 /// On [`Engine::Postgres`], each data dir gets its own database (kept for
-/// restarts on the same dir) in one private cluster per test binary.
+/// restarts on the same dir) in one private cluster per test binary; the
+/// database of a data dir that is gone is dropped, and the cluster keeps
+/// little WAL, so a long run does not fill the disk.
 /// Returns its URL; `None` on sled, or when the test chose its store itself.
 fn engine_under_test(data_dir: &Path, extra_toml: &str) -> Option<String> {
     static CLUSTER: std::sync::OnceLock<ordertrail::testing::PostgresCluster> = std::sync::OnceLock::new();
-    static DATABASES: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    static DATABASES: std::sync::Mutex<Vec<(std::path::PathBuf, String, String)>> = std::sync::Mutex::new(Vec::new());
+    static NAMES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     if crate::ENGINE != Engine::Postgres || extra_toml.contains("backend") {
         return None;
     }
-    static NAMES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let cluster = CLUSTER.get_or_init(ordertrail::testing::PostgresCluster::start);
+    let cluster = CLUSTER
+        .get_or_init(|| ordertrail::testing::PostgresCluster::start_with(&["max_wal_size=64MB", "min_wal_size=32MB"]));
     // A test that panicked while holding the list must not fail the others.
-    let known = |dir: &Path| {
-        let databases = DATABASES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        databases.iter().find(|(known, _)| known == dir).map(|(_, url)| url.clone())
+    let lock = || DATABASES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let gone: Vec<String> = {
+        let mut databases = lock();
+        if let Some((_, _, url)) = databases.iter().find(|(dir, _, _)| dir == data_dir) {
+            return Some(url.clone());
+        }
+        let (kept, gone) = std::mem::take(&mut *databases).into_iter().partition(|(dir, _, _)| dir.exists());
+        *databases = kept;
+        gone.into_iter().map(|(_, name, _)| name).collect()
     };
-    if let Some(url) = known(data_dir) {
-        return Some(url);
+    for name in gone {
+        cluster.drop_database(&name);
     }
     let name = format!("behaviour_{}", NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let url = cluster.create_database(&name);
-    let mut databases = DATABASES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    databases.push((data_dir.to_path_buf(), url.clone()));
+    lock().push((data_dir.to_path_buf(), name, url.clone()));
     Some(url)
 }
 
