@@ -4,8 +4,10 @@
 //! thread takes everything queued so far, makes it durable with one flush
 //! (plus fsync), then advances the durable head, publishes the events to
 //! subscribers in sequence order, and answers the requests. While it
-//! flushes, the writer keeps applying the next deliveries, so many requests
-//! share one flush. Nothing is answered or published before it is durable.
+//! flushes, the writer keeps applying the next deliveries (a turn of only a
+//! few waits for the flush, so what arrives meanwhile joins it), so many
+//! requests share one flush. Nothing is answered or published before it is
+//! durable.
 
 use std::path::PathBuf;
 #[cfg(any(test, feature = "test-util"))]
@@ -93,6 +95,9 @@ pub(super) struct Shared {
     /// Held by a test to make the writer wait before each turn.
     #[cfg(test)]
     pub writer_gate: Mutex<()>,
+    /// Held by a test to make the flusher wait inside each flush.
+    #[cfg(test)]
+    pub flush_gate: Mutex<()>,
 }
 
 /// The writer's hand-off to the flusher: the replies waiting for a flush,
@@ -102,6 +107,8 @@ struct Handoff {
     wake: Condvar,
     /// Signalled when storage fails or the store closes.
     changed: Condvar,
+    /// Signalled when the flusher finishes a flush.
+    flushed: Condvar,
 }
 
 /// How far the store got: written (`written`), durable (`durable`, which
@@ -145,6 +152,8 @@ struct Queue {
     last_sequence: u64,
     last_raw: u64,
     closed: bool,
+    /// The flusher is making a taken group durable.
+    flushing: bool,
     /// Commits are held (tests only).
     #[cfg(any(test, feature = "test-util"))]
     held: bool,
@@ -164,6 +173,7 @@ impl Shared {
                 }),
                 wake: Condvar::new(),
                 changed: Condvar::new(),
+                flushed: Condvar::new(),
             },
             reach: Reach {
                 durable: watch::Sender::new(durable_head),
@@ -187,6 +197,8 @@ impl Shared {
             fault: AtomicU8::new(0),
             #[cfg(test)]
             writer_gate: Mutex::new(()),
+            #[cfg(test)]
+            flush_gate: Mutex::new(()),
         }
     }
 
@@ -244,6 +256,7 @@ impl Shared {
         let _queue = self.lock();
         self.handoff.wake.notify_all();
         self.handoff.changed.notify_all();
+        self.handoff.flushed.notify_all();
     }
 
     /// Waits until storage fails (true) or the store closes (false).
@@ -370,6 +383,7 @@ impl Shared {
     pub fn close(&self) {
         self.lock().closed = true;
         self.handoff.wake.notify_all();
+        self.handoff.flushed.notify_all();
         self.handoff.changed.notify_all();
         self.commits.notify_all();
     }
@@ -391,6 +405,9 @@ impl Shared {
     /// storage failed (what waits then is answered 503).
     fn take(&self) -> Option<(Vec<Pending>, Mark)> {
         let mut queue = self.lock();
+        if std::mem::take(&mut queue.flushing) {
+            self.handoff.flushed.notify_all();
+        }
         loop {
             if !self.healthy.load(Ordering::SeqCst) {
                 for pending in std::mem::take(&mut queue.waiting) {
@@ -410,7 +427,19 @@ impl Shared {
             queue = self.handoff.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
         }
         let marks = queue.marks();
+        queue.flushing = true;
         Some((std::mem::take(&mut queue.waiting), marks))
+    }
+
+    /// Waits until the flusher is not making a group durable (or storage
+    /// failed, or the store closed). A turn committed during a flush waits
+    /// for the next one anyway; committed after it, together with what
+    /// arrived meanwhile, it costs the engine one batch instead of several.
+    pub fn wait_until_flushed(&self) {
+        let mut queue = self.lock();
+        while queue.flushing && !queue.closed && self.healthy.load(Ordering::SeqCst) {
+            queue = self.handoff.flushed.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// What the queue's writes reach once durable.
@@ -467,6 +496,8 @@ impl Flusher {
     pub fn run(mut self) {
         while let Some((waiting, marks)) = self.shared.take() {
             let started = Instant::now();
+            #[cfg(test)]
+            drop(self.shared.flush_gate.lock().unwrap_or_else(|e| e.into_inner()));
             let durable = self.shared.fault(FaultPoint::Flush).and_then(|()| self.engine.make_durable(self.durability));
             match durable {
                 Ok(()) => {

@@ -94,6 +94,44 @@ async fn replies_wait_for_a_shared_flush() {
     store.close().await.unwrap();
 }
 
+/// A delivery that comes while a flush is in progress is not committed
+/// alone: it waits for that flush, and what arrives meanwhile joins its
+/// turn (one engine batch instead of one per delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(clippy::await_holding_lock, reason = "the gate holds the flusher thread, not this task's executor")]
+async fn deliveries_that_come_during_a_flush_share_the_next_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let turns = || store.inner.shared.stats.turns.load(Ordering::Relaxed);
+    store.commit(delivery(1)).await.unwrap();
+    let gate = store.inner.shared.flush_gate.lock().unwrap();
+    let flushing = store.submit(delivery(2)).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(turns() == 2 && store.inner.shared.queued() == 0) {
+        assert!(std::time::Instant::now() < deadline, "the flusher never took the second delivery");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // The writer takes delivery 3 during the flush; 4 and 5 come after.
+    let mut answers = vec![store.submit(delivery(3)).await.unwrap()];
+    let commands = store.sender().unwrap();
+    while commands.capacity() < commands.max_capacity() {
+        assert!(std::time::Instant::now() < deadline, "the writer never took the third delivery");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    drop(commands);
+    for n in 4..=5 {
+        answers.push(store.submit(delivery(n)).await.unwrap());
+    }
+    drop(gate);
+    assert!(matches!(flushing.await.unwrap(), IngestOutcome::Applied { raw_id: 2, .. }));
+    for answer in answers {
+        assert!(matches!(answer.await.unwrap(), IngestOutcome::Applied { .. }));
+    }
+    assert_eq!(turns(), 3, "deliveries 3, 4 and 5 were committed in one turn");
+    assert_eq!(store.head_sequence(), 5);
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn nothing_is_answered_before_it_is_durable_and_reopen_sees_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,8 @@
 //!
 //! An engine charges a fixed cost per committed batch (sled seals and
 //! writes an I/O buffer), so one batch per turn rather than per delivery is
-//! what lets the writer keep up with a burst.
+//! what lets the writer keep up with a burst; and at low load a turn of a
+//! few deliveries waits for a flush in progress (see [`SMALL_TURN`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,6 +32,11 @@ pub(super) enum Command {
 const TURN_DELIVERIES: usize = 512;
 /// A turn takes no more once its deliveries hold this many bytes.
 const TURN_BYTES: usize = 16 << 20;
+/// A turn of fewer deliveries waits for a flush in progress before it is
+/// committed (what arrives meanwhile joins it): at low load every turn
+/// would otherwise be one delivery and pay the engine's whole per-batch
+/// cost. Larger turns are committed at once, beside the flush.
+const SMALL_TURN: usize = 16;
 
 pub(super) struct Writer {
     engine: Arc<Engine>,
@@ -73,7 +79,11 @@ impl Writer {
             let shared = self.shared.clone();
             #[cfg(test)]
             let _gate = shared.writer_gate.lock().unwrap_or_else(|e| e.into_inner());
-            let (turn, next) = take_turn(first, &mut commands);
+            let (mut turn, mut next) = take_turn(first, &mut commands);
+            if turn.len() < SMALL_TURN && matches!(next, Next::Continue) {
+                self.shared.wait_until_flushed();
+                next = take_more(&mut turn, &mut commands);
+            }
             self.turn(turn);
             if let Next::Stop = next {
                 return Some(commands);
@@ -159,19 +169,34 @@ fn answer_before_commit(replies: &mut [Reply], planned: &Planned) {
 /// Takes `first` and whatever else is queued, up to the turn's limits.
 fn take_turn(first: Command, commands: &mut mpsc::Receiver<Command>) -> (Vec<(Work, Reply)>, Next) {
     let mut turn = Vec::new();
-    let mut bytes = 0;
-    let mut next = Some(first);
+    let next = add(&mut turn, Some(first), commands);
+    (turn, next)
+}
+
+/// Adds whatever else is queued to `turn`, up to the turn's limits.
+fn take_more(turn: &mut Vec<(Work, Reply)>, commands: &mut mpsc::Receiver<Command>) -> Next {
+    let first = commands.try_recv().ok();
+    add(turn, first, commands)
+}
+
+fn add(turn: &mut Vec<(Work, Reply)>, mut next: Option<Command>, commands: &mut mpsc::Receiver<Command>) -> Next {
+    let mut bytes: usize = turn.iter().map(|(work, _)| work_bytes(work)).sum();
     while let Some(command) = next.take() {
-        let Command::Do { work, reply } = command else { return (turn, Next::Stop) };
-        if let Work::Ingest(delivery) = &work {
-            bytes += delivery.raw.body.len() + delivery.raw.body_zstd.len();
-        }
+        let Command::Do { work, reply } = command else { return Next::Stop };
+        bytes += work_bytes(&work);
         turn.push((work, reply));
         if turn.len() < TURN_DELIVERIES && bytes < TURN_BYTES {
             next = commands.try_recv().ok();
         }
     }
-    (turn, Next::Continue)
+    Next::Continue
+}
+
+fn work_bytes(work: &Work) -> usize {
+    match work {
+        Work::Ingest(delivery) => delivery.raw.body.len() + delivery.raw.body_zstd.len(),
+        _ => 0,
+    }
 }
 
 fn refuse(replies: impl IntoIterator<Item = Reply>, e: &StoreError) {
