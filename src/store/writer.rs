@@ -35,8 +35,11 @@ const TURN_BYTES: usize = 16 << 20;
 /// A turn of fewer deliveries waits for a flush in progress before it is
 /// committed (what arrives meanwhile joins it): at low load every turn
 /// would otherwise be one delivery and pay the engine's whole per-batch
-/// cost. Larger turns are committed at once, beside the flush.
-const SMALL_TURN: usize = 16;
+/// cost. Larger turns are committed at once, beside the flush: near
+/// capacity, turns of 5–15 are usual, and making them wait too took the
+/// overlap of writing and flushing away (16 here collapsed an open-loop
+/// run at 80 % of the maximum; see BENCHMARKS.md).
+const SMALL_TURN: usize = 4;
 
 pub(super) struct Writer {
     engine: Arc<Engine>,
