@@ -182,6 +182,8 @@ fn take_more(turn: &mut Vec<(Work, Reply)>, commands: &mut mpsc::Receiver<Comman
     add(turn, first, commands)
 }
 
+/// Adds `next` and then whatever is queued to `turn`, up to the turn's
+/// limits; `Stop` when told to stop (what was taken before stays in `turn`).
 fn add(turn: &mut Vec<(Work, Reply)>, mut next: Option<Command>, commands: &mut mpsc::Receiver<Command>) -> Next {
     let mut bytes: usize = turn.iter().map(|(work, _)| work_bytes(work)).sum();
     while let Some(command) = next.take() {

@@ -163,16 +163,16 @@ impl PostgresCluster {
     /// its template (an autovacuum worker, say) or while every connection
     /// slot is taken; those refusals are tried again for up to 30 s.
     pub fn create_database(&self, name: &str) -> String {
-        const PASSING: [&str; 2] = ["is being accessed by other users", "too many clients"];
+        const TRANSIENT: [&str; 2] = ["is being accessed by other users", "too many clients"];
         let sql = format!("CREATE DATABASE {name} OWNER ordertrail");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let output = self.try_psql("postgres", &sql);
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let passing = PASSING.iter().any(|refusal| stderr.contains(refusal));
+            let transient = TRANSIENT.iter().any(|refusal| stderr.contains(refusal));
             match output.status.success() {
                 true => return self.url_of(name),
-                false if passing && std::time::Instant::now() < deadline => {
+                false if transient && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(100))
                 }
                 false => panic!("psql {sql:?}: {stderr}"),
