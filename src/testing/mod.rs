@@ -290,6 +290,33 @@ fn run(args: &[&str]) {
     );
 }
 
+/// A loopback listener on a port below the kernel's ephemeral range: a
+/// server restarted on it must find it free again, and an ephemeral port can
+/// be taken meanwhile by any outgoing connection (seen: "Address already in
+/// use" on a restart, in a run with many PostgreSQL connections). Ports are
+/// handed out in turn from an offset of this process's id.
+pub fn loopback_listener() -> TcpListener {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral: u16 = range.split_whitespace().next().and_then(|low| low.parse().ok()).unwrap_or(32768);
+    let first = 10_000 + (std::process::id() % 1000) as u16 * 16;
+    let span = ephemeral.saturating_sub(first).max(1000);
+    for _ in 0..span {
+        let port = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener;
+        }
+    }
+    panic!("no free loopback port between {first} and {}", first + span)
+}
+
+/// A free loopback address from [`loopback_listener`], for a server that
+/// binds it itself.
+pub fn free_addr() -> std::net::SocketAddr {
+    loopback_listener().local_addr().unwrap()
+}
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_addr().port()
 }

@@ -110,9 +110,13 @@ impl TestServer {
 
     /// Starts on an existing data dir.
     pub async fn start_in(dir: TempDir, extra_toml: &str) -> Self {
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        // Below the ephemeral range, so a restart finds the ports free.
+        let listener = || {
+            let listener = ordertrail::testing::loopback_listener();
+            listener.set_nonblocking(true).unwrap();
+            TcpListener::from_std(listener).unwrap()
+        };
+        let (http, grpc, admin) = (listener(), listener(), listener());
         Self::start_on(dir, extra_toml, Listeners { http, grpc, admin }).await
     }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use hyper_util::rt::TokioExecutor;
 use ordertrail::proto::admin_client::AdminClient;
 use ordertrail::proto::order_trail_client::OrderTrailClient;
 use ordertrail::proto::{GetDeliveryRequest, ListEventsRequest};
-use ordertrail::testing::PostgresCluster;
+use ordertrail::testing::{PostgresCluster, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
 const HMAC_KEY: &str = "crash-harness-hmac-key-0123456789";
@@ -82,7 +82,7 @@ impl Harness {
         )
         .unwrap();
         let nodes: Vec<Node> = (0..nodes)
-            .map(|i| Node { http: free_port(), grpc: free_port(), data_dir: dir.path().join(format!("data{i}")) })
+            .map(|i| Node { http: free_addr(), grpc: free_addr(), data_dir: dir.path().join(format!("data{i}")) })
             .collect();
         Self {
             grpc: nodes[0].grpc,
@@ -439,24 +439,6 @@ struct Verdict {
     acked: usize,
     missing: usize,
     problems: Vec<String>,
-}
-
-/// A free port below the kernel's ephemeral range: a node restarted on it
-/// must find it free again, and an ephemeral port can be taken meanwhile by
-/// any outgoing connection (seen: "Address already in use" on a restart).
-fn free_port() -> SocketAddr {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let ephemeral: u16 = range.split_whitespace().next().and_then(|low| low.parse().ok()).unwrap_or(32768);
-    let first = 10_000 + (std::process::id() % 1000) as u16 * 16;
-    let span = ephemeral.saturating_sub(first).max(1000);
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    loop {
-        let port = first + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-        if let Ok(listener) = StdListener::bind(("127.0.0.1", port)) {
-            return listener.local_addr().unwrap();
-        }
-    }
 }
 
 /// The `n`th unique webhook, rotating through the providers.

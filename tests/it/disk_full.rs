@@ -5,7 +5,7 @@
 //! while the disk is full ends promptly; nothing acknowledged is lost.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use ordertrail::proto::GetDeliveryRequest;
 use ordertrail::proto::admin_client::AdminClient;
+use ordertrail::testing::free_addr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
 
@@ -62,12 +63,8 @@ struct Server {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 fn start(data_dir: &Path, ports: Option<(SocketAddr, SocketAddr)>) -> Server {
-    let (http, grpc) = ports.unwrap_or_else(|| (free_port(), free_port()));
+    let (http, grpc) = ports.unwrap_or_else(|| (free_addr(), free_addr()));
     let mut child = Command::new(BIN)
         .env("ORDERTRAIL_HTTP_ADDR", http.to_string())
         .env("ORDERTRAIL_GRPC_ADDR", grpc.to_string())

@@ -18,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use ordertrail::proto::GetDeliveryRequest;
 use ordertrail::proto::admin_client::AdminClient;
+use ordertrail::testing::free_addr;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ordertrail");
@@ -49,7 +50,7 @@ impl Setup {
     /// `store`: extra `[store]` keys (none: sled in the data dir).
     fn with_store(store: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (http, grpc, admin) = (free_port(), free_port(), free_port());
+        let (http, grpc, admin) = (free_addr(), free_addr(), free_addr());
         let config = dir.path().join("ordertrail.toml");
         let text = format!(
             "shutdown_grace_ms = {GRACE_MS}\n[http]\naddr = \"{http}\"\n[grpc]\naddr = \"{grpc}\"\n\
@@ -160,10 +161,6 @@ impl Drop for Process {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn terminate(child: &Child) {
