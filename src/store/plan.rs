@@ -574,10 +574,13 @@ impl Turn<'_> {
         };
         raw.outcome = DeliveryOutcome::Applied as i32;
         raw.mapper_version = MAPPER_VERSION;
-        // A resend of the same bytes is now a duplicate of an applied delivery.
-        let raw_dedup =
-            DedupKey { source: raw.source.clone(), key: raw_dedup_key(&crate::ingest::sha256_hex(&raw.body)) };
+        // A resend of the same bytes is now a duplicate of an applied delivery
+        // (the record was read back whole, its body's SHA-256 included).
+        let raw_dedup = DedupKey { source: raw.source.clone(), key: raw_dedup_key(&raw.body_sha256) };
         self.current.dedup.insert(raw_dedup, DedupEntry { raw_id: raw.id, outcome: DeliveryOutcome::Applied });
+        // Read back decompressed; a new delivery's body was compressed when
+        // it was submitted.
+        compress_body(&mut raw);
         strip_derivable(&mut raw);
         self.current.raws.push(raw);
         self.current.counters = Some(counters);
@@ -764,10 +767,9 @@ fn index_entries(order: Option<&Order>) -> Vec<RefKey> {
 /// Clears what a raw record need not store: its body's SHA-256 (the body
 /// gives it), its content type when the headers hold it, and its dedup key
 /// (the dedup entry holds it; [`super::Store::delivery`] makes it again).
-/// Storage formats up to 4 stored them. A body that compresses is stored
-/// compressed (see [`compress_body`]).
+/// Storage formats up to 4 stored them. The body is compressed apart, once
+/// (see [`compress_body`]).
 fn strip_derivable(raw: &mut RawDelivery) {
-    compress_body(raw);
     raw.body_sha256.clear();
     raw.dedup_key.clear();
     if raw.headers.get("content-type") == Some(&raw.content_type) {
@@ -779,8 +781,9 @@ fn strip_derivable(raw: &mut RawDelivery) {
 const MAX_BODY_BYTES: usize = 1 << 30;
 
 /// Compresses a body that compresses (zstd level 1: a few microseconds for
-/// a webhook; JSON bodies shrink to about half). Done on the submitting
-/// task, not the writer's.
+/// a webhook; JSON bodies shrink to about half). Done once: for a new
+/// delivery on the submitting task, not the writer's; for a re-driven one,
+/// read back decompressed, by the writer.
 pub(crate) fn compress_body(raw: &mut RawDelivery) {
     const LEVEL: i32 = 1;
     thread_local! {
@@ -892,6 +895,7 @@ mod tests {
         .unwrap();
         let raw = RawDelivery { id: 3, body: body.clone().into(), ..RawDelivery::default() };
         let mut stored = raw.clone();
+        compress_body(&mut stored);
         strip_derivable(&mut stored);
         assert!(stored.body.is_empty() && !stored.body_zstd.is_empty());
         assert!(stored.encoded_len() < raw.encoded_len(), "{} < {}", stored.encoded_len(), raw.encoded_len());

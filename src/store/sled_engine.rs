@@ -65,7 +65,7 @@ impl SledEngine {
     /// The last ids handed out, derived from the newest key of each
     /// keyspace: raw records and orders are never removed, and pruning
     /// keeps the newest events. Nothing is rewritten per batch for them.
-    /// Storage formats up to 5 also kept them in meta keys, which are read
+    /// Storage formats up to 4 also kept them in meta keys, which are read
     /// too (the larger count wins).
     pub fn counters(&self) -> Result<Counters, StoreError> {
         let recorded = |name: &str| -> Result<u64, StoreError> {
